@@ -1,0 +1,3 @@
+//! Datasets: JSONL / Parquet rows with their provenance.
+
+pub mod records;

@@ -1,0 +1,134 @@
+//! `--device flex|wgpu|vulkan|metal|webgpu|cuda[:N]|rocm[:N]` → a burn [`Device`].
+
+use burn::tensor::Device;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    #[error("unknown device `{0}` (expected flex, wgpu, vulkan, metal, webgpu, cuda[:N] or rocm[:N])")]
+    Unknown(String),
+    #[error("device `{name}` needs the `{feature}` cargo feature; rebuild with `--features {feature}`")]
+    NotBuilt { name: String, feature: &'static str },
+    #[error("device `{0}`: the index after ':' must be a number")]
+    BadIndex(String),
+}
+
+/// The device names this binary was built with, best first.
+pub fn available() -> Vec<&'static str> {
+    let mut names = Vec::new();
+    if cfg!(feature = "cuda") {
+        names.push("cuda");
+    }
+    if cfg!(feature = "rocm") {
+        names.push("rocm");
+    }
+    if cfg!(feature = "metal") {
+        names.push("metal");
+    }
+    if cfg!(feature = "vulkan") {
+        names.push("vulkan");
+    }
+    if cfg!(feature = "webgpu") {
+        names.push("webgpu");
+    }
+    if cfg!(feature = "wgpu") {
+        names.push("wgpu");
+    }
+    if cfg!(feature = "flex") {
+        names.push("flex");
+    }
+    names
+}
+
+/// The default when `--device` is not given: a compiled-in GPU backend if the machine has an
+/// adapter for it, else flex. A wgpu adapter that is only a software rasteriser (lavapipe)
+/// is slower than flex, so it is not chosen by default.
+pub fn default_name() -> String {
+    if cfg!(feature = "cuda") {
+        return "cuda".into();
+    }
+    if cfg!(feature = "rocm") {
+        return "rocm".into();
+    }
+    if cfg!(feature = "metal") && cfg!(target_os = "macos") {
+        return "metal".into();
+    }
+    "flex".into()
+}
+
+fn not_built(name: &str, feature: &'static str) -> DeviceError {
+    DeviceError::NotBuilt { name: name.to_string(), feature }
+}
+
+#[allow(unreachable_code, unused_variables)]
+pub fn parse(spec: &str) -> Result<Device, DeviceError> {
+    let (name, index) = match spec.split_once(':') {
+        Some((name, index)) => (name, Some(index.parse::<usize>().map_err(|_| DeviceError::BadIndex(spec.into()))?)),
+        None => (spec, None),
+    };
+    match name {
+        "flex" | "cpu" => {
+            #[cfg(feature = "flex")]
+            return Ok(Device::flex());
+            Err(not_built(spec, "flex"))
+        }
+        "wgpu" => {
+            #[cfg(feature = "wgpu")]
+            return Ok(Device::wgpu(wgpu_kind(index)));
+            Err(not_built(spec, "wgpu"))
+        }
+        "vulkan" => {
+            #[cfg(feature = "vulkan")]
+            return Ok(Device::vulkan(wgpu_kind(index)));
+            Err(not_built(spec, "vulkan"))
+        }
+        "metal" => {
+            #[cfg(feature = "metal")]
+            return Ok(Device::metal(wgpu_kind(index)));
+            Err(not_built(spec, "metal"))
+        }
+        "webgpu" => {
+            #[cfg(feature = "webgpu")]
+            return Ok(Device::webgpu(wgpu_kind(index)));
+            Err(not_built(spec, "webgpu"))
+        }
+        "cuda" => {
+            #[cfg(feature = "cuda")]
+            return Ok(Device::cuda(index.unwrap_or(0)));
+            Err(not_built(spec, "cuda"))
+        }
+        "rocm" => {
+            #[cfg(feature = "rocm")]
+            return Ok(Device::rocm(index.unwrap_or(0)));
+            Err(not_built(spec, "rocm"))
+        }
+        _ => Err(DeviceError::Unknown(spec.into())),
+    }
+}
+
+#[cfg(any(feature = "wgpu", feature = "vulkan", feature = "metal", feature = "webgpu"))]
+fn wgpu_kind(index: Option<usize>) -> burn::tensor::DeviceKind {
+    match index {
+        Some(index) => burn::tensor::DeviceKind::DiscreteGpu(index),
+        None => burn::tensor::DeviceKind::DefaultDevice,
+    }
+}
+
+/// Resolves `--device` (or the default), announcing the choice on stderr.
+pub fn select(spec: Option<&str>) -> Result<(Device, String), DeviceError> {
+    let name = spec.map(String::from).unwrap_or_else(default_name);
+    let device = parse(&name)?;
+    eprintln!("device: {name}{}", if spec.is_none() { " (default; choose with --device)" } else { "" });
+    Ok((device, name))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rejects_unknown_and_bad_index() {
+        assert!(matches!(parse("tpu"), Err(DeviceError::Unknown(_))));
+        assert!(matches!(parse("cuda:x"), Err(DeviceError::BadIndex(_))));
+        assert!(parse("flex").is_ok());
+    }
+}

@@ -1,0 +1,92 @@
+//! Qwen2 / Llama-3 students in burn, loaded from and compatible with HF checkpoints.
+
+pub mod attention;
+pub mod config;
+pub mod rope;
+pub mod transformer;
+pub mod weights;
+
+use std::path::Path;
+
+use burn::tensor::{Device, Int, Tensor, TensorData};
+
+pub use attention::AttentionMask;
+pub use config::{Architecture, ConfigError, ModelConfig};
+pub use rope::Rope;
+pub use transformer::{CausalLm, ModelCache};
+pub use weights::{LoadOptions, WeightsError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Weights(#[from] WeightsError),
+}
+
+/// A student on a device: its config, its weights and its RoPE tables.
+pub struct Model {
+    pub config: ModelConfig,
+    pub net: CausalLm,
+    pub rope: Rope,
+    pub device: Device,
+}
+
+impl Model {
+    /// Loads an HF checkpoint folder (`config.json` + safetensors).
+    pub fn load(dir: &Path, device: &Device, options: LoadOptions) -> Result<Self, ModelError> {
+        let config = ModelConfig::from_path(dir)?;
+        let net = weights::load(dir, &config, device, options)?;
+        Ok(Self::from_parts(config, net, device))
+    }
+
+    /// A randomly initialised model of the given architecture.
+    pub fn random(config: ModelConfig, device: &Device) -> Self {
+        let net = CausalLm::init(&config, device);
+        Self::from_parts(config, net, device)
+    }
+
+    pub fn from_parts(config: ModelConfig, net: CausalLm, device: &Device) -> Self {
+        let rope = Rope::new(&config);
+        Model { config, net, rope, device: device.clone() }
+    }
+
+    /// Logits `[rows, seq, vocab]` for equal-length rows of token ids, each row starting at
+    /// position 0 and seeing only itself (causal).
+    pub fn logits(&self, rows: &[Vec<u32>]) -> Tensor<3> {
+        let seq = rows.first().map_or(0, Vec::len);
+        let positions: Vec<Vec<usize>> = rows.iter().map(|_| (0..seq).collect()).collect();
+        let segments: Vec<Vec<u32>> = rows.iter().map(|_| vec![0; seq]).collect();
+        let rope = self.rope.tables(&positions, &self.device);
+        let mask = AttentionMask::causal(&segments, seq, &self.device);
+        self.net.forward(self.input_ids(rows), &rope, &mask, None)
+    }
+
+    /// Runs `tokens` through the model after what `cache` already holds, appending to it, and
+    /// returns the logits of the last token `[vocab]`.
+    pub fn step(&self, tokens: &[u32], cache: &mut ModelCache) -> Tensor<1> {
+        let past = cache.len();
+        let seq = tokens.len();
+        let positions = vec![(past..past + seq).collect::<Vec<_>>()];
+        let rope = self.rope.tables(&positions, &self.device);
+        // A single new token may see every cached key; a prompt needs the causal mask.
+        let mask = if seq == 1 {
+            AttentionMask::none()
+        } else {
+            AttentionMask::causal(&[vec![0; past + seq]], seq, &self.device)
+        };
+        let logits = self.net.forward(self.input_ids(&[tokens.to_vec()]), &rope, &mask, Some(cache));
+        let vocab = logits.dims()[2];
+        logits.narrow(1, seq - 1, 1).reshape([vocab])
+    }
+
+    pub fn input_ids(&self, rows: &[Vec<u32>]) -> Tensor<2, Int> {
+        let seq = rows.first().map_or(0, Vec::len);
+        let flat: Vec<i64> = rows.iter().flat_map(|row| row.iter().map(|&id| id as i64)).collect();
+        Tensor::from_data(TensorData::new(flat, [rows.len(), seq]), &self.device)
+    }
+
+    pub fn new_cache(&self) -> ModelCache {
+        ModelCache::new(self.config.num_hidden_layers)
+    }
+}

@@ -1,0 +1,179 @@
+//! The decoder-only transformer shared by Qwen2 and Llama 3: pre-norm blocks of GQA attention
+//! and a SwiGLU MLP, RMSNorm, rotate-half RoPE. The two differ only in what `ModelConfig`
+//! says (biases, RoPE scaling, tied embeddings), so one module serves both, as in transformers.
+
+use burn::module::{Module, Param};
+use burn::nn::{Embedding, EmbeddingConfig, Initializer, Linear, LinearConfig, RmsNorm, RmsNormConfig};
+use burn::tensor::activation::silu;
+use burn::tensor::{Device, Int, Tensor};
+
+use super::attention::{Attention, AttentionMask, LayerCache};
+use super::config::ModelConfig;
+use super::rope::RopeTables;
+
+#[derive(Module, Debug)]
+pub struct Mlp {
+    pub gate_proj: Linear,
+    pub up_proj: Linear,
+    pub down_proj: Linear,
+}
+
+impl Mlp {
+    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        self.down_proj
+            .forward(silu(self.gate_proj.forward(x.clone())) * self.up_proj.forward(x))
+    }
+}
+
+#[derive(Module, Debug)]
+pub struct DecoderLayer {
+    pub self_attn: Attention,
+    pub mlp: Mlp,
+    pub input_layernorm: RmsNorm,
+    pub post_attention_layernorm: RmsNorm,
+}
+
+impl DecoderLayer {
+    pub fn forward(
+        &self,
+        x: Tensor<3>,
+        rope: &RopeTables,
+        mask: &AttentionMask,
+        cache: Option<&mut LayerCache>,
+    ) -> Tensor<3> {
+        let x = x.clone()
+            + self
+                .self_attn
+                .forward(self.input_layernorm.forward(x), rope, mask, cache);
+        x.clone() + self.mlp.forward(self.post_attention_layernorm.forward(x))
+    }
+}
+
+#[derive(Module, Debug)]
+pub struct CausalLm {
+    pub embed_tokens: Embedding,
+    pub layers: Vec<DecoderLayer>,
+    pub norm: RmsNorm,
+    /// `[vocab, hidden]` as in HF; `None` when tied to `embed_tokens`.
+    pub lm_head: Option<Param<Tensor<2>>>,
+}
+
+/// The KV cache of a whole model.
+#[derive(Debug, Clone, Default)]
+pub struct ModelCache {
+    pub layers: Vec<LayerCache>,
+}
+
+impl ModelCache {
+    pub fn new(num_layers: usize) -> Self {
+        ModelCache { layers: vec![LayerCache::default(); num_layers] }
+    }
+
+    /// Tokens already in the cache.
+    pub fn len(&self) -> usize {
+        self.layers.first().map_or(0, LayerCache::len)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// The initialisation transformers uses for these models (`initializer_range` = 0.02).
+fn normal_init() -> Initializer {
+    Initializer::Normal { mean: 0.0, std: 0.02 }
+}
+
+fn linear(d_input: usize, d_output: usize, bias: bool, device: &Device) -> Linear {
+    let mut layer = LinearConfig::new(d_input, d_output)
+        .with_bias(bias)
+        .with_initializer(normal_init())
+        .init(device);
+    if let Some(bias) = layer.bias.take() {
+        layer.bias = Some(Param::from_tensor(bias.val().zeros_like()));
+    }
+    layer
+}
+
+impl CausalLm {
+    /// A freshly initialised model (`--init random`, tests, the bundled demo).
+    pub fn init(config: &ModelConfig, device: &Device) -> Self {
+        let hidden = config.hidden_size;
+        let q_width = config.num_attention_heads * config.head_dim;
+        let kv_width = config.num_key_value_heads * config.head_dim;
+        let norm = || RmsNormConfig::new(hidden).with_epsilon(config.rms_norm_eps).init(device);
+        let layers = (0..config.num_hidden_layers)
+            .map(|_| DecoderLayer {
+                self_attn: Attention {
+                    q_proj: linear(hidden, q_width, config.qkv_bias, device),
+                    k_proj: linear(hidden, kv_width, config.qkv_bias, device),
+                    v_proj: linear(hidden, kv_width, config.qkv_bias, device),
+                    o_proj: linear(q_width, hidden, config.o_bias, device),
+                    num_heads: config.num_attention_heads,
+                    num_kv_heads: config.num_key_value_heads,
+                    head_dim: config.head_dim,
+                },
+                mlp: Mlp {
+                    gate_proj: linear(hidden, config.intermediate_size, config.mlp_bias, device),
+                    up_proj: linear(hidden, config.intermediate_size, config.mlp_bias, device),
+                    down_proj: linear(config.intermediate_size, hidden, config.mlp_bias, device),
+                },
+                input_layernorm: norm(),
+                post_attention_layernorm: norm(),
+            })
+            .collect();
+        let embed_tokens = EmbeddingConfig::new(config.vocab_size, hidden)
+            .with_initializer(normal_init())
+            .init(device);
+        let lm_head = (!config.tie_word_embeddings)
+            .then(|| normal_init().init([config.vocab_size, hidden], device));
+        CausalLm { embed_tokens, layers, norm: norm(), lm_head }
+    }
+
+    /// Final hidden states `[batch, seq, hidden]` for `input_ids` `[batch, seq]`.
+    pub fn forward_hidden(
+        &self,
+        input_ids: Tensor<2, Int>,
+        rope: &RopeTables,
+        mask: &AttentionMask,
+        mut cache: Option<&mut ModelCache>,
+    ) -> Tensor<3> {
+        let mut x = self.embed_tokens.forward(input_ids);
+        for (index, layer) in self.layers.iter().enumerate() {
+            let layer_cache = cache.as_deref_mut().map(|cache| &mut cache.layers[index]);
+            x = layer.forward(x, rope, mask, layer_cache);
+        }
+        self.norm.forward(x)
+    }
+
+    /// Logits `[batch, seq, vocab]` from hidden states.
+    pub fn logits(&self, hidden: Tensor<3>) -> Tensor<3> {
+        let head = match &self.lm_head {
+            Some(head) => head.val(),
+            None => self.embed_tokens.weight.val(),
+        };
+        burn::tensor::module::linear(hidden, head.transpose(), None)
+    }
+
+    pub fn forward(
+        &self,
+        input_ids: Tensor<2, Int>,
+        rope: &RopeTables,
+        mask: &AttentionMask,
+        cache: Option<&mut ModelCache>,
+    ) -> Tensor<3> {
+        self.logits(self.forward_hidden(input_ids, rope, mask, cache))
+    }
+}
+
+/// Casts every parameter to `dtype` (bf16/f16 compute on devices that have it).
+pub fn cast(model: CausalLm, dtype: burn::tensor::DType) -> CausalLm {
+    struct Cast(burn::tensor::DType);
+    impl burn::module::ModuleMapper for Cast {
+        fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+            let dtype = self.0;
+            param.map(|tensor| tensor.cast(dtype))
+        }
+    }
+    model.map(&mut Cast(dtype))
+}

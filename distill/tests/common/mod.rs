@@ -1,0 +1,61 @@
+//! Shared helpers of the integration tests: fixture paths and running the real binary.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use distill::burn::tensor::Device;
+
+pub fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
+}
+
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+pub fn reference() -> serde_json::Value {
+    let text = std::fs::read_to_string(fixtures().join("reference.json")).expect("reference.json");
+    serde_json::from_str(&text).expect("reference.json is JSON")
+}
+
+/// The devices the parity tests run on: flex always, wgpu (WGSL; Mesa lavapipe in CI).
+pub fn devices() -> Vec<(&'static str, Device)> {
+    let mut devices = vec![("flex", distill::device::parse("flex").unwrap())];
+    if std::env::var("DISTILL_TEST_SKIP_WGPU").is_err() {
+        devices.push(("wgpu", distill::device::parse("wgpu").unwrap()));
+    }
+    devices
+}
+
+pub fn distill(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_distill"))
+        .args(args)
+        .current_dir(repo_root())
+        .output()
+        .expect("run distill")
+}
+
+pub fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// A clean failure: non-zero exit, no panic, and an error that names `needles`.
+pub fn assert_clean_failure(output: &Output, needles: &[&str]) {
+    let err = stderr(output);
+    assert!(!output.status.success(), "expected failure, got success; stderr: {err}");
+    assert!(!err.contains("panicked"), "panicked: {err}");
+    for needle in needles {
+        assert!(err.contains(needle), "error does not mention {needle:?}: {err}");
+    }
+}
+
+/// Copies a fixture checkpoint into a temporary folder that a test may break.
+pub fn copy_fixture(name: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(fixtures().join(name)).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), dir.path().join(entry.file_name())).unwrap();
+    }
+    dir
+}
