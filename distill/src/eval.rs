@@ -144,11 +144,7 @@ pub fn log_sum_exp(logits: &[f32]) -> f64 {
 /// Summed NLL of the scored tokens of one example.
 pub fn example_nll(model: &Model, example: &Example) -> (f64, usize) {
     let ids = &example.input_ids;
-    let seq = ids.len();
-    let positions = vec![(0..seq).collect::<Vec<_>>()];
-    let rope = model.rope.tables(&positions, &model.device);
-    let mask = crate::model::AttentionMask::causal(&[vec![0; seq]], seq, &model.device);
-    let hidden = model.net.forward_hidden(model.input_ids(std::slice::from_ref(ids)), &rope, &mask, None);
+    let hidden = model.hidden(std::slice::from_ref(ids));
 
     // Target t is predicted by the hidden state at t - 1.
     let first = example.scored.start.max(1) - 1;

@@ -278,10 +278,7 @@ fn bench_forward(args: BenchForwardArgs) -> Result<()> {
     let (config, _) = model_config_from_any(&args.config)?;
     println!("model: {} parameters, prompt {} tokens, decode {} tokens, dtype {:?}",
         human_count(config.num_parameters()), args.prompt_len, args.decode_tokens, options.dtype);
-    let mut model = distill::model::Model::random(config.clone(), &device);
-    if options.dtype != DType::F32 {
-        model.net = distill::model::transformer::cast(model.net, options.dtype);
-    }
+    let model = distill::model::Model::random(config.clone(), &device).with_dtype(options.dtype);
     let prompt: Vec<u32> = (0..args.prompt_len).map(|i| (i * 7919 % config.vocab_size) as u32).collect();
     let mut prefill_times = Vec::new();
     let mut decode_times = Vec::new();

@@ -172,3 +172,21 @@ fn kv_cache_steps_equal_full_forward() {
         }
     }
 }
+
+/// bf16 compute (flex has it) stays within bf16 precision of transformers' f32 loss.
+#[test]
+fn bf16_on_flex_is_close_to_the_f32_reference() {
+    let reference = common::reference();
+    let device = distill::device::parse("flex").unwrap();
+    let options = LoadOptions { dtype: distill::burn::tensor::DType::BF16 };
+    let records = read_records(&common::fixtures().join("eval_rows.jsonl")).unwrap();
+    for name in MODELS {
+        let pretrained = Pretrained::load(&common::fixtures().join(name), &device, options).unwrap();
+        for (record, expected) in records.iter().zip(reference[name]["rows"].as_array().unwrap()) {
+            let example = Example::from_record(record, &pretrained.tokenizer).unwrap();
+            let (sum, tokens) = example_nll(&pretrained.model, &example);
+            let (nll, want) = (sum / tokens as f64, expected["nll"].as_f64().unwrap());
+            assert!((nll - want).abs() / want < 2e-2, "{name} bf16: {nll} vs {want}");
+        }
+    }
+}

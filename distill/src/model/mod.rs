@@ -8,7 +8,7 @@ pub mod weights;
 
 use std::path::Path;
 
-use burn::tensor::{Device, Int, Tensor, TensorData};
+use burn::tensor::{DType, Device, Int, Tensor, TensorData};
 
 pub use attention::AttentionMask;
 pub use config::{Architecture, ConfigError, ModelConfig};
@@ -30,6 +30,8 @@ pub struct Model {
     pub net: CausalLm,
     pub rope: Rope,
     pub device: Device,
+    /// Compute dtype of the parameters; RoPE tables and masks are made to match.
+    pub dtype: DType,
 }
 
 impl Model {
@@ -37,7 +39,7 @@ impl Model {
     pub fn load(dir: &Path, device: &Device, options: LoadOptions) -> Result<Self, ModelError> {
         let config = ModelConfig::from_path(dir)?;
         let net = weights::load(dir, &config, device, options)?;
-        Ok(Self::from_parts(config, net, device))
+        Ok(Self::from_parts(config, net, device).with_dtype(options.dtype))
     }
 
     /// A randomly initialised model of the given architecture.
@@ -48,18 +50,45 @@ impl Model {
 
     pub fn from_parts(config: ModelConfig, net: CausalLm, device: &Device) -> Self {
         let rope = Rope::new(&config);
-        Model { config, net, rope, device: device.clone() }
+        Model { config, net, rope, device: device.clone(), dtype: DType::F32 }
     }
 
-    /// Logits `[rows, seq, vocab]` for equal-length rows of token ids, each row starting at
+    /// Casts the parameters to `dtype` (bf16 on flex, CUDA and Metal; f16 on GPUs).
+    pub fn with_dtype(mut self, dtype: DType) -> Self {
+        if dtype != self.dtype {
+            self.net = transformer::cast(self.net, dtype);
+            self.dtype = dtype;
+        }
+        self
+    }
+
+    fn rope_tables(&self, positions: &[Vec<usize>]) -> rope::RopeTables {
+        let tables = self.rope.tables(positions, &self.device);
+        if self.dtype == DType::F32 {
+            return tables;
+        }
+        rope::RopeTables { cos: tables.cos.cast(self.dtype), sin: tables.sin.cast(self.dtype) }
+    }
+
+    fn causal_mask(&self, segments: &[Vec<u32>], query_len: usize) -> AttentionMask {
+        let mask = AttentionMask::causal(segments, query_len, &self.device);
+        AttentionMask { bias: mask.bias.map(|bias| if self.dtype == DType::F32 { bias } else { bias.cast(self.dtype) }) }
+    }
+
+    /// Final hidden states `[rows, seq, hidden]` of equal-length rows, each row starting at
     /// position 0 and seeing only itself (causal).
-    pub fn logits(&self, rows: &[Vec<u32>]) -> Tensor<3> {
+    pub fn hidden(&self, rows: &[Vec<u32>]) -> Tensor<3> {
         let seq = rows.first().map_or(0, Vec::len);
         let positions: Vec<Vec<usize>> = rows.iter().map(|_| (0..seq).collect()).collect();
         let segments: Vec<Vec<u32>> = rows.iter().map(|_| vec![0; seq]).collect();
-        let rope = self.rope.tables(&positions, &self.device);
-        let mask = AttentionMask::causal(&segments, seq, &self.device);
-        self.net.forward(self.input_ids(rows), &rope, &mask, None)
+        let rope = self.rope_tables(&positions);
+        let mask = self.causal_mask(&segments, seq);
+        self.net.forward_hidden(self.input_ids(rows), &rope, &mask, None)
+    }
+
+    /// Logits `[rows, seq, vocab]` of equal-length rows (see [`Model::hidden`]).
+    pub fn logits(&self, rows: &[Vec<u32>]) -> Tensor<3> {
+        self.net.logits(self.hidden(rows))
     }
 
     /// Runs `tokens` through the model after what `cache` already holds, appending to it, and
@@ -68,12 +97,12 @@ impl Model {
         let past = cache.len();
         let seq = tokens.len();
         let positions = vec![(past..past + seq).collect::<Vec<_>>()];
-        let rope = self.rope.tables(&positions, &self.device);
+        let rope = self.rope_tables(&positions);
         // A single new token may see every cached key; a prompt needs the causal mask.
         let mask = if seq == 1 {
             AttentionMask::none()
         } else {
-            AttentionMask::causal(&[vec![0; past + seq]], seq, &self.device)
+            self.causal_mask(&[vec![0; past + seq]], seq)
         };
         let logits = self.net.forward(self.input_ids(&[tokens.to_vec()]), &rope, &mask, Some(cache));
         let vocab = logits.dims()[2];

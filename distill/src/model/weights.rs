@@ -304,3 +304,84 @@ impl Loader<'_> {
         Ok(CausalLm { embed_tokens, layers, norm, lm_head })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::config::Architecture;
+    use safetensors::tensor::TensorView;
+
+    fn tiny_config() -> ModelConfig {
+        let value = serde_json::json!({
+            "architectures": ["LlamaForCausalLM"], "hidden_size": 8, "intermediate_size": 12,
+            "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1,
+            "vocab_size": 10, "tie_word_embeddings": true
+        });
+        ModelConfig::from_hf_json(&value, Path::new("config.json")).unwrap()
+    }
+
+    /// Writes every expected tensor with values `i * 0.25 - 3` in `dtype` and reads them back.
+    fn round_trip(dtype: Dtype) {
+        let config = tiny_config();
+        assert_eq!(config.architecture, Architecture::Llama);
+        let tensors: Vec<(String, Vec<usize>, Vec<u8>)> = expected_tensors(&config)
+            .into_iter()
+            .map(|(name, shape)| {
+                let count: usize = shape.iter().product();
+                let bytes = (0..count)
+                    .flat_map(|i| {
+                        let value = i as f32 * 0.25 - 3.0;
+                        match dtype {
+                            Dtype::F16 => half::f16::from_f32(value).to_le_bytes().to_vec(),
+                            Dtype::BF16 => half::bf16::from_f32(value).to_le_bytes().to_vec(),
+                            _ => value.to_le_bytes().to_vec(),
+                        }
+                    })
+                    .collect();
+                (name, shape, bytes)
+            })
+            .collect();
+        let views: Vec<(String, TensorView)> = tensors
+            .iter()
+            .map(|(name, shape, bytes)| (name.clone(), TensorView::new(dtype, shape.clone(), bytes).unwrap()))
+            .collect();
+        let dir = tempfile::tempdir().unwrap();
+        safetensors::serialize_to_file(views, None, &dir.path().join(SINGLE_FILE)).unwrap();
+
+        let checkpoint = Checkpoint::open(dir.path()).unwrap();
+        for (name, shape) in expected_tensors(&config) {
+            let (values, found) = checkpoint.read_f32(&name).unwrap().unwrap();
+            assert_eq!(found, shape);
+            for (i, value) in values.iter().enumerate() {
+                // Multiples of 0.25 below 2^8 are exact in f16 and bf16.
+                assert_eq!(*value, i as f32 * 0.25 - 3.0, "{name}[{i}] from {dtype:?}");
+            }
+        }
+        let device = crate::device::parse("flex").unwrap();
+        let model = load(dir.path(), &config, &device, LoadOptions::default()).unwrap();
+        // HF `[out, in]` becomes burn's `[in, out]`.
+        let q = model.layers[0].self_attn.q_proj.weight.val();
+        assert_eq!(q.dims(), [8, 8]);
+        let q = q.into_data().convert::<f32>();
+        assert_eq!(q.as_slice::<f32>().unwrap()[1], 8.0 * 0.25 - 3.0);
+    }
+
+    #[test]
+    fn loads_f32_f16_and_bf16() {
+        for dtype in [Dtype::F32, Dtype::F16, Dtype::BF16] {
+            round_trip(dtype);
+        }
+    }
+
+    #[test]
+    fn rejects_integer_tensors() {
+        let config = tiny_config();
+        let dir = tempfile::tempdir().unwrap();
+        let bytes = vec![0u8; 80 * 8];
+        let view = TensorView::new(Dtype::I64, vec![10, 8], &bytes).unwrap();
+        safetensors::serialize_to_file(vec![("model.embed_tokens.weight", view)], None, &dir.path().join(SINGLE_FILE)).unwrap();
+        let device = crate::device::parse("flex").unwrap();
+        let error = load(dir.path(), &config, &device, LoadOptions::default()).unwrap_err().to_string();
+        assert!(error.contains("model.embed_tokens.weight") && error.contains("I64"), "{error}");
+    }
+}
