@@ -61,7 +61,8 @@ pub fn parse_messages(record: &Record, field: &str) -> Result<Vec<Message>, Data
 impl Example {
     pub fn from_record(record: &Record, tokenizer: &Tokenizer) -> Result<Self, EvalError> {
         let tokenizer_error = |source| EvalError::Tokenizer { location: record.location(), source };
-        if record.fields.contains_key("text") {
+        let present = |field: &str| record.fields.get(field).is_some_and(|v| !v.is_null());
+        if present("text") {
             let input_ids = tokenizer.encode(record.string("text")?, true).map_err(tokenizer_error)?;
             if input_ids.len() < 2 {
                 return Err(EvalError::Row { location: record.location(), message: "`text` has fewer than 2 tokens; nothing to score".into() });
@@ -69,7 +70,7 @@ impl Example {
             let scored = 1..input_ids.len();
             return Ok(Example { input_ids, scored });
         }
-        if record.fields.contains_key("messages") {
+        if present("messages") {
             let messages = parse_messages(record, "messages")?;
             return Self::from_messages(&messages, tokenizer).map_err(|message| match message {
                 MessagesError::Tokenizer(source) => tokenizer_error(source),

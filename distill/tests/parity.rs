@@ -190,3 +190,20 @@ fn bf16_on_flex_is_close_to_the_f32_reference() {
         }
     }
 }
+
+/// The same rows as Parquet (as HF `datasets` / pyarrow write them, `messages` a list of
+/// structs, nulls where a row has no `text`) score exactly like the JSONL rows.
+#[test]
+fn parquet_rows_score_like_jsonl_rows() {
+    let run = |data: &str| {
+        let output = common::distill(&["eval", "--model", "tests/fixtures/tiny-qwen2", "--data", data, "--device", "flex", "--json"]);
+        assert!(output.status.success(), "{}", common::stderr(&output));
+        serde_json::from_slice::<Value>(&output.stdout).unwrap()
+    };
+    let jsonl = run("tests/fixtures/eval_rows.jsonl");
+    let parquet = run("tests/fixtures/eval_rows.parquet");
+    assert_eq!(jsonl, parquet);
+    // A glob over both reads every row twice.
+    let both = run("tests/fixtures/eval_rows.*");
+    assert_eq!(both["rows"].as_array().unwrap().len(), 2 * jsonl["rows"].as_array().unwrap().len());
+}
