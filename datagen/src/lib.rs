@@ -1,1 +1,3 @@
-//! The datagen library (teacher client, verifier, Parquet store) is planned under issues #4 and #5.
+//! The teacher side of the toolkit. Today: the math answer verifier ([`verify`]).
+
+pub mod verify;

@@ -1,0 +1,168 @@
+//! Finding the final answer in a model response.
+
+use std::sync::LazyLock;
+
+use regex::Regex;
+
+/// What to do when a response has several `\boxed{}` answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MultipleBoxed {
+    /// The last one counts (R1's and Math-Verify's convention).
+    #[default]
+    Last,
+    /// Every boxed answer must be the same (after normalisation); otherwise there is none.
+    AllAgree,
+}
+
+/// Where an answer was found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Source {
+    Boxed,
+    FinalAnswerPhrase,
+    LastMath,
+    WholeText,
+}
+
+/// The part of a response that counts: after the last `</think>` when there is one.
+pub fn strip_reasoning(response: &str) -> &str {
+    match response.rfind("</think>") {
+        Some(end) => &response[end + "</think>".len()..],
+        None => response,
+    }
+}
+
+/// Contents of every `\boxed{…}` / `\fbox{…}` (balanced braces, nested), and `\boxed 5`.
+pub fn boxed_contents(text: &str) -> Vec<&str> {
+    let mut found = Vec::new();
+    let bytes = text.as_bytes();
+    let mut search = 0;
+    while search < bytes.len() {
+        let next = ["\\boxed", "\\fbox"]
+            .iter()
+            .filter_map(|command| text[search..].find(command).map(|at| (search + at, command.len())))
+            .min();
+        let Some((at, length)) = next else { break };
+        let mut i = at + length;
+        while i < bytes.len() && bytes[i] == b' ' {
+            i += 1;
+        }
+        if i < bytes.len() && bytes[i] == b'{' {
+            let mut depth = 0usize;
+            let start = i + 1;
+            let mut end = None;
+            for (offset, &byte) in bytes[i..].iter().enumerate() {
+                match byte {
+                    b'{' => depth += 1,
+                    b'}' => {
+                        depth -= 1;
+                        if depth == 0 {
+                            end = Some(i + offset);
+                            break;
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            match end {
+                Some(end) => {
+                    found.push(&text[start..end]);
+                    search = end + 1;
+                }
+                // Unbalanced: nothing after this point can close, stop looking.
+                None => break,
+            }
+        } else if i > at + length {
+            // `\boxed 5`: up to the next space or `$`.
+            let end = text[i..].find([' ', '$', '\n']).map_or(text.len(), |e| i + e);
+            if end > i {
+                found.push(&text[i..end]);
+            }
+            search = end.max(i + 1);
+        } else {
+            search = i.max(at + 1);
+        }
+    }
+    found
+}
+
+static FINAL_ANSWER: LazyLock<Regex> = LazyLock::new(|| {
+    Regex::new(r"(?i)(?:final answer(?: is)?|\*\*answer:?\*\*|answer\s*:|^####)\s*:?\s*(.+?)\s*(?:\n|$)").expect("static regex")
+});
+static INLINE_MATH: LazyLock<Regex> =
+    LazyLock::new(|| Regex::new(r"\$\$([^$]+)\$\$|\\\[(.+?)\\\]|\\\((.+?)\\\)|\$([^$]+)\$").expect("static regex"));
+
+/// The answer of a response, and where it was found. `None` when there is none.
+/// `same` decides whether two boxed answers agree (for [`MultipleBoxed::AllAgree`]).
+pub fn extract_answer(
+    response: &str,
+    multiple: MultipleBoxed,
+    same: impl Fn(&str, &str) -> bool,
+) -> Option<(String, Source)> {
+    let text = strip_reasoning(response);
+    let boxed = boxed_contents(text);
+    if let Some(last) = boxed.last() {
+        if multiple == MultipleBoxed::AllAgree && boxed.iter().any(|b| !same(b, last)) {
+            return None;
+        }
+        return Some((last.trim().to_string(), Source::Boxed));
+    }
+    // GSM8K's `#### 72` closes a worked solution.
+    if let Some(at) = text.rfind("\n####").map(|at| at + 1).or_else(|| text.starts_with("####").then_some(0)) {
+        let answer = text[at + 4..].lines().next().unwrap_or("").trim();
+        if !answer.is_empty() {
+            return Some((answer.to_string(), Source::FinalAnswerPhrase));
+        }
+    }
+    if let Some(captures) = FINAL_ANSWER.captures_iter(text).last() {
+        let answer = captures[1].trim().trim_end_matches('.').trim();
+        if !answer.is_empty() {
+            return Some((answer.to_string(), Source::FinalAnswerPhrase));
+        }
+    }
+    if let Some(captures) = INLINE_MATH.captures_iter(text).last() {
+        let math = captures.iter().skip(1).flatten().next().map(|m| m.as_str().trim()).unwrap_or("");
+        if !math.is_empty() {
+            return Some((math.to_string(), Source::LastMath));
+        }
+    }
+    // A bare answer ("42", "x = 3") rather than a worked response.
+    let trimmed = text.trim();
+    if !trimmed.is_empty() && trimmed.chars().count() <= 80 && !trimmed.contains('\n') {
+        return Some((trimmed.to_string(), Source::WholeText));
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn extract_answer(response: &str, multiple: MultipleBoxed) -> Option<(String, Source)> {
+        super::extract_answer(response, multiple, |a, b| crate::verify::verify_answers(b, a, &Default::default()).correct)
+    }
+
+    #[test]
+    fn nested_and_multiple_boxes() {
+        assert_eq!(boxed_contents(r"a \boxed{\frac{1}{2}} b \fbox{3}"), vec![r"\frac{1}{2}", "3"]);
+        assert_eq!(boxed_contents(r"\boxed 5 then"), vec!["5"]);
+        assert_eq!(boxed_contents(r"\boxed{unbalanced {"), Vec::<&str>::new());
+    }
+
+    #[test]
+    fn answer_outside_think_wins() {
+        let response = "<think>\nmaybe \\boxed{3}\n</think>\n\nSo \\boxed{4}.";
+        assert_eq!(extract_answer(response, MultipleBoxed::Last).unwrap().0, "4");
+        let disagreeing = r"\boxed{1} and \boxed{2}";
+        assert!(extract_answer(disagreeing, MultipleBoxed::AllAgree).is_none());
+        assert_eq!(extract_answer(r"\boxed{2} or \boxed{2.0}", MultipleBoxed::AllAgree).unwrap().0, "2.0");
+    }
+
+    #[test]
+    fn phrases_and_math() {
+        assert_eq!(extract_answer("blah\nThe final answer is 12.", MultipleBoxed::Last).unwrap().0, "12");
+        assert_eq!(extract_answer("work\n**Answer:** $x=3$\n", MultipleBoxed::Last).unwrap().0, "$x=3$");
+        assert_eq!(extract_answer("we get $y$ and finally $7$ apples.\nmore words here to be long enough", MultipleBoxed::Last).unwrap().0, "7");
+    }
+}

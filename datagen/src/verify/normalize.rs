@@ -1,0 +1,133 @@
+//! String-level clean-up of an extracted answer before it is parsed: the LaTeX that changes
+//! how an answer looks but not what it is.
+
+use std::sync::LazyLock;
+
+use regex::Regex;
+
+/// Words inside `\text{…}` (or bare at the end) that are units or filler, not the answer.
+const UNIT_WORDS: &[&str] = &[
+    "units", "unit", "square units", "sq units", "cm", "centimeters", "centimetres", "m", "meters", "metres", "km",
+    "kilometers", "mm", "inches", "inch", "in", "feet", "foot", "ft", "yards", "yd", "miles", "mi", "degrees", "degree",
+    "deg", "radians", "rad", "dollars", "dollar", "cents", "cent", "hours", "hour", "hrs", "minutes", "minute", "min",
+    "seconds", "second", "sec", "s", "days", "day", "weeks", "week", "years", "year", "kg", "g", "grams", "gram",
+    "kilograms", "pounds", "lbs", "ounces", "oz", "liters", "litres", "l", "ml", "mph", "people", "students", "apples",
+    "cups", "pages", "points", "percent", "gallons", "gallon", "quarts", "pints", "feet^2", "sq", "cm^2", "m^2", "cm^3", "m^3", "square feet", "square inches",
+    "square meters", "square centimeters", "cubic feet", "cubic inches", "cubic units", "times", "ways", "marbles",
+];
+
+static TEXT_COMMAND: LazyLock<Regex> = LazyLock::new(|| {
+    Regex::new(r"\\(?:text|textbf|textit|textrm|mathrm|mathbf|mbox|operatorname)\s*\{([^{}]*)\}(\^\{?[23]\}?)?").expect("static regex")
+});
+static THOUSANDS: LazyLock<Regex> =
+    LazyLock::new(|| Regex::new(r"^-?\d{1,3}(?:,\d{3})+(?:\.\d+)?$").expect("static regex"));
+static THOUSANDS_BRACED: LazyLock<Regex> = LazyLock::new(|| Regex::new(r"(\d),\{?\}?(\d{3})").expect("static regex"));
+static SQRT_SHORT: LazyLock<Regex> = LazyLock::new(|| Regex::new(r"\\sqrt\s*([0-9a-zA-Z])").expect("static regex"));
+static FRAC_SHORT: LazyLock<Regex> =
+    LazyLock::new(|| Regex::new(r"\\frac\s*([0-9a-zA-Z])\s*([0-9a-zA-Z])").expect("static regex"));
+static FRAC_HALF_SHORT: LazyLock<Regex> =
+    LazyLock::new(|| Regex::new(r"\\frac\s*\{([^{}]*)\}\s*([0-9a-zA-Z])").expect("static regex"));
+static QUALIFIER: LazyLock<Regex> =
+    LazyLock::new(|| Regex::new(r"(?:,\s*|\s+)(?:for|where|when)\s+[^,]*$").expect("static regex"));
+static CONJUNCTION: LazyLock<Regex> = LazyLock::new(|| Regex::new(r"\s+(?:and|or)\s+").expect("static regex"));
+static TRAILING_UNIT: LazyLock<Regex> =
+    LazyLock::new(|| Regex::new(r"^(.*?[0-9}])\s*([a-zA-Z][a-zA-Z ]*(?:\^[23])?)$").expect("static regex"));
+
+/// Normalises an answer string. Never fails; returns the cleaned string.
+pub fn normalize(answer: &str) -> String {
+    let mut s = answer.trim().replace("\\$", "");
+    // Math delimiters around the whole answer.
+    for (open, close) in [("$$", "$$"), ("$", "$"), ("\\[", "\\]"), ("\\(", "\\)")] {
+        if s.len() >= open.len() + close.len() && s.starts_with(open) && s.ends_with(close) {
+            s = s[open.len()..s.len() - close.len()].trim().to_string();
+        }
+    }
+    s = s.replace('$', "");
+    // Inline math delimiters inside the answer (`\( x = 2 \) and \( x = -1 \)`).
+    for delimiter in ["\\(", "\\)", "\\[", "\\]"] {
+        s = s.replace(delimiter, " ");
+    }
+    // Unicode spellings.
+    for (from, to) in [
+        ("−", "-"), ("–", "-"), ("×", "\\times "), ("·", "\\cdot "), ("÷", "\\div "), ("√", "\\sqrt"), ("π", "\\pi "),
+        ("∞", "\\infty "), ("≤", "\\le "), ("≥", "\\ge "), ("≠", "\\ne "), ("±", "\\pm "), ("∪", "\\cup "),
+        ("°", ""), ("\u{a0}", " "),
+    ] {
+        s = s.replace(from, to);
+    }
+    // Commands that only change the typesetting.
+    for (from, to) in [
+        ("\\dfrac", "\\frac"), ("\\tfrac", "\\frac"), ("\\cfrac", "\\frac"), ("\\left", ""), ("\\right", ""),
+        ("\\bigl", ""), ("\\bigr", ""), ("\\Bigl", ""), ("\\Bigr", ""), ("\\big", ""), ("\\Big", ""),
+        ("\\displaystyle", ""), ("\\!", ""), ("\\,", ""), ("\\;", ""), ("\\:", ""), ("\\ ", " "), ("\\qquad", " "),
+        ("\\quad", " "), ("~", " "), ("^{\\circ}", ""), ("^\\circ", ""), ("\\circ", ""), ("\\%", ""), ("%", ""),
+        ("\\$", ""), ("\\dots", "\\ldots"), ("\\cdots", "\\ldots"), ("\\leq", "\\le"), ("\\geq", "\\ge"),
+        ("\\neq", "\\ne"), ("\\lt", "<"), ("\\gt", ">"), ("\\to", "\\rightarrow"), ("\\emptyset", "\\varnothing"),
+    ] {
+        s = s.replace(from, to);
+    }
+    // `\text{cm}` and other unit words disappear; other text keeps its words.
+    for _ in 0..4 {
+        let next = TEXT_COMMAND
+            .replace_all(&s, |captures: &regex::Captures| {
+                let inner = captures[1].trim();
+                if UNIT_WORDS.contains(&inner.to_lowercase().as_str()) {
+                    // `4\pi\text{ cm}^2`: the unit's power goes with it.
+                    String::new()
+                } else {
+                    format!("{inner}{}", captures.get(2).map_or("", |m| m.as_str()))
+                }
+            })
+            .into_owned();
+        if next == s {
+            break;
+        }
+        s = next;
+    }
+    s = SQRT_SHORT.replace_all(&s, "\\sqrt{$1}").into_owned();
+    s = FRAC_SHORT.replace_all(&s, "\\frac{$1}{$2}").into_owned();
+    s = FRAC_HALF_SHORT.replace_all(&s, "\\frac{$1}{$2}").into_owned();
+    s = s.trim().trim_end_matches(['.', ',', ';', ':', '!']).trim().to_string();
+    // Bare unit words after a number: "12 cm", "5 apples".
+    if let Some(captures) = TRAILING_UNIT.captures(&s) {
+        if UNIT_WORDS.contains(&captures[2].trim().to_lowercase().as_str()) {
+            s = captures[1].trim().to_string();
+        }
+    }
+    // Thousands separators: "1,000,000" and LaTeX's "1{,}000".
+    let compact: String = s.replace("{,}", ",").replace("\\,", "");
+    if THOUSANDS.is_match(&compact) {
+        s = compact.replace(',', "");
+    } else if s.contains("{,}") {
+        s = THOUSANDS_BRACED.replace_all(&s, "$1$2").into_owned();
+    }
+    // "t_n = 5t_{n-1} for n \ge 2": the qualifier is not part of the answer.
+    s = QUALIFIER.replace(&s, "").into_owned();
+    // "x = 2 and x = -1", "3 or 4": lists of answers.
+    if s.chars().any(|c| c.is_ascii_digit() || c == '\\') {
+        s = CONJUNCTION.replace_all(&s, ", ").into_owned();
+    }
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::normalize;
+
+    #[test]
+    fn cleans_typesetting() {
+        assert_eq!(normalize(r"$\dfrac{1}{2}$"), r"\frac{1}{2}");
+        assert_eq!(normalize(r"\left( 1, 2 \right)"), "( 1, 2 )");
+        assert_eq!(normalize(r"30^\circ"), "30");
+        assert_eq!(normalize(r"50\%"), "50");
+        assert_eq!(normalize(r"\$1,234.50"), "1234.50");
+        assert_eq!(normalize(r"12\text{ cm}"), "12");
+        assert_eq!(normalize(r"12 cm"), "12");
+        assert_eq!(normalize(r"\text{Monday}"), "Monday");
+        assert_eq!(normalize(r"\sqrt3"), r"\sqrt{3}");
+        assert_eq!(normalize(r"\frac12"), r"\frac{1}{2}");
+        assert_eq!(normalize("5."), "5");
+        assert_eq!(normalize("−3"), "-3");
+        assert_eq!(normalize("1{,}000"), "1000");
+    }
+}
