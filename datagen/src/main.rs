@@ -1,11 +1,216 @@
-//! `datagen`: the teacher side of the toolkit. Its commands (run, rescore, stats, verify,
-//! export) are built under issues #4 and #5; until then the binary says so instead of
-//! pretending to work.
+//! `datagen`: the teacher side of the toolkit. Today it verifies math answers; teacher
+//! sampling and Parquet output come with issue #4.
 
-fn main() -> std::process::ExitCode {
-    eprintln!(
-        "datagen: no commands yet. Teacher sampling, verification and Parquet output are planned \
-         (issues #4 and #5); see README.md for what works today."
-    );
-    std::process::ExitCode::from(2)
+use std::fs::File;
+use std::io::{BufRead, BufReader, BufWriter, Read, Write};
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand};
+use serde_json::{Map, Value};
+
+use datagen::verify::{MultipleBoxed, VerifyConfig, verify};
+
+#[derive(Parser)]
+#[command(
+    name = "datagen",
+    version,
+    about = "Reasoning-trace data generation: verify math answers (teacher sampling comes next)",
+    long_about = "Reasoning-trace data generation for R1-style distillation.\n\n\
+        `datagen verify` checks model answers against reference answers with a native verifier\n\
+        (LaTeX extraction, normalisation, exact and numeric equivalence), thread-safe and with a\n\
+        per-pair budget instead of signals.\n\n\
+        Examples:\n  \
+        echo '{\"id\": 1, \"gold\": \"\\\\frac{1}{2}\", \"pred\": \"so \\\\boxed{0.5}\"}' | datagen verify --input -\n  \
+        datagen verify --input pairs.jsonl --output verdicts.jsonl --explain"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Verify JSONL rows {gold, pred, …}; writes each row back with `correct` and `extracted`.
+    Verify(VerifyArgs),
+    /// Speed of the verifier (a benchmark, not a test).
+    Bench(BenchArgs),
+}
+
+#[derive(Args)]
+struct VerifierOptions {
+    /// Several \boxed{} answers: `last` takes the last, `all-agree` requires them to agree.
+    #[arg(long, default_value = "last", value_parser = ["last", "all-agree"])]
+    multiple_boxed: String,
+    /// Relative tolerance for answers that are not exact rationals.
+    #[arg(long, default_value_t = 1e-10)]
+    tolerance: f64,
+    /// Time budget per pair, in milliseconds.
+    #[arg(long, default_value_t = 200)]
+    budget_ms: u64,
+}
+
+impl VerifierOptions {
+    fn config(&self) -> VerifyConfig {
+        VerifyConfig {
+            multiple_boxed: if self.multiple_boxed == "all-agree" { MultipleBoxed::AllAgree } else { MultipleBoxed::Last },
+            relative_tolerance: self.tolerance,
+            time_budget: std::time::Duration::from_millis(self.budget_ms),
+            ..VerifyConfig::default()
+        }
+    }
+}
+
+#[derive(Args)]
+struct VerifyArgs {
+    /// JSONL file of {gold, pred} rows (other fields are kept); `-` reads standard input.
+    #[arg(long)]
+    input: PathBuf,
+    /// Where to write the rows; standard output by default.
+    #[arg(long)]
+    output: Option<PathBuf>,
+    /// Add `explanation`: why the pair matched or not.
+    #[arg(long)]
+    explain: bool,
+    /// Field names of the reference answer and the prediction.
+    #[arg(long, default_value = "gold")]
+    gold_field: String,
+    #[arg(long, default_value = "pred")]
+    pred_field: String,
+    #[command(flatten)]
+    options: VerifierOptions,
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    /// JSONL rows {gold, pred} to time (default: the labelled table).
+    #[arg(long, default_value = "tests/verifier/cases.jsonl")]
+    cases: PathBuf,
+    /// Passes over the rows.
+    #[arg(long, default_value_t = 20)]
+    repeats: usize,
+    /// A command that times Math-Verify on the same rows and prints one JSON line
+    /// {"pairs_per_s": …}; e.g. `.venv/bin/python tests/verifier/math_verify_reference.py`.
+    #[arg(long)]
+    reference: Option<String>,
+    #[command(flatten)]
+    options: VerifierOptions,
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().command {
+        Command::Verify(args) => verify_command(args),
+        Command::Bench(args) => bench(args),
+    }
+}
+
+fn verify_command(args: VerifyArgs) -> Result<()> {
+    let config = args.options.config();
+    let input: Box<dyn Read> = if args.input.as_os_str() == "-" {
+        Box::new(std::io::stdin())
+    } else {
+        Box::new(File::open(&args.input).with_context(|| format!("opening {}", args.input.display()))?)
+    };
+    let mut output: Box<dyn Write> = match &args.output {
+        Some(path) => Box::new(BufWriter::new(File::create(path).with_context(|| format!("creating {}", path.display()))?)),
+        None => Box::new(BufWriter::new(std::io::stdout())),
+    };
+    let name = args.input.display().to_string();
+    let mut rows = 0usize;
+    for (index, line) in BufReader::new(input).lines().enumerate() {
+        let line_number = index + 1;
+        let line = line.with_context(|| format!("{name}:{line_number}: cannot read (invalid UTF-8?)"))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let mut row: Map<String, Value> = match serde_json::from_str(&line) {
+            Ok(Value::Object(row)) => row,
+            Ok(_) => bail!("{name}:{line_number}: expected a JSON object"),
+            Err(e) => bail!("{name}:{line_number}: not valid JSON: {e}"),
+        };
+        let field = |row: &Map<String, Value>, field: &str| -> Result<String> {
+            match row.get(field) {
+                Some(Value::String(s)) => Ok(s.clone()),
+                // Numeric gold answers are common in JSONL ("gold": 42).
+                Some(Value::Number(n)) => Ok(n.to_string()),
+                Some(other) => bail!("{name}:{line_number}: field `{field}`: expected a string, got {other}"),
+                None => bail!("{name}:{line_number}: field `{field}` is missing"),
+            }
+        };
+        let (gold, pred) = (field(&row, &args.gold_field)?, field(&row, &args.pred_field)?);
+        let verdict = verify(&gold, &pred, &config);
+        row.insert("correct".into(), verdict.correct.into());
+        row.insert("extracted".into(), verdict.extracted.map_or(Value::Null, Value::from));
+        if args.explain {
+            row.insert("explanation".into(), verdict.explanation.into());
+        }
+        serde_json::to_writer(&mut output, &row)?;
+        output.write_all(b"\n")?;
+        rows += 1;
+    }
+    output.flush()?;
+    if rows == 0 {
+        bail!("{name}: no rows");
+    }
+    Ok(())
+}
+
+fn bench(args: BenchArgs) -> Result<()> {
+    let config = args.options.config();
+    let text = std::fs::read_to_string(&args.cases).with_context(|| format!("reading {}", args.cases.display()))?;
+    let pairs: Vec<(String, String)> = text
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| {
+            let v: Value = serde_json::from_str(l)?;
+            Ok((v["gold"].as_str().unwrap_or("").to_string(), v["pred"].as_str().unwrap_or("").to_string()))
+        })
+        .collect::<Result<_>>()?;
+    let total = pairs.len() * args.repeats;
+
+    let started = Instant::now();
+    for _ in 0..args.repeats {
+        for (gold, pred) in &pairs {
+            std::hint::black_box(verify(gold, pred, &config));
+        }
+    }
+    let single = total as f64 / started.elapsed().as_secs_f64();
+
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let started = Instant::now();
+    std::thread::scope(|scope| {
+        for worker in 0..threads {
+            let (pairs, config) = (&pairs, &config);
+            scope.spawn(move || {
+                for repeat in 0..args.repeats {
+                    for (index, (gold, pred)) in pairs.iter().enumerate() {
+                        if (repeat * pairs.len() + index) % threads == worker {
+                            std::hint::black_box(verify(gold, pred, config));
+                        }
+                    }
+                }
+            });
+        }
+    });
+    let parallel = total as f64 / started.elapsed().as_secs_f64();
+    println!("{} pairs × {} passes", pairs.len(), args.repeats);
+    println!("datagen verifier   {single:>10.0} pairs/s on 1 thread   {parallel:>10.0} pairs/s on {threads} threads");
+    if let Some(command) = &args.reference {
+        let output = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!("{command} --cases {}", args.cases.display()))
+            .output()
+            .with_context(|| format!("running `{command}`"))?;
+        if !output.status.success() {
+            bail!("reference command failed: {}", String::from_utf8_lossy(&output.stderr));
+        }
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        let line = stdout.lines().rev().find(|l| l.trim_start().starts_with('{')).context("reference printed no JSON line")?;
+        let reference: Value = serde_json::from_str(line)?;
+        let rate = reference["pairs_per_s"].as_f64().context("reference JSON lacks pairs_per_s")?;
+        println!("Math-Verify        {rate:>10.0} pairs/s on 1 process");
+        println!("ratio (1 thread)   {:>10.1}×", single / rate);
+    }
+    Ok(())
 }

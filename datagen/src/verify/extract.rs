@@ -101,7 +101,8 @@ pub fn extract_answer(
     same: impl Fn(&str, &str) -> bool,
 ) -> Option<(String, Source)> {
     let text = strip_reasoning(response);
-    let boxed = boxed_contents(text);
+    // An empty `\boxed{}` (a formatting slip) is no answer.
+    let boxed: Vec<&str> = boxed_contents(text).into_iter().filter(|b| !b.trim().is_empty()).collect();
     if let Some(last) = boxed.last() {
         if multiple == MultipleBoxed::AllAgree && boxed.iter().any(|b| !same(b, last)) {
             return None;

@@ -455,7 +455,12 @@ impl<'a> Parser<'a> {
                 let argument = if matches!(self.peek(), Some(Token::Symbol('(' | '{'))) {
                     self.primary()?
                 } else {
-                    self.power()?
+                    // `\sin 2x` is sin(2x): the argument runs over a product of numbers and letters.
+                    let mut argument = self.power()?;
+                    while matches!(self.peek(), Some(Token::Number(_) | Token::Letter(_))) {
+                        argument = Expr::Mul(Box::new(argument), Box::new(self.power()?));
+                    }
+                    argument
                 };
                 let applied = match base {
                     Some(base) => Expr::Log(Box::new(base), Box::new(argument)),
