@@ -19,6 +19,8 @@ pub enum PretrainedError {
     Tokenizer(#[from] TokenizerError),
     #[error("{path}: {message}")]
     GenerationConfig { path: PathBuf, message: String },
+    #[error("{dir}: the tokenizer has {tokenizer} tokens but config.json's vocab_size is {model}; they come from different models")]
+    VocabularyMismatch { dir: PathBuf, tokenizer: usize, model: usize },
 }
 
 pub struct Pretrained {
@@ -59,6 +61,11 @@ impl Pretrained {
         }
         let model = Model::load(dir, device, options)?;
         let tokenizer = Tokenizer::from_dir(dir)?;
+        // An id past the embedding table would be an out-of-bounds gather deep in the backend.
+        let tokens = tokenizer.inner().get_vocab_size(true);
+        if tokens > model.config.vocab_size {
+            return Err(PretrainedError::VocabularyMismatch { dir: dir.into(), tokenizer: tokens, model: model.config.vocab_size });
+        }
         let eos_token_ids = eos_token_ids(dir, &model.config.eos_token_ids)?;
         Ok(Pretrained { dir: dir.into(), model, tokenizer, eos_token_ids })
     }

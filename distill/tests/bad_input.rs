@@ -13,6 +13,14 @@ fn eval(model: &str, data: &str) -> std::process::Output {
 
 const ROWS: &str = "tests/fixtures/eval_rows.jsonl";
 
+/// Rewrites the config.json of a copied fixture.
+fn edit_config(dir: &std::path::Path, edit: impl FnOnce(&mut serde_json::Value)) {
+    let path = dir.join("config.json");
+    let mut config: serde_json::Value = serde_json::from_str(&fs::read_to_string(&path).unwrap()).unwrap();
+    edit(&mut config);
+    fs::write(&path, config.to_string()).unwrap();
+}
+
 #[test]
 fn truncated_safetensors() {
     let dir = copy_fixture("tiny-qwen2");
@@ -25,10 +33,7 @@ fn truncated_safetensors() {
 #[test]
 fn wrong_shape_names_the_tensor_and_expected_shape() {
     let dir = copy_fixture("tiny-qwen2");
-    let config_path = dir.path().join("config.json");
-    let mut config: serde_json::Value = serde_json::from_str(&fs::read_to_string(&config_path).unwrap()).unwrap();
-    config["intermediate_size"] = 64.into();
-    fs::write(&config_path, config.to_string()).unwrap();
+    edit_config(dir.path(), |config| config["intermediate_size"] = 64.into());
     assert_clean_failure(
         &eval(dir.path().to_str().unwrap(), ROWS),
         &["model.layers.0.mlp.gate_proj.weight", "[64, 16]", "[48, 16]"],
@@ -51,11 +56,18 @@ fn missing_shard() {
 #[test]
 fn unexpected_tensor_is_named() {
     let dir = copy_fixture("tiny-llama");
-    let config_path = dir.path().join("config.json");
-    let mut config: serde_json::Value = serde_json::from_str(&fs::read_to_string(&config_path).unwrap()).unwrap();
-    config["num_hidden_layers"] = 1.into();
-    fs::write(&config_path, config.to_string()).unwrap();
+    edit_config(dir.path(), |config| config["num_hidden_layers"] = 1.into());
     assert_clean_failure(&eval(dir.path().to_str().unwrap(), ROWS), &["model.layers.1."]);
+}
+
+#[test]
+fn tokenizer_of_another_model() {
+    let dir = copy_fixture("tiny-llama");
+    // The Qwen tokenizer (151,665 tokens) does not fit Llama's 128,256-entry embedding.
+    for file in ["tokenizer.json", "tokenizer_config.json"] {
+        fs::copy(common::fixtures().join("tiny-qwen2").join(file), dir.path().join(file)).unwrap();
+    }
+    assert_clean_failure(&eval(dir.path().to_str().unwrap(), ROWS), &["vocab_size is 128256"]);
 }
 
 #[test]
@@ -68,10 +80,7 @@ fn malformed_config() {
 #[test]
 fn unknown_architecture() {
     let dir = copy_fixture("tiny-qwen2");
-    let config_path = dir.path().join("config.json");
-    let mut config: serde_json::Value = serde_json::from_str(&fs::read_to_string(&config_path).unwrap()).unwrap();
-    config["architectures"] = serde_json::json!(["MixtralForCausalLM"]);
-    fs::write(&config_path, config.to_string()).unwrap();
+    edit_config(dir.path(), |config| config["architectures"] = serde_json::json!(["MixtralForCausalLM"]));
     assert_clean_failure(&eval(dir.path().to_str().unwrap(), ROWS), &["architectures", "MixtralForCausalLM"]);
 }
 

@@ -118,15 +118,18 @@ impl Fields<'_> {
         self.object.get(field).filter(|value| !value.is_null())
     }
 
-    fn usize(&self, field: &str) -> Result<Option<usize>, ConfigError> {
+    /// An optional field read by `convert`, which returns `None` for a value of the wrong type.
+    fn typed<T>(&self, field: &str, expected: &str, convert: impl Fn(&Value) -> Option<T>) -> Result<Option<T>, ConfigError> {
         match self.get(field) {
             None => Ok(None),
-            Some(value) => value
-                .as_u64()
-                .filter(|&n| n > 0)
-                .map(|n| Some(n as usize))
-                .ok_or_else(|| self.error(field, format!("expected a positive integer, got {value}"))),
+            Some(value) => convert(value)
+                .map(Some)
+                .ok_or_else(|| self.error(field, format!("expected {expected}, got {value}"))),
         }
+    }
+
+    fn usize(&self, field: &str) -> Result<Option<usize>, ConfigError> {
+        self.typed(field, "a positive integer", |v| v.as_u64().filter(|&n| n > 0).map(|n| n as usize))
     }
 
     fn required_usize(&self, field: &str) -> Result<usize, ConfigError> {
@@ -135,33 +138,15 @@ impl Fields<'_> {
     }
 
     fn f64(&self, field: &str) -> Result<Option<f64>, ConfigError> {
-        match self.get(field) {
-            None => Ok(None),
-            Some(value) => value
-                .as_f64()
-                .map(Some)
-                .ok_or_else(|| self.error(field, format!("expected a number, got {value}"))),
-        }
+        self.typed(field, "a number", Value::as_f64)
     }
 
     fn bool(&self, field: &str) -> Result<Option<bool>, ConfigError> {
-        match self.get(field) {
-            None => Ok(None),
-            Some(value) => value
-                .as_bool()
-                .map(Some)
-                .ok_or_else(|| self.error(field, format!("expected true or false, got {value}"))),
-        }
+        self.typed(field, "true or false", Value::as_bool)
     }
 
     fn string(&self, field: &str) -> Result<Option<String>, ConfigError> {
-        match self.get(field) {
-            None => Ok(None),
-            Some(value) => value
-                .as_str()
-                .map(|s| Some(s.to_string()))
-                .ok_or_else(|| self.error(field, format!("expected a string, got {value}"))),
-        }
+        self.typed(field, "a string", |v| v.as_str().map(String::from))
     }
 
     /// `eos_token_id` is an int in base checkpoints and a list in Llama 3.x Instruct ones.

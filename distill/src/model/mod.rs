@@ -86,6 +86,14 @@ impl Model {
         self.net.forward_hidden(self.input_ids(rows), &rope, &mask, None)
     }
 
+    /// Final hidden states of one packed block `[1, seq, hidden]`: positions restart and
+    /// attention stays within each row, as if every row ran alone.
+    pub fn hidden_packed(&self, block: &crate::data::packing::PackedBlock) -> Tensor<3> {
+        let rope = self.rope_tables(std::slice::from_ref(&block.positions));
+        let mask = self.causal_mask(std::slice::from_ref(&block.segments), block.len());
+        self.net.forward_hidden(self.input_ids(std::slice::from_ref(&block.input_ids)), &rope, &mask, None)
+    }
+
     /// Logits `[rows, seq, vocab]` of equal-length rows (see [`Model::hidden`]).
     pub fn logits(&self, rows: &[Vec<u32>]) -> Tensor<3> {
         self.net.logits(self.hidden(rows))
