@@ -15,3 +15,4 @@ pub mod model;
 pub mod pretrained;
 pub mod student;
 pub mod text;
+pub mod train;
