@@ -9,6 +9,7 @@ pub use burn;
 pub mod data;
 pub mod device;
 pub mod eval;
+pub mod export;
 pub mod generate;
 pub mod info;
 pub mod model;

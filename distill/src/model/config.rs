@@ -390,6 +390,12 @@ impl ModelConfig {
         config
     }
 
+    /// The same config with `torch_dtype` set (what an export in that dtype reads back as).
+    pub fn with_dtype_name(mut self, dtype: &str) -> Self {
+        self.torch_dtype = Some(dtype.to_string());
+        self
+    }
+
     pub fn num_query_groups(&self) -> usize {
         self.num_attention_heads / self.num_key_value_heads
     }
