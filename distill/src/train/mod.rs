@@ -1,7 +1,7 @@
-//! Training: the loss, the optimizer and the learning-rate schedule. (The `distill train` loop
-//! that drives them is issue #3's next step.)
+//! Training: the loss, the optimizer, the learning-rate schedule and the loop that drives them.
 
 pub mod optim;
+pub mod run;
 pub mod schedule;
 
 use burn::tensor::{Int, Tensor, TensorData};
@@ -30,9 +30,9 @@ pub fn log_sum_exp(logits: Tensor<3>) -> Tensor<3> {
     sums.reshape([batch, seq, 1]).log() + max
 }
 
-/// Mean cross-entropy over the trained tokens of equal-length blocks, as a tensor to
-/// backpropagate through (transformers' `loss` with -100 labels outside the mask).
-pub fn loss(model: &Model, blocks: &[PackedBlock]) -> Tensor<1> {
+/// Summed cross-entropy over the trained tokens of `blocks` (a tensor to backpropagate
+/// through) and how many tokens that is.
+pub fn nll_sum(model: &Model, blocks: &[PackedBlock]) -> (Tensor<1>, usize) {
     let device = &model.device;
     let mut total: Option<Tensor<1>> = None;
     let mut count = 0usize;
@@ -47,11 +47,18 @@ pub fn loss(model: &Model, blocks: &[PackedBlock]) -> Tensor<1> {
         count += block.trained[1..].iter().filter(|&&t| t).count();
         let mask = Tensor::<3>::from_data(TensorData::new(mask, [1, len - 1, 1]), device);
         let log_probs = logits.clone().gather(2, targets) - log_sum_exp(logits);
-        let picked = (log_probs * mask).sum();
+        let picked = (log_probs * mask).sum().neg();
         total = Some(match total {
             Some(sum) => sum + picked,
             None => picked,
         });
     }
-    total.expect("at least one block").neg() / count.max(1) as f64
+    (total.expect("at least one block"), count)
+}
+
+/// Mean cross-entropy over the trained tokens of the blocks (transformers' `loss` with -100
+/// labels outside the mask).
+pub fn loss(model: &Model, blocks: &[PackedBlock]) -> Tensor<1> {
+    let (sum, count) = nll_sum(model, blocks);
+    sum / count.max(1) as f64
 }

@@ -42,36 +42,60 @@ pub struct AdamW {
     moments: HashMap<ParamId, Moments>,
 }
 
-struct SquaredNorm<'a> {
-    grads: &'a Gradients,
-    total: f64,
+/// Gradients of every parameter, flattened and summed over the micro-batches of one optimizer
+/// step (gradient accumulation).
+#[derive(Default)]
+pub struct AccumulatedGrads {
+    grads: HashMap<ParamId, Tensor<1>>,
 }
 
-impl ModuleVisitor for SquaredNorm<'_> {
+struct Collect<'a> {
+    grads: &'a Gradients,
+    into: &'a mut AccumulatedGrads,
+}
+
+impl ModuleVisitor for Collect<'_> {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
         if let Some(grad) = param.val().grad(self.grads) {
-            self.total += grad.square().sum().into_scalar::<f32>() as f64;
+            let grad = grad.reshape([-1]);
+            let sum = match self.into.grads.remove(&param.id) {
+                Some(previous) => previous + grad,
+                None => grad,
+            };
+            self.into.grads.insert(param.id, sum);
         }
     }
 }
 
-/// The L2 norm of all gradients together, as `torch.nn.utils.clip_grad_norm_` computes it.
+impl AccumulatedGrads {
+    /// Adds the gradients of one backward pass.
+    pub fn add(&mut self, model: &CausalLm, grads: &Gradients) {
+        model.visit(&mut Collect { grads, into: self });
+    }
+
+    /// The L2 norm of all gradients together, as `torch.nn.utils.clip_grad_norm_` computes it.
+    pub fn norm(&self) -> f64 {
+        self.grads.values().map(|g| g.clone().square().sum().into_scalar::<f32>() as f64).sum::<f64>().sqrt()
+    }
+}
+
+/// The global gradient norm of one backward pass.
 pub fn global_grad_norm(model: &CausalLm, grads: &Gradients) -> f64 {
-    let mut visitor = SquaredNorm { grads, total: 0.0 };
-    model.visit(&mut visitor);
-    visitor.total.sqrt()
+    let mut accumulated = AccumulatedGrads::default();
+    accumulated.add(model, grads);
+    accumulated.norm()
 }
 
 struct Update<'a> {
     optimizer: &'a mut AdamW,
-    grads: &'a Gradients,
+    grads: &'a mut AccumulatedGrads,
     lr: f64,
     grad_scale: f64,
 }
 
 impl ModuleMapper for Update<'_> {
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
-        let Some(grad) = param.val().grad(self.grads) else { return param };
+        let Some(grad) = self.grads.grads.remove(&param.id) else { return param };
         let id = param.id;
         let config = self.optimizer.config.clone();
         let t = self.optimizer.steps as i32;
@@ -80,7 +104,7 @@ impl ModuleMapper for Update<'_> {
         param.map(|value| {
             let shape = value.dims();
             let value = value.inner();
-            let grad = grad.reshape([-1]) * scale;
+            let grad = grad * scale;
             let (first, second) = match moments.remove(&id) {
                 Some(m) => (m.first * config.beta1 + grad.clone() * (1.0 - config.beta1),
                             m.second * config.beta2 + grad.square() * (1.0 - config.beta2)),
@@ -103,17 +127,30 @@ impl AdamW {
         AdamW { config, steps: 0, moments: HashMap::new() }
     }
 
+    /// One optimizer step at learning rate `lr` from one backward pass (see [`AdamW::step_accumulated`]).
+    pub fn step(&mut self, model: CausalLm, grads: &Gradients, lr: f64, max_grad_norm: Option<f64>) -> (CausalLm, f64) {
+        let mut accumulated = AccumulatedGrads::default();
+        accumulated.add(&model, grads);
+        self.step_accumulated(model, accumulated, lr, max_grad_norm)
+    }
+
     /// One optimizer step at learning rate `lr`; gradients are first clipped to a global norm
     /// of `max_grad_norm` (when given). Returns the model and the norm before clipping.
-    pub fn step(&mut self, model: CausalLm, grads: &Gradients, lr: f64, max_grad_norm: Option<f64>) -> (CausalLm, f64) {
-        let norm = global_grad_norm(&model, grads);
+    pub fn step_accumulated(
+        &mut self,
+        model: CausalLm,
+        mut grads: AccumulatedGrads,
+        lr: f64,
+        max_grad_norm: Option<f64>,
+    ) -> (CausalLm, f64) {
+        let norm = grads.norm();
         let grad_scale = match max_grad_norm {
             // torch: clip_coef = max_norm / (total_norm + 1e-6), applied when below 1.
             Some(max) => (max / (norm + 1e-6)).min(1.0),
             None => 1.0,
         };
         self.steps += 1;
-        let mut update = Update { optimizer: self, grads, lr, grad_scale };
+        let mut update = Update { optimizer: self, grads: &mut grads, lr, grad_scale };
         (model.map(&mut update), norm)
     }
 }

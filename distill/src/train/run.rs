@@ -1,0 +1,90 @@
+//! The SFT loop, top to bottom: shuffle the blocks each epoch, run micro-batches, accumulate
+//! gradients, clip, step, log.
+
+use std::time::Instant;
+
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use serde::Serialize;
+
+use super::optim::{AccumulatedGrads, AdamW, AdamWConfig};
+use super::schedule::Schedule;
+use crate::data::packing::PackedBlock;
+use crate::model::Model;
+
+#[derive(Debug, Clone)]
+pub struct TrainConfig {
+    pub schedule: Schedule,
+    pub adamw: AdamWConfig,
+    pub max_grad_norm: Option<f64>,
+    pub per_device_train_batch_size: usize,
+    pub gradient_accumulation_steps: usize,
+    pub seed: u64,
+}
+
+/// What one optimizer step did; one JSON line of `metrics.jsonl`.
+#[derive(Debug, Clone, Serialize)]
+pub struct StepMetrics {
+    pub step: usize,
+    pub epoch: f64,
+    pub loss: f64,
+    pub learning_rate: f64,
+    pub grad_norm: f64,
+    pub trained_tokens: usize,
+    pub tokens_per_second: f64,
+}
+
+/// Optimizer steps in one epoch of `blocks` blocks.
+pub fn steps_per_epoch(blocks: usize, config: &TrainConfig) -> usize {
+    blocks.div_ceil(config.per_device_train_batch_size * config.gradient_accumulation_steps).max(1)
+}
+
+/// The order blocks are visited in during `epoch`: a permutation fixed by the seed.
+fn epoch_order(blocks: usize, seed: u64, epoch: usize) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..blocks).collect();
+    order.shuffle(&mut StdRng::seed_from_u64(seed.wrapping_add(epoch as u64)));
+    order
+}
+
+/// Trains `model` (on an autodiff device) for `config.schedule.total_steps` optimizer steps.
+pub fn train(mut model: Model, blocks: &[PackedBlock], config: &TrainConfig, mut on_step: impl FnMut(&StepMetrics)) -> Model {
+    let mut optimizer = AdamW::new(config.adamw.clone());
+    let per_step = config.per_device_train_batch_size * config.gradient_accumulation_steps;
+    let per_epoch = steps_per_epoch(blocks.len(), config);
+    for step in 0..config.schedule.total_steps {
+        let started = Instant::now();
+        let (epoch, step_in_epoch) = (step / per_epoch, step % per_epoch);
+        let order = epoch_order(blocks.len(), config.seed, epoch);
+        let chosen: Vec<&PackedBlock> = order.iter().skip(step_in_epoch * per_step).take(per_step).map(|&i| &blocks[i]).collect();
+
+        // The loss is the mean over every trained token of the step, so each micro-batch's
+        // summed loss is divided by the step's token count before its backward pass.
+        let step_tokens: usize = chosen.iter().map(|b| b.trained[1..].iter().filter(|&&t| t).count()).sum();
+        let mut grads = AccumulatedGrads::default();
+        let mut loss = 0.0;
+        for micro_batch in chosen.chunks(config.per_device_train_batch_size) {
+            let micro: Vec<PackedBlock> = micro_batch.iter().map(|b| (*b).clone()).collect();
+            let (sum, _) = super::nll_sum(&model, &micro);
+            let scaled = sum / step_tokens.max(1) as f64;
+            loss += scaled.clone().into_scalar::<f32>() as f64;
+            grads.add(&model.net, &scaled.backward());
+        }
+
+        let learning_rate = config.schedule.lr(step);
+        let (net, grad_norm) = optimizer.step_accumulated(model.net, grads, learning_rate, config.max_grad_norm);
+        model.net = net;
+        let seconds = started.elapsed().as_secs_f64();
+        let tokens: usize = chosen.iter().map(|b| b.len()).sum();
+        on_step(&StepMetrics {
+            step: step + 1,
+            epoch: (step + 1) as f64 / per_epoch as f64,
+            loss,
+            learning_rate,
+            grad_norm,
+            trained_tokens: step_tokens,
+            tokens_per_second: tokens as f64 / seconds.max(1e-9),
+        });
+    }
+    model
+}

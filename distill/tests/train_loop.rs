@@ -1,0 +1,65 @@
+//! The SFT loop: gradient accumulation is exact, and training lowers the loss.
+
+mod common;
+
+use distill::data::packing::PackedBlock;
+use distill::data::records::read_records;
+use distill::data::traces::{LengthPolicy, TraceFormat, TraceOptions, tokenize_records};
+use distill::model::LoadOptions;
+use distill::pretrained::Pretrained;
+use distill::train::optim::AdamWConfig;
+use distill::train::run::{StepMetrics, TrainConfig, train};
+use distill::train::schedule::{Schedule, Scheduler};
+
+fn blocks(pretrained: &Pretrained) -> Vec<PackedBlock> {
+    let records = read_records(&common::repo_root().join("datasets/math_prompts_sample100.jsonl")).unwrap();
+    let options = TraceOptions {
+        format: TraceFormat::PromptResponse { prompt_field: "problem".into(), response_field: "answer".into() },
+        max_length: 96,
+        length_policy: LengthPolicy::Drop,
+        train_on_prompt: false,
+    };
+    let (examples, _) = tokenize_records(&records[50..], &pretrained.tokenizer, &options).unwrap();
+    examples.iter().take(8).map(PackedBlock::single).collect()
+}
+
+fn run(batch: usize, accumulation: usize, steps: usize) -> Vec<StepMetrics> {
+    let device = distill::device::parse("flex").unwrap().autodiff();
+    let pretrained = Pretrained::load(&common::fixtures().join("tiny-qwen2"), &device, LoadOptions::default()).unwrap();
+    let blocks = blocks(&pretrained);
+    assert_eq!(blocks.len(), 8);
+    let config = TrainConfig {
+        schedule: Schedule { learning_rate: 3e-3, scheduler: Scheduler::Cosine, warmup_steps: 1, total_steps: steps, min_lr_ratio: 0.1 },
+        adamw: AdamWConfig { weight_decay: 0.01, ..Default::default() },
+        max_grad_norm: Some(1.0),
+        per_device_train_batch_size: batch,
+        gradient_accumulation_steps: accumulation,
+        seed: 5,
+    };
+    let mut metrics = Vec::new();
+    train(pretrained.model, &blocks, &config, |m| metrics.push(m.clone()));
+    metrics
+}
+
+#[test]
+fn gradient_accumulation_equals_the_bigger_batch() {
+    let whole = run(4, 1, 3);
+    let accumulated = run(2, 2, 3);
+    let single = run(1, 4, 3);
+    for ((a, b), c) in whole.iter().zip(&accumulated).zip(&single) {
+        assert!((a.loss - b.loss).abs() / a.loss < 1e-5, "{} vs {}", a.loss, b.loss);
+        assert!((a.loss - c.loss).abs() / a.loss < 1e-5, "{} vs {}", a.loss, c.loss);
+        assert!((a.grad_norm - b.grad_norm).abs() / a.grad_norm < 1e-4);
+        assert_eq!(a.trained_tokens, b.trained_tokens);
+    }
+}
+
+#[test]
+fn training_lowers_the_loss() {
+    let metrics = run(4, 1, 12);
+    let first = metrics[..2].iter().map(|m| m.loss).sum::<f64>() / 2.0;
+    let last = metrics[metrics.len() - 2..].iter().map(|m| m.loss).sum::<f64>() / 2.0;
+    assert!(last < first * 0.9, "loss {first:.3} → {last:.3}");
+    assert_eq!(metrics.last().unwrap().step, 12);
+    assert!((metrics.last().unwrap().epoch - 6.0).abs() < 1e-9, "two steps per epoch of 8 blocks at batch 4");
+}
