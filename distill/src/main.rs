@@ -43,6 +43,8 @@ enum Command {
     Eval(EvalArgs),
     /// Generate text from a prompt or a conversation, streamed to stdout.
     Generate(GenerateArgs),
+    /// Fine-tune a student on reasoning traces (SFT) and export it as an HF checkpoint.
+    Train(TrainArgs),
     /// Speed measurements (benchmarks, not tests).
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -130,6 +132,75 @@ struct GenerateArgs {
     device: DeviceArgs,
 }
 
+#[derive(Args)]
+struct TrainArgs {
+    /// An HF checkpoint folder, or a student config (student_configs/*.toml) whose `checkpoint`
+    /// names the downloaded base model; its [training] table gives the defaults below.
+    #[arg(long)]
+    model: PathBuf,
+    /// Traces: JSONL or Parquet (file, folder of shards or glob) with a `messages` column, or
+    /// the columns named by --prompt-field / --response-field.
+    #[arg(long)]
+    data: PathBuf,
+    /// Run folder: metrics.jsonl and the exported model in final/. Must not exist yet.
+    #[arg(long)]
+    out: PathBuf,
+    /// `pretrained` starts from the checkpoint's weights; `random` builds the architecture from
+    /// scratch (tiny configs, tests, demos).
+    #[arg(long, default_value = "pretrained", value_parser = ["pretrained", "random"])]
+    init: String,
+    /// Column with the list of {role, content} messages.
+    #[arg(long, default_value = "messages")]
+    messages_field: String,
+    /// Prompt column (with --response-field), e.g. `problem`.
+    #[arg(long, requires = "response_field")]
+    prompt_field: Option<String>,
+    /// Response column, e.g. `generated_solution` (kept whole, `<think>` included).
+    #[arg(long, requires = "prompt_field")]
+    response_field: Option<String>,
+    #[arg(long)]
+    learning_rate: Option<f64>,
+    /// cosine (to --min-lr-ratio), linear or constant, after the warmup.
+    #[arg(long)]
+    lr_scheduler: Option<String>,
+    #[arg(long)]
+    min_lr_ratio: Option<f64>,
+    #[arg(long)]
+    warmup_ratio: Option<f64>,
+    #[arg(long)]
+    num_train_epochs: Option<f64>,
+    /// Optimizer steps; overrides --num-train-epochs.
+    #[arg(long)]
+    max_steps: Option<usize>,
+    /// Longest row in tokens; longer rows are dropped (or cut with --truncate), and counted.
+    #[arg(long)]
+    max_length: Option<usize>,
+    #[arg(long)]
+    truncate: bool,
+    #[arg(long)]
+    per_device_train_batch_size: Option<usize>,
+    #[arg(long)]
+    gradient_accumulation_steps: Option<usize>,
+    /// Global gradient-norm clipping (0 disables).
+    #[arg(long)]
+    max_grad_norm: Option<f64>,
+    #[arg(long)]
+    weight_decay: Option<f64>,
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Pack rows into max_length blocks (attention never crosses rows).
+    #[arg(long)]
+    packing: bool,
+    /// Also train on prompt tokens (default: completion-only loss).
+    #[arg(long)]
+    train_on_prompt: bool,
+    /// dtype of the exported weights.
+    #[arg(long, default_value = "f32", value_parser = ["f32", "bf16", "f16"])]
+    export_dtype: String,
+    #[command(flatten)]
+    device: DeviceArgs,
+}
+
 #[derive(Subcommand)]
 enum BenchCommand {
     /// Prefill and decode tokens/s of a ~100M-parameter model (random weights).
@@ -163,6 +234,7 @@ fn main() -> Result<()> {
         Command::Info(args) => info(args),
         Command::Eval(args) => eval(args),
         Command::Generate(args) => generate_command(args),
+        Command::Train(args) => train_command(args),
         Command::Bench(BenchCommand::Forward(args)) => bench_forward(args),
     }
 }
@@ -270,6 +342,122 @@ fn generate_command(args: GenerateArgs) -> Result<()> {
             FinishReason::Length => "--max-new-tokens",
         }
     );
+    Ok(())
+}
+
+fn train_command(args: TrainArgs) -> Result<()> {
+    use distill::data::packing::{PackedBlock, pack};
+    use distill::data::traces::{LengthPolicy, TraceFormat, TraceOptions, tokenize_records};
+    use distill::train::optim::AdamWConfig;
+    use distill::train::run::{TrainConfig, steps_per_epoch, train};
+    use distill::train::schedule::{Schedule, Scheduler};
+
+    if args.out.exists() && std::fs::read_dir(&args.out)?.next().is_some() {
+        bail!("{} already exists and is not empty (resuming a run is not implemented yet; choose a new --out)", args.out.display());
+    }
+    let (device, options) = args.device.resolve()?;
+    let device = device.autodiff();
+    // Where the architecture, weights, tokenizer and defaults come from.
+    let (config, student) = model_config_from_any(&args.model)?;
+    let defaults = student.as_ref().map(|s| s.training.clone()).unwrap_or_default();
+    let checkpoint_dir = match &student {
+        Some(student) => student.checkpoint.clone(),
+        None => Some(args.model.clone()),
+    };
+    let tokenizer_dir = student
+        .as_ref()
+        .and_then(|s| s.tokenizer.clone())
+        .or_else(|| checkpoint_dir.clone())
+        .context("the student config names neither `tokenizer` nor `checkpoint`")?;
+    let tokenizer = distill::text::Tokenizer::from_dir(&tokenizer_dir)?;
+    let model = if args.init == "random" {
+        distill::model::Model::random(config.clone(), &device)
+    } else {
+        let dir = checkpoint_dir.context("--init pretrained needs a checkpoint folder (or `checkpoint` in the student config)")?;
+        distill::model::Model::load(&dir, &device, options).with_context(|| format!("loading {}", dir.display()))?
+    };
+    let eos_token_ids = distill::pretrained::eos_token_ids(&tokenizer_dir, &config.eos_token_ids)?;
+
+    let max_length = args.max_length.or(defaults.max_length).unwrap_or(4096);
+    let trace_options = TraceOptions {
+        format: match (&args.prompt_field, &args.response_field) {
+            (Some(prompt_field), Some(response_field)) => {
+                TraceFormat::PromptResponse { prompt_field: prompt_field.clone(), response_field: response_field.clone() }
+            }
+            _ => TraceFormat::Messages { field: args.messages_field.clone() },
+        },
+        max_length,
+        length_policy: if args.truncate { LengthPolicy::Truncate } else { LengthPolicy::Drop },
+        train_on_prompt: args.train_on_prompt,
+    };
+    let records = read_records(&args.data)?;
+    let (examples, skipped) = tokenize_records(&records, &tokenizer, &trace_options)?;
+    eprintln!("data: {} rows → {} examples ({})", records.len(), examples.len(), skipped.summary());
+    for (location, reason) in skipped.invalid.iter().take(5) {
+        eprintln!("  skipped {location}: {reason}");
+    }
+    if examples.is_empty() {
+        bail!("{}: no row can be trained on ({})", args.data.display(), skipped.summary());
+    }
+    let seed = args.seed.or(defaults.seed).unwrap_or(42);
+    let packing = args.packing || defaults.packing.unwrap_or(false);
+    let blocks: Vec<PackedBlock> =
+        if packing { pack(&examples, max_length, seed) } else { examples.iter().map(PackedBlock::single).collect() };
+
+    let mut train_config = TrainConfig {
+        schedule: Schedule {
+            learning_rate: args.learning_rate.or(defaults.learning_rate).unwrap_or(2e-5),
+            scheduler: args.lr_scheduler.clone().or(defaults.lr_scheduler.clone()).unwrap_or_else(|| "cosine".into()).parse::<Scheduler>().map_err(anyhow::Error::msg)?,
+            warmup_steps: 0,
+            total_steps: 0,
+            min_lr_ratio: args.min_lr_ratio.or(defaults.min_lr_ratio).unwrap_or(0.0),
+        },
+        adamw: AdamWConfig {
+            beta1: defaults.adam_beta1.unwrap_or(0.9),
+            beta2: defaults.adam_beta2.unwrap_or(0.999),
+            epsilon: defaults.adam_epsilon.unwrap_or(1e-8),
+            weight_decay: args.weight_decay.or(defaults.weight_decay).unwrap_or(0.0),
+        },
+        max_grad_norm: Some(args.max_grad_norm.or(defaults.max_grad_norm).unwrap_or(1.0)).filter(|&n| n > 0.0),
+        per_device_train_batch_size: args.per_device_train_batch_size.or(defaults.per_device_train_batch_size).unwrap_or(1),
+        gradient_accumulation_steps: args.gradient_accumulation_steps.or(defaults.gradient_accumulation_steps).unwrap_or(1),
+        seed,
+    };
+    let per_epoch = steps_per_epoch(blocks.len(), &train_config);
+    let epochs = args.num_train_epochs.or(defaults.num_train_epochs).unwrap_or(1.0);
+    let total_steps = args.max_steps.or(defaults.max_steps).unwrap_or((epochs * per_epoch as f64).ceil() as usize).max(1);
+    train_config.schedule.total_steps = total_steps;
+    train_config.schedule.warmup_steps = Schedule::warmup_from_ratio(args.warmup_ratio.or(defaults.warmup_ratio).unwrap_or(0.0), total_steps);
+    eprintln!(
+        "training {} parameters for {total_steps} steps ({} blocks, {per_epoch} steps per epoch, batch {} × accumulation {})",
+        human_count(config.num_parameters()), blocks.len(), train_config.per_device_train_batch_size, train_config.gradient_accumulation_steps
+    );
+
+    std::fs::create_dir_all(&args.out)?;
+    let metrics_path = args.out.join("metrics.jsonl");
+    let mut metrics = std::io::BufWriter::new(std::fs::File::create(&metrics_path)?);
+    let bar = ProgressBar::new(total_steps as u64);
+    bar.set_style(ProgressStyle::with_template("train {bar:30} {pos}/{len} {msg} [{elapsed} < {eta}]").expect("static template"));
+    let mut write_error = None;
+    let model = train(model, &blocks, &train_config, |step| {
+        bar.set_message(format!("loss {:.4} lr {:.2e} {:.0} tok/s", step.loss, step.learning_rate, step.tokens_per_second));
+        bar.inc(1);
+        let line = serde_json::to_string(step).expect("metrics serialize");
+        if let Err(e) = writeln!(metrics, "{line}").and_then(|_| metrics.flush()) {
+            write_error.get_or_insert(e);
+        }
+    });
+    bar.finish();
+    if let Some(e) = write_error {
+        return Err(e).with_context(|| format!("writing {}", metrics_path.display()));
+    }
+    let final_dir = args.out.join("final");
+    let export_options = distill::export::ExportOptions {
+        dtype: distill::export::ExportDtype::parse(&args.export_dtype)?,
+        ..Default::default()
+    };
+    distill::export::export(&model, &tokenizer_dir, &eos_token_ids, &final_dir, &export_options)?;
+    eprintln!("exported {} (metrics in {})", final_dir.display(), metrics_path.display());
     Ok(())
 }
 

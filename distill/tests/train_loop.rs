@@ -63,3 +63,36 @@ fn training_lowers_the_loss() {
     assert_eq!(metrics.last().unwrap().step, 12);
     assert!((metrics.last().unwrap().epoch - 6.0).abs() < 1e-9, "two steps per epoch of 8 blocks at batch 4");
 }
+
+/// `distill train` end to end: student config + random init on the real R1 traces, metrics
+/// per step, an HF export that `distill eval` reads, and no overwriting of a run.
+#[test]
+fn train_command_writes_metrics_and_an_export() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    let args = [
+        "train", "--model", "student_configs/tiny-qwen2.toml", "--init", "random",
+        "--data", "datasets/r1_traces_sample40.jsonl", "--prompt-field", "problem", "--response-field", "generated_solution",
+        "--out", run.to_str().unwrap(), "--max-length", "128", "--truncate", "--max-steps", "3",
+        "--per-device-train-batch-size", "2", "--gradient-accumulation-steps", "2", "--device", "flex",
+    ];
+    let output = common::distill(&args);
+    assert!(output.status.success(), "{}", common::stderr(&output));
+    let stderr = common::stderr(&output);
+    assert!(stderr.contains("40 rows") && stderr.contains("truncated"), "{stderr}");
+    let metrics: Vec<serde_json::Value> = std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(metrics.len(), 3);
+    assert_eq!(metrics[2]["step"], 3);
+    assert!(metrics.iter().all(|m| m["loss"].as_f64().unwrap().is_finite()));
+    let eval = common::distill(&[
+        "eval", "--model", run.join("final").to_str().unwrap(), "--data", "tests/fixtures/eval_rows.jsonl", "--device", "flex",
+    ]);
+    assert!(eval.status.success(), "{}", common::stderr(&eval));
+
+    let again = common::distill(&args);
+    common::assert_clean_failure(&again, &["already exists"]);
+}
