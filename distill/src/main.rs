@@ -197,6 +197,12 @@ struct TrainArgs {
     /// dtype of the exported weights.
     #[arg(long, default_value = "f32", value_parser = ["f32", "bf16", "f16"])]
     export_dtype: String,
+    /// Write a checkpoint (weights, optimizer state, step) every N optimizer steps; 0: only at the end.
+    #[arg(long, default_value_t = 0)]
+    save_steps: usize,
+    /// Continue the run in --out from its newest checkpoint, with the same settings.
+    #[arg(long)]
+    resume: bool,
     #[command(flatten)]
     device: DeviceArgs,
 }
@@ -352,8 +358,9 @@ fn train_command(args: TrainArgs) -> Result<()> {
     use distill::train::run::{TrainConfig, steps_per_epoch, train};
     use distill::train::schedule::{Schedule, Scheduler};
 
-    if args.out.exists() && std::fs::read_dir(&args.out)?.next().is_some() {
-        bail!("{} already exists and is not empty (resuming a run is not implemented yet; choose a new --out)", args.out.display());
+    use distill::train::checkpoint::{self, TrainerState};
+    if !args.resume && args.out.exists() && std::fs::read_dir(&args.out)?.next().is_some() {
+        bail!("{} already exists and is not empty; continue it with --resume, or choose a new --out", args.out.display());
     }
     let (device, options) = args.device.resolve()?;
     let device = device.autodiff();
@@ -370,7 +377,10 @@ fn train_command(args: TrainArgs) -> Result<()> {
         .or_else(|| checkpoint_dir.clone())
         .context("the student config names neither `tokenizer` nor `checkpoint`")?;
     let tokenizer = distill::text::Tokenizer::from_dir(&tokenizer_dir)?;
+    let seed = args.seed.or(defaults.seed).unwrap_or(42);
     let model = if args.init == "random" {
+        // The initial weights follow --seed too, so a run (and its resume) is reproducible.
+        device.seed(seed);
         distill::model::Model::random(config.clone(), &device)
     } else {
         let dir = checkpoint_dir.context("--init pretrained needs a checkpoint folder (or `checkpoint` in the student config)")?;
@@ -399,7 +409,6 @@ fn train_command(args: TrainArgs) -> Result<()> {
     if examples.is_empty() {
         bail!("{}: no row can be trained on ({})", args.data.display(), skipped.summary());
     }
-    let seed = args.seed.or(defaults.seed).unwrap_or(42);
     let packing = args.packing || defaults.packing.unwrap_or(false);
     let blocks: Vec<PackedBlock> =
         if packing { pack(&examples, max_length, seed) } else { examples.iter().map(PackedBlock::single).collect() };
@@ -433,25 +442,62 @@ fn train_command(args: TrainArgs) -> Result<()> {
         human_count(config.num_parameters()), blocks.len(), train_config.per_device_train_batch_size, train_config.gradient_accumulation_steps
     );
 
+    // Everything that decides the run's trajectory; a resume must match it.
+    let settings = serde_json::json!({
+        "model": args.model, "data": args.data, "init": args.init, "format": format!("{:?}", trace_options.format),
+        "max_length": max_length, "truncate": args.truncate, "train_on_prompt": args.train_on_prompt, "packing": packing,
+        "seed": seed, "total_steps": total_steps, "warmup_steps": train_config.schedule.warmup_steps,
+        "learning_rate": train_config.schedule.learning_rate, "scheduler": format!("{:?}", train_config.schedule.scheduler),
+        "min_lr_ratio": train_config.schedule.min_lr_ratio, "adamw": format!("{:?}", train_config.adamw),
+        "max_grad_norm": train_config.max_grad_norm, "batch": train_config.per_device_train_batch_size,
+        "accumulation": train_config.gradient_accumulation_steps,
+    });
     std::fs::create_dir_all(&args.out)?;
     let metrics_path = args.out.join("metrics.jsonl");
+    let mut optimizer = distill::train::optim::AdamW::new(train_config.adamw.clone());
+    let (model, start_step) = match checkpoint::latest(&args.out).filter(|_| args.resume) {
+        Some((_, dir)) => {
+            let (model, state) = checkpoint::load(&dir, &device, &mut optimizer)?;
+            if state.settings != settings {
+                bail!("{}: the run was started with other settings; resume it with the same command", dir.display());
+            }
+            eprintln!("resuming from {} (step {})", dir.display(), state.global_step);
+            (model, state.global_step)
+        }
+        None => (model, 0),
+    };
+    // Metrics logged after the checkpoint (by a run that was then killed) are replayed.
+    let kept: Vec<String> = std::fs::read_to_string(&metrics_path)
+        .unwrap_or_default()
+        .lines()
+        .filter(|line| serde_json::from_str::<serde_json::Value>(line).ok().and_then(|v| v["step"].as_u64()).is_some_and(|s| s as usize <= start_step))
+        .map(String::from)
+        .collect();
     let mut metrics = std::io::BufWriter::new(std::fs::File::create(&metrics_path)?);
+    for line in &kept {
+        writeln!(metrics, "{line}")?;
+    }
+    metrics.flush()?;
     let bar = ProgressBar::new(total_steps as u64);
     bar.set_style(ProgressStyle::with_template("train {bar:30} {pos}/{len} {msg} [{elapsed} < {eta}]").expect("static template"));
-    let mut write_error = None;
-    let model = train(model, &blocks, &train_config, |step| {
+    bar.set_position(start_step as u64);
+    let save_every = if args.save_steps == 0 { total_steps } else { args.save_steps };
+    let model = train(model, &mut optimizer, &blocks, &train_config, start_step, |step, model, optimizer| -> Result<()> {
         bar.set_message(format!("loss {:.4} lr {:.2e} {:.0} tok/s", step.loss, step.learning_rate, step.tokens_per_second));
         bar.inc(1);
-        let line = serde_json::to_string(step).expect("metrics serialize");
-        if let Err(e) = writeln!(metrics, "{line}").and_then(|_| metrics.flush()) {
-            write_error.get_or_insert(e);
+        writeln!(metrics, "{}", serde_json::to_string(step)?)?;
+        metrics.flush().with_context(|| format!("writing {}", metrics_path.display()))?;
+        if step.step % save_every == 0 || step.step == total_steps {
+            let state = TrainerState { global_step: step.step, optimizer_steps: optimizer.steps, settings: settings.clone() };
+            checkpoint::save(&args.out, model, optimizer, &state, &tokenizer_dir, &eos_token_ids)?;
         }
-    });
+        Ok(())
+    })?;
     bar.finish();
-    if let Some(e) = write_error {
-        return Err(e).with_context(|| format!("writing {}", metrics_path.display()));
-    }
     let final_dir = args.out.join("final");
+    if final_dir.exists() {
+        std::fs::remove_dir_all(&final_dir)?;
+    }
     let export_options = distill::export::ExportOptions {
         dtype: distill::export::ExportDtype::parse(&args.export_dtype)?,
         ..Default::default()

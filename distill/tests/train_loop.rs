@@ -37,7 +37,12 @@ fn run(batch: usize, accumulation: usize, steps: usize) -> Vec<StepMetrics> {
         seed: 5,
     };
     let mut metrics = Vec::new();
-    train(pretrained.model, &blocks, &config, |m| metrics.push(m.clone()));
+    let mut optimizer = distill::train::optim::AdamW::new(config.adamw.clone());
+    train(pretrained.model, &mut optimizer, &blocks, &config, 0, |m, _, _| -> Result<(), ()> {
+        metrics.push(m.clone());
+        Ok(())
+    })
+    .unwrap();
     metrics
 }
 
@@ -95,4 +100,81 @@ fn train_command_writes_metrics_and_an_export() {
 
     let again = common::distill(&args);
     common::assert_clean_failure(&again, &["already exists"]);
+}
+
+fn train_args(run: &std::path::Path, save_steps: &str) -> Vec<String> {
+    [
+        "train", "--model", "student_configs/tiny-qwen2.toml", "--init", "random",
+        "--data", "datasets/r1_traces_sample40.jsonl", "--prompt-field", "problem", "--response-field", "generated_solution",
+        "--out", run.to_str().unwrap(), "--max-length", "96", "--truncate", "--max-steps", "8",
+        "--per-device-train-batch-size", "2", "--learning-rate", "1e-2", "--device", "flex", "--save-steps", save_steps,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+fn metrics(run: &std::path::Path) -> Vec<(u64, f64, f64)> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            (v["step"].as_u64().unwrap(), v["loss"].as_f64().unwrap(), v["grad_norm"].as_f64().unwrap())
+        })
+        .collect()
+}
+
+/// A real SIGKILL of `distill train`, twice, then `--resume`: the loss curve is the straight
+/// run's (to 1e-6), and every step is logged once.
+#[test]
+fn killed_and_resumed_run_matches_the_straight_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let straight = dir.path().join("straight");
+    let args = train_args(&straight, "4");
+    let output = common::distill(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(output.status.success(), "{}", common::stderr(&output));
+
+    let killed = dir.path().join("killed");
+    let args = train_args(&killed, "1");
+    for kill_after in [2, 5] {
+        let mut resume = args.clone();
+        if kill_after != 2 {
+            resume.push("--resume".into());
+        }
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_distill"))
+            .args(&resume)
+            .current_dir(common::repo_root())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
+        while !killed.join(format!("checkpoint-{kill_after}")).exists() {
+            assert!(std::time::Instant::now() < deadline, "no checkpoint-{kill_after}");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+    }
+    let mut resume: Vec<&str> = args.iter().map(String::as_str).collect();
+    resume.push("--resume");
+    let output = common::distill(&resume);
+    assert!(output.status.success(), "{}", common::stderr(&output));
+    assert!(common::stderr(&output).contains("resuming from"));
+
+    let (a, b) = (metrics(&straight), metrics(&killed));
+    assert_eq!(a.len(), 8);
+    assert_eq!(b.iter().map(|m| m.0).collect::<Vec<_>>(), (1..=8).collect::<Vec<_>>(), "every step once");
+    for (x, y) in a.iter().zip(&b) {
+        assert!((x.1 - y.1).abs() <= 1e-6 * x.1, "step {}: loss {} vs {}", x.0, x.1, y.1);
+        assert!((x.2 - y.2).abs() <= 1e-6 * x.2, "step {}: grad norm {} vs {}", x.0, x.2, y.2);
+    }
+    // No half-written checkpoint is left under a final name.
+    for entry in std::fs::read_dir(&killed).unwrap() {
+        let name = entry.unwrap().file_name().to_string_lossy().into_owned();
+        if name.starts_with("checkpoint-") {
+            assert!(killed.join(&name).join("trainer_state.json").exists(), "{name} is incomplete");
+        }
+    }
 }

@@ -1,5 +1,6 @@
 //! Training: the loss, the optimizer, the learning-rate schedule and the loop that drives them.
 
+pub mod checkpoint;
 pub mod optim;
 pub mod run;
 pub mod schedule;

@@ -154,3 +154,71 @@ impl AdamW {
         (model.map(&mut update), norm)
     }
 }
+
+/// Parameters in visiting order with their module paths: the same architecture always visits
+/// them in the same order, which is what lets optimizer state outlive `ParamId`s (new ones are
+/// drawn when a checkpoint is loaded).
+struct Ordered {
+    path: Vec<String>,
+    params: Vec<(String, ParamId)>,
+}
+
+impl ModuleVisitor for Ordered {
+    fn enter_module(&mut self, name: &str, _container_type: &str) {
+        self.path.push(name.to_string());
+    }
+
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.path.pop();
+    }
+
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        let name = format!("{}.{}", self.params.len(), self.path.join("."));
+        self.params.push((name, param.id));
+    }
+}
+
+fn ordered_params(model: &CausalLm) -> Vec<(String, ParamId)> {
+    let mut visitor = Ordered { path: Vec::new(), params: Vec::new() };
+    model.visit(&mut visitor);
+    visitor.params
+}
+
+/// One parameter's optimizer state on the host, for checkpoints.
+pub struct SavedMoments {
+    pub name: String,
+    pub first: Vec<f32>,
+    pub second: Vec<f32>,
+}
+
+impl AdamW {
+    /// The moments of every parameter of `model` that has any, named by visiting order + path.
+    pub fn save_state(&self, model: &CausalLm) -> Vec<SavedMoments> {
+        let host = |t: &Tensor<1>| t.clone().into_data().convert::<f32>().as_slice::<f32>().map(<[f32]>::to_vec).unwrap_or_default();
+        ordered_params(model)
+            .into_iter()
+            .filter_map(|(name, id)| {
+                self.moments.get(&id).map(|m| SavedMoments { name, first: host(&m.first), second: host(&m.second) })
+            })
+            .collect()
+    }
+
+    /// Restores moments saved by [`AdamW::save_state`] onto `model`'s parameters.
+    pub fn load_state(&mut self, model: &CausalLm, steps: u64, saved: Vec<SavedMoments>) -> Result<(), String> {
+        let params: HashMap<String, ParamId> = ordered_params(model).into_iter().collect();
+        let device = model.embed_tokens.weight.val().device();
+        // Moments live off the autodiff graph, like the gradients they are made from.
+        let device = device.inner();
+        self.moments.clear();
+        for entry in saved {
+            let id = params.get(&entry.name).ok_or_else(|| format!("optimizer state for `{}` matches no parameter", entry.name))?;
+            let tensor = |values: Vec<f32>| {
+                let len = values.len();
+                Tensor::<1>::from_data(burn::tensor::TensorData::new(values, [len]), &device)
+            };
+            self.moments.insert(*id, Moments { first: tensor(entry.first), second: tensor(entry.second) });
+        }
+        self.steps = steps;
+        Ok(())
+    }
+}

@@ -9,6 +9,8 @@ use rand::seq::SliceRandom;
 use serde::Serialize;
 
 use super::optim::{AccumulatedGrads, AdamW, AdamWConfig};
+
+
 use super::schedule::Schedule;
 use crate::data::packing::PackedBlock;
 use crate::model::Model;
@@ -47,12 +49,21 @@ fn epoch_order(blocks: usize, seed: u64, epoch: usize) -> Vec<usize> {
     order
 }
 
-/// Trains `model` (on an autodiff device) for `config.schedule.total_steps` optimizer steps.
-pub fn train(mut model: Model, blocks: &[PackedBlock], config: &TrainConfig, mut on_step: impl FnMut(&StepMetrics)) -> Model {
-    let mut optimizer = AdamW::new(config.adamw.clone());
+/// Trains `model` (on an autodiff device) from optimizer step `start_step` (0, or where a
+/// checkpoint left off) to `config.schedule.total_steps`. `after_step` sees every step's metrics
+/// with the model and optimizer as they are after it (to log and to checkpoint); an error from
+/// it stops training.
+pub fn train<E>(
+    mut model: Model,
+    optimizer: &mut AdamW,
+    blocks: &[PackedBlock],
+    config: &TrainConfig,
+    start_step: usize,
+    mut after_step: impl FnMut(&StepMetrics, &Model, &AdamW) -> Result<(), E>,
+) -> Result<Model, E> {
     let per_step = config.per_device_train_batch_size * config.gradient_accumulation_steps;
     let per_epoch = steps_per_epoch(blocks.len(), config);
-    for step in 0..config.schedule.total_steps {
+    for step in start_step..config.schedule.total_steps {
         let started = Instant::now();
         let (epoch, step_in_epoch) = (step / per_epoch, step % per_epoch);
         let order = epoch_order(blocks.len(), config.seed, epoch);
@@ -76,7 +87,7 @@ pub fn train(mut model: Model, blocks: &[PackedBlock], config: &TrainConfig, mut
         model.net = net;
         let seconds = started.elapsed().as_secs_f64();
         let tokens: usize = chosen.iter().map(|b| b.len()).sum();
-        on_step(&StepMetrics {
+        let metrics = StepMetrics {
             step: step + 1,
             epoch: (step + 1) as f64 / per_epoch as f64,
             loss,
@@ -84,7 +95,8 @@ pub fn train(mut model: Model, blocks: &[PackedBlock], config: &TrainConfig, mut
             grad_norm,
             trained_tokens: step_tokens,
             tokens_per_second: tokens as f64 / seconds.max(1e-9),
-        });
+        };
+        after_step(&metrics, &model, optimizer)?;
     }
-    model
+    Ok(model)
 }

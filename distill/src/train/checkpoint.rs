@@ -1,0 +1,128 @@
+//! Training checkpoints: `RUN_DIR/checkpoint-STEP/` holds the model as an HF checkpoint
+//! (`model/`), the AdamW moments (`optimizer.safetensors`) and `trainer_state.json`. The
+//! folder is assembled under a temporary name and renamed into place, so a kill at any moment
+//! leaves either a whole checkpoint or none. The data order is a function of the seed and the
+//! step, so the step is the whole data cursor.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use burn::tensor::Device;
+use safetensors::tensor::TensorView;
+use safetensors::{Dtype, SafeTensors};
+use serde::{Deserialize, Serialize};
+
+use super::optim::{AdamW, SavedMoments};
+use crate::export::{ExportDtype, ExportError, ExportOptions, export};
+use crate::model::{LoadOptions, Model, ModelError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    #[error(transparent)]
+    Export(#[from] ExportError),
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error("{path}: {message}")]
+    File { path: PathBuf, message: String },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TrainerState {
+    /// Optimizer steps completed.
+    pub global_step: usize,
+    pub optimizer_steps: u64,
+    /// The resolved training settings, to refuse resuming with different ones.
+    pub settings: serde_json::Value,
+}
+
+fn file_error(path: &Path, message: impl ToString) -> CheckpointError {
+    CheckpointError::File { path: path.to_path_buf(), message: message.to_string() }
+}
+
+pub fn checkpoint_dir(run_dir: &Path, step: usize) -> PathBuf {
+    run_dir.join(format!("checkpoint-{step}"))
+}
+
+/// Writes a checkpoint of `model` and `optimizer` after `state.global_step` steps.
+pub fn save(
+    run_dir: &Path,
+    model: &Model,
+    optimizer: &AdamW,
+    state: &TrainerState,
+    tokenizer_dir: &Path,
+    eos_token_ids: &[u32],
+) -> Result<PathBuf, CheckpointError> {
+    let target = checkpoint_dir(run_dir, state.global_step);
+    let staging = run_dir.join(format!(".checkpoint-{}.partial", state.global_step));
+    if staging.exists() {
+        fs::remove_dir_all(&staging).map_err(|e| file_error(&staging, e))?;
+    }
+    fs::create_dir_all(&staging).map_err(|e| file_error(&staging, e))?;
+    // f32 weights: resuming must continue from exactly these values.
+    let options = ExportOptions { dtype: ExportDtype::F32, max_shard_bytes: u64::MAX };
+    export(model, tokenizer_dir, eos_token_ids, &staging.join("model"), &options)?;
+
+    let moments = optimizer.save_state(&model.net);
+    let bytes: Vec<(String, Vec<u8>, usize)> = moments
+        .iter()
+        .flat_map(|m| {
+            [("exp_avg", &m.first), ("exp_avg_sq", &m.second)]
+                .map(|(kind, values)| (format!("{}.{kind}", m.name), values.iter().flat_map(|v| v.to_le_bytes()).collect(), values.len()))
+        })
+        .collect();
+    let optimizer_path = staging.join("optimizer.safetensors");
+    let views = bytes
+        .iter()
+        .map(|(name, data, len)| TensorView::new(Dtype::F32, vec![*len], data).map(|view| (name.clone(), view)))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| file_error(&optimizer_path, e))?;
+    safetensors::serialize_to_file(views, None, &optimizer_path).map_err(|e| file_error(&optimizer_path, e))?;
+    let state_path = staging.join("trainer_state.json");
+    fs::write(&state_path, serde_json::to_string_pretty(state).expect("plain struct")).map_err(|e| file_error(&state_path, e))?;
+    for path in [&optimizer_path, &state_path] {
+        fs::File::open(path).and_then(|f| f.sync_all()).map_err(|e| file_error(path, e))?;
+    }
+    fs::rename(&staging, &target).map_err(|e| file_error(&target, e))?;
+    Ok(target)
+}
+
+/// The newest complete checkpoint of a run.
+pub fn latest(run_dir: &Path) -> Option<(usize, PathBuf)> {
+    fs::read_dir(run_dir)
+        .ok()?
+        .filter_map(|entry| {
+            let path = entry.ok()?.path();
+            let step = path.file_name()?.to_str()?.strip_prefix("checkpoint-")?.parse::<usize>().ok()?;
+            Some((step, path))
+        })
+        .max_by_key(|(step, _)| *step)
+}
+
+/// Loads a checkpoint: the model on `device` and the optimizer state.
+pub fn load(dir: &Path, device: &Device, optimizer: &mut AdamW) -> Result<(Model, TrainerState), CheckpointError> {
+    let state_path = dir.join("trainer_state.json");
+    let text = fs::read_to_string(&state_path).map_err(|e| file_error(&state_path, e))?;
+    let state: TrainerState = serde_json::from_str(&text).map_err(|e| file_error(&state_path, e))?;
+    let model = Model::load(&dir.join("model"), device, LoadOptions::default())?;
+    let optimizer_path = dir.join("optimizer.safetensors");
+    let bytes = fs::read(&optimizer_path).map_err(|e| file_error(&optimizer_path, e))?;
+    let tensors = SafeTensors::deserialize(&bytes).map_err(|e| file_error(&optimizer_path, e))?;
+    let values = |name: &str| -> Result<Vec<f32>, CheckpointError> {
+        let view = tensors.tensor(name).map_err(|e| file_error(&optimizer_path, e))?;
+        Ok(view.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())
+    };
+    let mut names: Vec<String> = tensors
+        .names()
+        .into_iter()
+        .filter_map(|n| n.strip_suffix(".exp_avg").map(String::from))
+        .collect();
+    names.sort();
+    let saved = names
+        .into_iter()
+        .map(|name| {
+            Ok(SavedMoments { first: values(&format!("{name}.exp_avg"))?, second: values(&format!("{name}.exp_avg_sq"))?, name })
+        })
+        .collect::<Result<Vec<_>, CheckpointError>>()?;
+    optimizer.load_state(&model.net, state.optimizer_steps, saved).map_err(|e| file_error(&optimizer_path, e))?;
+    Ok((model, state))
+}
