@@ -203,6 +203,15 @@ struct TrainArgs {
     /// Continue the run in --out from its newest checkpoint, with the same settings.
     #[arg(long)]
     resume: bool,
+    /// Hold out this fraction of the rows (chosen by --seed) to measure eval loss on.
+    #[arg(long, conflicts_with = "eval_data")]
+    eval_split: Option<f64>,
+    /// Separate eval rows (same format as --data).
+    #[arg(long)]
+    eval_data: Option<PathBuf>,
+    /// Evaluate every N optimizer steps (and at the end); default: at every checkpoint.
+    #[arg(long)]
+    eval_steps: Option<usize>,
     #[command(flatten)]
     device: DeviceArgs,
 }
@@ -410,6 +419,28 @@ fn train_command(args: TrainArgs) -> Result<()> {
         bail!("{}: no row can be trained on ({})", args.data.display(), skipped.summary());
     }
     let packing = args.packing || defaults.packing.unwrap_or(false);
+    // Held-out rows: a seeded split of --data, or --eval-data.
+    let (examples, eval_examples) = match (&args.eval_data, args.eval_split) {
+        (Some(path), _) => {
+            let (eval, skipped) = tokenize_records(&read_records(path)?, &tokenizer, &trace_options)?;
+            eprintln!("eval data: {} examples ({})", eval.len(), skipped.summary());
+            (examples, eval)
+        }
+        (None, Some(fraction)) if fraction > 0.0 => {
+            if fraction >= 1.0 {
+                bail!("--eval-split must be below 1 (got {fraction})");
+            }
+            use rand::SeedableRng;
+            use rand::seq::SliceRandom;
+            let mut order: Vec<usize> = (0..examples.len()).collect();
+            order.shuffle(&mut rand::rngs::StdRng::seed_from_u64(seed ^ 0xE7A1));
+            let held = ((fraction * examples.len() as f64).ceil() as usize).min(examples.len() - 1);
+            let (eval_idx, train_idx) = order.split_at(held);
+            (train_idx.iter().map(|&i| examples[i].clone()).collect(), eval_idx.iter().map(|&i| examples[i].clone()).collect())
+        }
+        _ => (examples, Vec::new()),
+    };
+    let eval_blocks: Vec<PackedBlock> = eval_examples.iter().map(PackedBlock::single).collect();
     let blocks: Vec<PackedBlock> =
         if packing { pack(&examples, max_length, seed) } else { examples.iter().map(PackedBlock::single).collect() };
 
@@ -451,6 +482,7 @@ fn train_command(args: TrainArgs) -> Result<()> {
         "min_lr_ratio": train_config.schedule.min_lr_ratio, "adamw": format!("{:?}", train_config.adamw),
         "max_grad_norm": train_config.max_grad_norm, "batch": train_config.per_device_train_batch_size,
         "accumulation": train_config.gradient_accumulation_steps,
+        "eval_split": args.eval_split, "eval_data": args.eval_data,
     });
     std::fs::create_dir_all(&args.out)?;
     let metrics_path = args.out.join("metrics.jsonl");
@@ -482,10 +514,23 @@ fn train_command(args: TrainArgs) -> Result<()> {
     bar.set_style(ProgressStyle::with_template("train {bar:30} {pos}/{len} {msg} [{elapsed} < {eta}]").expect("static template"));
     bar.set_position(start_step as u64);
     let save_every = if args.save_steps == 0 { total_steps } else { args.save_steps };
+    let eval_every = args.eval_steps.unwrap_or(save_every).max(1);
     let model = train(model, &mut optimizer, &blocks, &train_config, start_step, |step, model, optimizer| -> Result<()> {
         bar.set_message(format!("loss {:.4} lr {:.2e} {:.0} tok/s", step.loss, step.learning_rate, step.tokens_per_second));
         bar.inc(1);
         writeln!(metrics, "{}", serde_json::to_string(step)?)?;
+        if !eval_blocks.is_empty() && (step.step % eval_every == 0 || step.step == total_steps) {
+            // Forward passes only; their graphs are dropped unused.
+            let (mut sum, mut count) = (0.0, 0);
+            for block in &eval_blocks {
+                let (nll, tokens) = distill::train::nll_sum(model, std::slice::from_ref(block));
+                sum += nll.into_scalar::<f32>() as f64;
+                count += tokens;
+            }
+            let eval_loss = sum / count.max(1) as f64;
+            bar.println(format!("step {}: eval loss {eval_loss:.4} ({count} tokens)", step.step));
+            writeln!(metrics, "{}", serde_json::json!({"step": step.step, "eval_loss": eval_loss, "eval_tokens": count}))?;
+        }
         metrics.flush().with_context(|| format!("writing {}", metrics_path.display()))?;
         if step.step % save_every == 0 || step.step == total_steps {
             let state = TrainerState { global_step: step.step, optimizer_steps: optimizer.steps, settings: settings.clone() };

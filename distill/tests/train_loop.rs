@@ -80,6 +80,7 @@ fn train_command_writes_metrics_and_an_export() {
         "--data", "datasets/r1_traces_sample40.jsonl", "--prompt-field", "problem", "--response-field", "generated_solution",
         "--out", run.to_str().unwrap(), "--max-length", "128", "--truncate", "--max-steps", "3",
         "--per-device-train-batch-size", "2", "--gradient-accumulation-steps", "2", "--device", "flex",
+        "--eval-split", "0.1", "--eval-steps", "2",
     ];
     let output = common::distill(&args);
     assert!(output.status.success(), "{}", common::stderr(&output));
@@ -90,9 +91,13 @@ fn train_command_writes_metrics_and_an_export() {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
-    assert_eq!(metrics.len(), 3);
-    assert_eq!(metrics[2]["step"], 3);
-    assert!(metrics.iter().all(|m| m["loss"].as_f64().unwrap().is_finite()));
+    let (train, eval): (Vec<_>, Vec<_>) = metrics.iter().partition(|m| m.get("loss").is_some());
+    assert_eq!(train.len(), 3);
+    assert_eq!(train[2]["step"], 3);
+    assert!(train.iter().all(|m| m["loss"].as_f64().unwrap().is_finite()));
+    // Held out: 4 of the 40 rows, evaluated at step 2 and at the end.
+    assert_eq!(eval.iter().map(|m| m["step"].as_u64().unwrap()).collect::<Vec<_>>(), vec![2, 3]);
+    assert!(eval.iter().all(|m| m["eval_loss"].as_f64().unwrap().is_finite() && m["eval_tokens"].as_u64().unwrap() > 0));
     let eval = common::distill(&[
         "eval", "--model", run.join("final").to_str().unwrap(), "--data", "tests/fixtures/eval_rows.jsonl", "--device", "flex",
     ]);
