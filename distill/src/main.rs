@@ -45,6 +45,8 @@ enum Command {
     Generate(GenerateArgs),
     /// Fine-tune a student on reasoning traces (SFT) and export it as an HF checkpoint.
     Train(TrainArgs),
+    /// Write a training run's checkpoint as a Hugging Face checkpoint folder.
+    Export(ExportArgs),
     /// Speed measurements (benchmarks, not tests).
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -216,6 +218,27 @@ struct TrainArgs {
     device: DeviceArgs,
 }
 
+#[derive(Args)]
+struct ExportArgs {
+    /// Run folder written by `distill train`.
+    #[arg(long)]
+    run: PathBuf,
+    /// Checkpoint step to export; default: the newest.
+    #[arg(long)]
+    step: Option<usize>,
+    /// Destination folder (must not exist or be empty).
+    #[arg(long)]
+    out: PathBuf,
+    #[arg(long, default_value = "bf16", value_parser = ["bf16", "f16", "f32"])]
+    dtype: String,
+    /// Largest safetensors shard, as transformers spells it (5GB, 500MB).
+    #[arg(long, default_value = "5GB")]
+    max_shard_size: String,
+    /// Device that reads the checkpoint (flex by default; the weights only pass through).
+    #[arg(long)]
+    device: Option<String>,
+}
+
 #[derive(Subcommand)]
 enum BenchCommand {
     /// Prefill and decode tokens/s of a ~100M-parameter model (random weights).
@@ -250,6 +273,7 @@ fn main() -> Result<()> {
         Command::Eval(args) => eval(args),
         Command::Generate(args) => generate_command(args),
         Command::Train(args) => train_command(args),
+        Command::Export(args) => export_command(args),
         Command::Bench(BenchCommand::Forward(args)) => bench_forward(args),
     }
 }
@@ -549,6 +573,27 @@ fn train_command(args: TrainArgs) -> Result<()> {
     };
     distill::export::export(&model, &tokenizer_dir, &eos_token_ids, &final_dir, &export_options)?;
     eprintln!("exported {} (metrics in {})", final_dir.display(), metrics_path.display());
+    Ok(())
+}
+
+fn export_command(args: ExportArgs) -> Result<()> {
+    use distill::train::checkpoint;
+    let dir = match args.step {
+        Some(step) => checkpoint::checkpoint_dir(&args.run, step),
+        None => checkpoint::latest(&args.run).map(|(_, dir)| dir).with_context(|| format!("{}: no checkpoint-* folder", args.run.display()))?,
+    };
+    let model_dir = dir.join("model");
+    if !model_dir.is_dir() {
+        bail!("{}: no such checkpoint", dir.display());
+    }
+    let (device, _) = distill::device::select(Some(args.device.as_deref().unwrap_or("flex")))?;
+    let pretrained = Pretrained::load(&model_dir, &device, LoadOptions::default())?;
+    let options = distill::export::ExportOptions {
+        dtype: distill::export::ExportDtype::parse(&args.dtype)?,
+        max_shard_bytes: distill::export::parse_shard_size(&args.max_shard_size)?,
+    };
+    distill::export::export(&pretrained.model, &model_dir, &pretrained.eos_token_ids, &args.out, &options)?;
+    eprintln!("exported {} → {}", dir.display(), args.out.display());
     Ok(())
 }
 

@@ -105,6 +105,17 @@ fn train_command_writes_metrics_and_an_export() {
 
     let again = common::distill(&args);
     common::assert_clean_failure(&again, &["already exists"]);
+
+    // `distill export` of the run's checkpoint, sharded in bf16.
+    let exported = dir.path().join("exported");
+    let output = common::distill(&[
+        "export", "--run", run.to_str().unwrap(), "--out", exported.to_str().unwrap(),
+        "--dtype", "bf16", "--max-shard-size", "2MB", "--device", "flex",
+    ]);
+    assert!(output.status.success(), "{}", common::stderr(&output));
+    assert!(exported.join("model.safetensors.index.json").exists());
+    let missing = common::distill(&["export", "--run", run.to_str().unwrap(), "--step", "99", "--out", "/tmp/never", "--device", "flex"]);
+    common::assert_clean_failure(&missing, &["checkpoint-99"]);
 }
 
 fn train_args(run: &std::path::Path, save_steps: &str) -> Vec<String> {
