@@ -12,33 +12,6 @@ pub enum DeviceError {
     BadIndex(String),
 }
 
-/// The device names this binary was built with, best first.
-pub fn available() -> Vec<&'static str> {
-    let mut names = Vec::new();
-    if cfg!(feature = "cuda") {
-        names.push("cuda");
-    }
-    if cfg!(feature = "rocm") {
-        names.push("rocm");
-    }
-    if cfg!(feature = "metal") {
-        names.push("metal");
-    }
-    if cfg!(feature = "vulkan") {
-        names.push("vulkan");
-    }
-    if cfg!(feature = "webgpu") {
-        names.push("webgpu");
-    }
-    if cfg!(feature = "wgpu") {
-        names.push("wgpu");
-    }
-    if cfg!(feature = "flex") {
-        names.push("flex");
-    }
-    names
-}
-
 /// The default when `--device` is not given: a compiled-in GPU backend if the machine has an
 /// adapter for it, else flex. A wgpu adapter that is only a software rasteriser (lavapipe)
 /// is slower than flex, so it is not chosen by default.

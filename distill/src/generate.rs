@@ -140,6 +140,12 @@ impl TextStream {
         }
         let delta = text[self.printed..].to_string();
         self.printed = text.len();
+        // After a newline the next tokens cannot merge with what is printed, so decoding can
+        // restart there: each step decodes one line, not the whole generation.
+        if delta.ends_with('\n') {
+            self.ids.clear();
+            self.printed = 0;
+        }
         delta
     }
 }

@@ -547,7 +547,7 @@ fn train_command(args: TrainArgs) -> Result<()> {
             // Forward passes only; their graphs are dropped unused.
             let (mut sum, mut count) = (0.0, 0);
             for block in &eval_blocks {
-                let (nll, tokens) = distill::train::nll_sum(model, std::slice::from_ref(block));
+                let (nll, tokens) = distill::train::nll_sum(model, [block]);
                 sum += nll.into_scalar::<f32>() as f64;
                 count += tokens;
             }

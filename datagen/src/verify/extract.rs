@@ -88,7 +88,7 @@ pub fn boxed_contents(text: &str) -> Vec<&str> {
 }
 
 static FINAL_ANSWER: LazyLock<Regex> = LazyLock::new(|| {
-    Regex::new(r"(?i)(?:final answer(?: is)?|\*\*answer:?\*\*|answer\s*:|^####)\s*:?\s*(.+?)\s*(?:\n|$)").expect("static regex")
+    Regex::new(r"(?i)(?:final answer(?: is)?|\*\*answer:?\*\*|answer\s*:)\s*:?\s*(.+?)\s*(?:\n|$)").expect("static regex")
 });
 static INLINE_MATH: LazyLock<Regex> =
     LazyLock::new(|| Regex::new(r"\$\$([^$]+)\$\$|\\\[(.+?)\\\]|\\\((.+?)\\\)|\$([^$]+)\$").expect("static regex"));

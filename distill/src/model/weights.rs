@@ -12,6 +12,7 @@ use burn::module::Param;
 use burn::nn::{Embedding, Linear, RmsNorm};
 use burn::tensor::{DType, Device, Tensor, TensorData};
 use memmap2::Mmap;
+use safetensors::tensor::Metadata;
 use safetensors::{Dtype, SafeTensors};
 
 use super::attention::Attention;
@@ -91,9 +92,18 @@ fn is_ignorable(name: &str, config: &ModelConfig) -> bool {
     name.ends_with("rotary_emb.inv_freq") || (config.tie_word_embeddings && name == "lm_head.weight")
 }
 
+/// One mapped safetensors file with its parsed header.
+struct Shard {
+    path: PathBuf,
+    mmap: Mmap,
+    /// Where the tensor data begins (after the 8-byte length and the JSON header).
+    data_start: usize,
+    metadata: Metadata,
+}
+
 /// The mapped files of a checkpoint and which file holds each tensor.
 pub struct Checkpoint {
-    files: Vec<(PathBuf, Mmap)>,
+    files: Vec<Shard>,
     /// tensor name → index into `files`
     locations: BTreeMap<String, usize>,
 }
@@ -138,16 +148,15 @@ impl Checkpoint {
             // every mmap-based loader (transformers, candle, vLLM), a file truncated by another
             // process while we read it is outside what we can guard against.
             let mmap = unsafe { Mmap::map(&file) }.map_err(|source| WeightsError::Io { path: path.clone(), source })?;
-            let tensors = SafeTensors::deserialize(&mmap).map_err(|e| WeightsError::Invalid {
-                path: path.clone(),
-                message: e.to_string(),
-            })?;
+            // Full validation once (offsets, lengths, a truncated file); lookups then use the header.
+            SafeTensors::deserialize(&mmap).map_err(|e| WeightsError::Invalid { path: path.clone(), message: e.to_string() })?;
+            let (header_len, metadata) = SafeTensors::read_metadata(&mmap)
+                .map_err(|e| WeightsError::Invalid { path: path.clone(), message: e.to_string() })?;
             let file_index = files.len();
-            for tensor_name in tensors.names() {
-                locations.insert(tensor_name.to_string(), file_index);
+            for tensor_name in metadata.tensors().keys() {
+                locations.insert(tensor_name.clone(), file_index);
             }
-            drop(tensors);
-            files.push((path, mmap));
+            files.push(Shard { path, mmap, data_start: 8 + header_len, metadata });
         }
         Ok(Checkpoint { files, locations })
     }
@@ -159,17 +168,11 @@ impl Checkpoint {
     /// A tensor's values as f32 with its shape, converted from whatever dtype is on disk.
     pub fn read_f32(&self, name: &str) -> Option<Result<(Vec<f32>, Vec<usize>), WeightsError>> {
         let &file_index = self.locations.get(name)?;
-        let (path, mmap) = &self.files[file_index];
-        let tensors = match SafeTensors::deserialize(mmap) {
-            Ok(tensors) => tensors,
-            Err(e) => return Some(Err(WeightsError::Invalid { path: path.clone(), message: e.to_string() })),
-        };
-        let view = match tensors.tensor(name) {
-            Ok(view) => view,
-            Err(e) => return Some(Err(WeightsError::Invalid { path: path.clone(), message: e.to_string() })),
-        };
-        let bytes = view.data();
-        let values: Vec<f32> = match view.dtype() {
+        let shard = &self.files[file_index];
+        let path = &shard.path;
+        let info = shard.metadata.info(name)?;
+        let bytes = &shard.mmap[shard.data_start + info.data_offsets.0..shard.data_start + info.data_offsets.1];
+        let values: Vec<f32> = match info.dtype {
             Dtype::F32 => bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
             Dtype::BF16 => bytes
                 .chunks_exact(2)
@@ -183,14 +186,14 @@ impl Checkpoint {
                 return Some(Err(WeightsError::Dtype { tensor: name.to_string(), file: path.clone(), dtype }));
             }
         };
-        Some(Ok((values, view.shape().to_vec())))
+        Some(Ok((values, info.shape.clone())))
     }
 
     fn file_of(&self, name: &str) -> PathBuf {
         self.locations
             .get(name)
-            .map(|&i| self.files[i].0.clone())
-            .unwrap_or_else(|| self.files.first().map(|f| f.0.clone()).unwrap_or_default())
+            .map(|&i| self.files[i].path.clone())
+            .unwrap_or_else(|| self.files.first().map(|f| f.path.clone()).unwrap_or_default())
     }
 }
 

@@ -33,7 +33,7 @@ pub fn log_sum_exp(logits: Tensor<3>) -> Tensor<3> {
 
 /// Summed cross-entropy over the trained tokens of `blocks` (a tensor to backpropagate
 /// through) and how many tokens that is.
-pub fn nll_sum(model: &Model, blocks: &[PackedBlock]) -> (Tensor<1>, usize) {
+pub fn nll_sum<'a>(model: &Model, blocks: impl IntoIterator<Item = &'a PackedBlock>) -> (Tensor<1>, usize) {
     let device = &model.device;
     let mut total: Option<Tensor<1>> = None;
     let mut count = 0usize;

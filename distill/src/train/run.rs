@@ -63,10 +63,14 @@ pub fn train<E>(
 ) -> Result<Model, E> {
     let per_step = config.per_device_train_batch_size * config.gradient_accumulation_steps;
     let per_epoch = steps_per_epoch(blocks.len(), config);
+    let mut order: Option<(usize, Vec<usize>)> = None;
     for step in start_step..config.schedule.total_steps {
         let started = Instant::now();
         let (epoch, step_in_epoch) = (step / per_epoch, step % per_epoch);
-        let order = epoch_order(blocks.len(), config.seed, epoch);
+        if order.as_ref().is_none_or(|(cached, _)| *cached != epoch) {
+            order = Some((epoch, epoch_order(blocks.len(), config.seed, epoch)));
+        }
+        let order = &order.as_ref().expect("set above").1;
         let chosen: Vec<&PackedBlock> = order.iter().skip(step_in_epoch * per_step).take(per_step).map(|&i| &blocks[i]).collect();
 
         // The loss is the mean over every trained token of the step, so each micro-batch's
@@ -75,8 +79,7 @@ pub fn train<E>(
         let mut grads = AccumulatedGrads::default();
         let mut loss = 0.0;
         for micro_batch in chosen.chunks(config.per_device_train_batch_size) {
-            let micro: Vec<PackedBlock> = micro_batch.iter().map(|b| (*b).clone()).collect();
-            let (sum, _) = super::nll_sum(&model, &micro);
+            let (sum, _) = super::nll_sum(&model, micro_batch.iter().copied());
             let scaled = sum / step_tokens.max(1) as f64;
             loss += scaled.clone().into_scalar::<f32>() as f64;
             grads.add(&model.net, &scaled.backward());
