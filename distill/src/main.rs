@@ -47,6 +47,8 @@ enum Command {
     Train(TrainArgs),
     /// Write a training run's checkpoint as a Hugging Face checkpoint folder.
     Export(ExportArgs),
+    /// Draw a run's train / eval loss and learning rate as a PNG (RUN_DIR/loss.png by default).
+    Plot(PlotArgs),
     /// Speed measurements (benchmarks, not tests).
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -239,6 +241,18 @@ struct ExportArgs {
     device: Option<String>,
 }
 
+#[derive(Args)]
+struct PlotArgs {
+    /// Run folder written by `distill train` (its metrics.jsonl is read).
+    run: PathBuf,
+    /// Where to write the PNG; default RUN_DIR/loss.png.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Image size in pixels, WIDTHxHEIGHT.
+    #[arg(long, default_value = "1000x700")]
+    size: String,
+}
+
 #[derive(Subcommand)]
 enum BenchCommand {
     /// Prefill and decode tokens/s of a ~100M-parameter model (random weights).
@@ -266,7 +280,24 @@ struct BenchForwardArgs {
     device: DeviceArgs,
 }
 
+/// burn's CPU backend allocates and frees activation-sized buffers (logits over a 152k
+/// vocabulary are gigabytes) every step. glibc hands each one back to the kernel and
+/// page-faults it in again: half of a training step on `flex` was system time. Keeping freed
+/// memory in the heap instead makes the peak resident size the working set, which it is anyway.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn keep_freed_memory() {
+    // SAFETY: mallopt only changes allocator tunables; it is called before any thread starts.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_MAX, 0);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, -1);
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn keep_freed_memory() {}
+
 fn main() -> Result<()> {
+    keep_freed_memory();
     let cli = Cli::parse();
     match cli.command {
         Command::Info(args) => info(args),
@@ -274,6 +305,7 @@ fn main() -> Result<()> {
         Command::Generate(args) => generate_command(args),
         Command::Train(args) => train_command(args),
         Command::Export(args) => export_command(args),
+        Command::Plot(args) => plot_command(args),
         Command::Bench(BenchCommand::Forward(args)) => bench_forward(args),
     }
 }
@@ -594,6 +626,22 @@ fn export_command(args: ExportArgs) -> Result<()> {
     };
     distill::export::export(&pretrained.model, &model_dir, &pretrained.eos_token_ids, &args.out, &options)?;
     eprintln!("exported {} → {}", dir.display(), args.out.display());
+    Ok(())
+}
+
+fn plot_command(args: PlotArgs) -> Result<()> {
+    let size = args
+        .size
+        .split_once('x')
+        .and_then(|(w, h)| Some((w.parse::<u32>().ok()?, h.parse::<u32>().ok()?)))
+        .filter(|&(w, h)| (200..=10_000).contains(&w) && (200..=10_000).contains(&h))
+        .with_context(|| format!("--size {}: expected WIDTHxHEIGHT, each 200 to 10000 pixels", args.size))?;
+    let curves = distill::plot::read_metrics(&args.run.join("metrics.jsonl"))?;
+    let out = args.out.unwrap_or_else(|| args.run.join("loss.png"));
+    let title = args.run.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    distill::plot::plot(&curves, &title, &out, size)?;
+    let (first, last) = (curves.train_loss[0], curves.train_loss[curves.train_loss.len() - 1]);
+    eprintln!("wrote {} (train loss {:.4} at step {} → {:.4} at step {})", out.display(), first.1, first.0, last.1, last.0);
     Ok(())
 }
 

@@ -116,6 +116,19 @@ fn train_command_writes_metrics_and_an_export() {
     assert!(exported.join("model.safetensors.index.json").exists());
     let missing = common::distill(&["export", "--run", run.to_str().unwrap(), "--step", "99", "--out", "/tmp/never", "--device", "flex"]);
     common::assert_clean_failure(&missing, &["checkpoint-99"]);
+
+    // `distill plot`: a PNG with the train curve (blue) and the eval curve (red) drawn.
+    let output = common::distill(&["plot", run.to_str().unwrap()]);
+    assert!(output.status.success(), "{}", common::stderr(&output));
+    let image = image::open(run.join("loss.png")).unwrap().to_rgb8();
+    assert_eq!(image.dimensions(), (1000, 700));
+    let count = |rgb: [u8; 3]| image.pixels().filter(|p| p.0 == rgb).count();
+    assert!(count([0, 0, 255]) > 100, "no train loss curve");
+    assert!(count([255, 0, 0]) > 20, "no eval loss curve");
+    assert!(count([0, 140, 60]) > 100, "no learning-rate curve");
+    std::fs::write(run.join("metrics.jsonl"), "{\"step\": 1, \"loss\": 2.0}\nnot json\n").unwrap();
+    let bad = common::distill(&["plot", run.to_str().unwrap()]);
+    common::assert_clean_failure(&bad, &["metrics.jsonl, line 2", "not JSON"]);
 }
 
 fn train_args(run: &std::path::Path, save_steps: &str) -> Vec<String> {
