@@ -12,6 +12,7 @@ pub mod eval;
 pub mod export;
 pub mod generate;
 pub mod info;
+pub mod memory;
 pub mod plot;
 pub mod model;
 pub mod pretrained;

@@ -198,6 +198,29 @@ struct TrainArgs {
     /// Also train on prompt tokens (default: completion-only loss).
     #[arg(long)]
     train_on_prompt: bool,
+    /// Mixed precision: forward and backward in bf16 over f32 master weights (cuda, metal,
+    /// flex). `--dtype bf16|f16` does the same; `dtype = "bf16"` in a student config turns it on
+    /// where the device has bf16.
+    #[arg(long)]
+    bf16: bool,
+    /// Recompute cheap activations in the backward pass instead of storing them (burn's
+    /// balanced checkpointing): less memory, more compute.
+    #[arg(long)]
+    gradient_checkpointing: bool,
+    /// Train LoRA adapters of this rank instead of every weight (the base stays frozen; the
+    /// adapters are merged into the weights on export).
+    #[arg(long)]
+    lora_rank: Option<usize>,
+    /// LoRA scaling numerator (update × alpha / rank); default 2 × rank.
+    #[arg(long)]
+    lora_alpha: Option<f64>,
+    /// Dropout on the adapters' input (PEFT's lora_dropout).
+    #[arg(long)]
+    lora_dropout: Option<f64>,
+    /// Projections to adapt: comma-separated q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,
+    /// down_proj, or all-linear.
+    #[arg(long)]
+    lora_targets: Option<String>,
     /// dtype of the exported weights.
     #[arg(long, default_value = "f32", value_parser = ["f32", "bf16", "f16"])]
     export_dtype: String,
@@ -428,10 +451,48 @@ fn train_command(args: TrainArgs) -> Result<()> {
         bail!("{} already exists and is not empty; continue it with --resume, or choose a new --out", args.out.display());
     }
     let (device, options) = args.device.resolve()?;
-    let device = device.autodiff();
     // Where the architecture, weights, tokenizer and defaults come from.
     let (config, student) = model_config_from_any(&args.model)?;
     let defaults = student.as_ref().map(|s| s.training.clone()).unwrap_or_default();
+    let gradient_checkpointing = args.gradient_checkpointing || defaults.gradient_checkpointing.unwrap_or(false);
+    let device = if gradient_checkpointing { device.autodiff().gradient_checkpointing() } else { device.autodiff() };
+    // Master weights stay f32; a lower dtype is the compute dtype (mixed precision).
+    let compute_dtype = if args.bf16 {
+        Some(DType::BF16)
+    } else if options.dtype != DType::F32 {
+        Some(options.dtype)
+    } else if defaults.dtype.as_deref() == Some("bf16") {
+        if device.supports_dtype(DType::BF16) {
+            Some(DType::BF16)
+        } else {
+            eprintln!("note: the student config asks for bf16, which this device cannot compute; training in f32");
+            None
+        }
+    } else {
+        None
+    };
+    if let Some(dtype) = compute_dtype
+        && !device.supports_dtype(dtype)
+    {
+        bail!("this device has no {dtype:?} compute (Vulkan and WGSL have none for bf16); drop --bf16 / --dtype");
+    }
+    let options = LoadOptions { dtype: DType::F32 };
+    let lora = match args.lora_rank.or(defaults.lora_rank) {
+        Some(rank) => {
+            let lora = distill::model::lora::LoraConfig {
+                rank,
+                alpha: args.lora_alpha.or(defaults.lora_alpha).unwrap_or(2.0 * rank as f64),
+                dropout: args.lora_dropout.or(defaults.lora_dropout).unwrap_or(0.05),
+                targets: distill::model::lora::LoraConfig::parse_targets(
+                    args.lora_targets.as_deref().or(defaults.lora_targets.as_deref()).unwrap_or("all-linear"),
+                )
+                .map_err(anyhow::Error::msg)?,
+            };
+            lora.validate().map_err(anyhow::Error::msg)?;
+            Some(lora)
+        }
+        None => None,
+    };
     let checkpoint_dir = match &student {
         Some(student) => student.checkpoint.clone(),
         None => Some(args.model.clone()),
@@ -450,6 +511,11 @@ fn train_command(args: TrainArgs) -> Result<()> {
     } else {
         let dir = checkpoint_dir.context("--init pretrained needs a checkpoint folder (or `checkpoint` in the student config)")?;
         distill::model::Model::load(&dir, &device, options).with_context(|| format!("loading {}", dir.display()))?
+    };
+    let model = match &lora {
+        // Adapters are drawn from the seed as well, after the base weights.
+        Some(lora) => model.with_lora(lora),
+        None => model,
     };
     let eos_token_ids = distill::pretrained::eos_token_ids(&tokenizer_dir, &config.eos_token_ids)?;
 
@@ -518,15 +584,21 @@ fn train_command(args: TrainArgs) -> Result<()> {
         per_device_train_batch_size: args.per_device_train_batch_size.or(defaults.per_device_train_batch_size).unwrap_or(1),
         gradient_accumulation_steps: args.gradient_accumulation_steps.or(defaults.gradient_accumulation_steps).unwrap_or(1),
         seed,
+        compute_dtype,
     };
     let per_epoch = steps_per_epoch(blocks.len(), &train_config);
     let epochs = args.num_train_epochs.or(defaults.num_train_epochs).unwrap_or(1.0);
     let total_steps = args.max_steps.or(defaults.max_steps).unwrap_or((epochs * per_epoch as f64).ceil() as usize).max(1);
     train_config.schedule.total_steps = total_steps;
     train_config.schedule.warmup_steps = Schedule::warmup_from_ratio(args.warmup_ratio.or(defaults.warmup_ratio).unwrap_or(0.0), total_steps);
+    let (trainable, total) = distill::model::lora::trainable_parameters(&model.net);
     eprintln!(
-        "training {} parameters for {total_steps} steps ({} blocks, {per_epoch} steps per epoch, batch {} × accumulation {})",
-        human_count(config.num_parameters()), blocks.len(), train_config.per_device_train_batch_size, train_config.gradient_accumulation_steps
+        "training {} of {} parameters{} for {total_steps} steps ({} blocks, {per_epoch} steps per epoch, batch {} × accumulation {}){}{}",
+        human_count(trainable as u64), human_count(total as u64),
+        lora.as_ref().map(|l| format!(" (LoRA rank {}, alpha {}, dropout {}, {})", l.rank, l.alpha, l.dropout, l.targets.join(","))).unwrap_or_default(),
+        blocks.len(), train_config.per_device_train_batch_size, train_config.gradient_accumulation_steps,
+        compute_dtype.map(|d| format!(", {d:?} compute over f32 weights")).unwrap_or_default(),
+        if gradient_checkpointing { ", gradient checkpointing" } else { "" },
     );
 
     // Everything that decides the run's trajectory; a resume must match it.
@@ -539,13 +611,16 @@ fn train_command(args: TrainArgs) -> Result<()> {
         "max_grad_norm": train_config.max_grad_norm, "batch": train_config.per_device_train_batch_size,
         "accumulation": train_config.gradient_accumulation_steps,
         "eval_split": args.eval_split, "eval_data": args.eval_data,
+        "lora": lora, "compute_dtype": compute_dtype.map(|d| format!("{d:?}")),
     });
     std::fs::create_dir_all(&args.out)?;
     let metrics_path = args.out.join("metrics.jsonl");
     let mut optimizer = distill::train::optim::AdamW::new(train_config.adamw.clone());
     let (model, start_step) = match checkpoint::latest(&args.out).filter(|_| args.resume) {
         Some((_, dir)) => {
-            let (model, state) = checkpoint::load(&dir, &device, &mut optimizer)?;
+            // A LoRA checkpoint holds the adapters; the frozen base is rebuilt as above.
+            let base = lora.is_some().then(|| model.clone());
+            let (model, state) = checkpoint::load(&dir, &device, &mut optimizer, base)?;
             if state.settings != settings {
                 bail!("{}: the run was started with other settings; resume it with the same command", dir.display());
             }
@@ -578,8 +653,9 @@ fn train_command(args: TrainArgs) -> Result<()> {
         if !eval_blocks.is_empty() && (step.step % eval_every == 0 || step.step == total_steps) {
             // Forward passes only; their graphs are dropped unused.
             let (mut sum, mut count) = (0.0, 0);
+            let model = model.for_inference();
             for block in &eval_blocks {
-                let (nll, tokens) = distill::train::nll_sum(model, [block]);
+                let (nll, tokens) = distill::train::nll_sum(&model, [block]);
                 sum += nll.into_scalar::<f32>() as f64;
                 count += tokens;
             }
@@ -603,8 +679,40 @@ fn train_command(args: TrainArgs) -> Result<()> {
         dtype: distill::export::ExportDtype::parse(&args.export_dtype)?,
         ..Default::default()
     };
+    let model = if model.has_lora() {
+        let (merged, difference) = model.merge_lora().map_err(anyhow::Error::msg)?;
+        eprintln!("merged the LoRA adapters into the weights (logits of merged vs adapted model: max |Δ| {difference:.1e})");
+        merged
+    } else {
+        model
+    };
     distill::export::export(&model, &tokenizer_dir, &eos_token_ids, &final_dir, &export_options)?;
-    eprintln!("exported {} (metrics in {})", final_dir.display(), metrics_path.display());
+    summarize_run(&metrics_path)?;
+    eprintln!("exported {} (metrics in {}; chart: distill plot {})", final_dir.display(), metrics_path.display(), args.out.display());
+    Ok(())
+}
+
+/// The loss at the start and end of the run (train and eval) and the peak memory, from the
+/// metrics log.
+fn summarize_run(metrics_path: &Path) -> Result<()> {
+    let curves = distill::plot::read_metrics(metrics_path)?;
+    let ends = |points: &[(f64, f64)]| -> Option<String> {
+        let (first, last) = (points.first()?, points.last()?);
+        Some(format!("{:.4} (step {}) → {:.4} (step {})", first.1, first.0, last.1, last.0))
+    };
+    if let Some(train) = ends(&curves.train_loss) {
+        eprintln!("train loss {train}");
+    }
+    if let Some(eval) = ends(&curves.eval_loss) {
+        eprintln!("eval loss  {eval}");
+    }
+    let peak = std::fs::read_to_string(metrics_path)?
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?["peak_memory_bytes"].as_u64())
+        .max();
+    if let Some(peak) = peak {
+        eprintln!("peak memory {:.2} GiB", gib(peak));
+    }
     Ok(())
 }
 

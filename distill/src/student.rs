@@ -41,6 +41,10 @@ pub struct TrainingDefaults {
     pub adam_epsilon: Option<f64>,
     pub dtype: Option<String>,
     pub gradient_checkpointing: Option<bool>,
+    pub lora_rank: Option<usize>,
+    pub lora_alpha: Option<f64>,
+    pub lora_dropout: Option<f64>,
+    pub lora_targets: Option<String>,
     pub packing: Option<bool>,
     pub seed: Option<u64>,
 }

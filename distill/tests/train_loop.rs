@@ -2,6 +2,7 @@
 
 mod common;
 
+use distill::burn::tensor::{DType, Device};
 use distill::data::packing::PackedBlock;
 use distill::data::records::read_records;
 use distill::data::traces::{LengthPolicy, TraceFormat, TraceOptions, tokenize_records};
@@ -24,7 +25,10 @@ fn blocks(pretrained: &Pretrained) -> Vec<PackedBlock> {
 }
 
 fn run(batch: usize, accumulation: usize, steps: usize) -> Vec<StepMetrics> {
-    let device = distill::device::parse("flex").unwrap().autodiff();
+    run_on(distill::device::parse("flex").unwrap().autodiff(), None, batch, accumulation, steps)
+}
+
+fn run_on(device: Device, compute_dtype: Option<DType>, batch: usize, accumulation: usize, steps: usize) -> Vec<StepMetrics> {
     let pretrained = Pretrained::load(&common::fixtures().join("tiny-qwen2"), &device, LoadOptions::default()).unwrap();
     let blocks = blocks(&pretrained);
     assert_eq!(blocks.len(), 8);
@@ -35,10 +39,13 @@ fn run(batch: usize, accumulation: usize, steps: usize) -> Vec<StepMetrics> {
         per_device_train_batch_size: batch,
         gradient_accumulation_steps: accumulation,
         seed: 5,
+        compute_dtype,
     };
     let mut metrics = Vec::new();
     let mut optimizer = distill::train::optim::AdamW::new(config.adamw.clone());
-    train(pretrained.model, &mut optimizer, &blocks, &config, 0, |m, _, _| -> Result<(), ()> {
+    train(pretrained.model, &mut optimizer, &blocks, &config, 0, |m, model, _| -> Result<(), ()> {
+        // Master weights stay f32 whatever the compute dtype.
+        assert_eq!(model.net.layers[0].mlp.up_proj.weight.val().dtype(), DType::F32);
         metrics.push(m.clone());
         Ok(())
     })
@@ -56,6 +63,29 @@ fn gradient_accumulation_equals_the_bigger_batch() {
         assert!((a.loss - c.loss).abs() / a.loss < 1e-5, "{} vs {}", a.loss, c.loss);
         assert!((a.grad_norm - b.grad_norm).abs() / a.grad_norm < 1e-4);
         assert_eq!(a.trained_tokens, b.trained_tokens);
+    }
+}
+
+/// bf16 compute over f32 master weights follows the f32 run (bf16 keeps 8 bits of mantissa).
+#[test]
+fn mixed_precision_tracks_full_precision() {
+    let f32_run = run(4, 1, 3);
+    let bf16_run = run_on(distill::device::parse("flex").unwrap().autodiff(), Some(DType::BF16), 4, 1, 3);
+    for (a, b) in f32_run.iter().zip(&bf16_run) {
+        assert!((a.loss - b.loss).abs() / a.loss < 2e-2, "step {}: loss {} vs {}", a.step, a.loss, b.loss);
+        assert!((a.grad_norm - b.grad_norm).abs() / a.grad_norm < 0.1, "step {}: grad norm {} vs {}", a.step, a.grad_norm, b.grad_norm);
+        assert_ne!(a.loss, b.loss, "bf16 compute was not used");
+    }
+}
+
+/// Gradient checkpointing recomputes instead of storing; the steps are the same.
+#[test]
+fn gradient_checkpointing_gives_the_same_steps() {
+    let plain = run(4, 1, 3);
+    let recomputed = run_on(distill::device::parse("flex").unwrap().autodiff().gradient_checkpointing(), None, 4, 1, 3);
+    for (a, b) in plain.iter().zip(&recomputed) {
+        assert!((a.loss - b.loss).abs() / a.loss < 1e-6, "step {}: loss {} vs {}", a.step, a.loss, b.loss);
+        assert!((a.grad_norm - b.grad_norm).abs() / a.grad_norm < 1e-5, "step {}: grad norm {} vs {}", a.step, a.grad_norm, b.grad_norm);
     }
 }
 
@@ -131,16 +161,14 @@ fn train_command_writes_metrics_and_an_export() {
     common::assert_clean_failure(&bad, &["metrics.jsonl, line 2", "not JSON"]);
 }
 
-fn train_args(run: &std::path::Path, save_steps: &str) -> Vec<String> {
-    [
+fn train_args(run: &std::path::Path, save_steps: &str, extra: &[&str]) -> Vec<String> {
+    let base = [
         "train", "--model", "student_configs/tiny-qwen2.toml", "--init", "random",
         "--data", "datasets/r1_traces_sample40.jsonl", "--prompt-field", "problem", "--response-field", "generated_solution",
         "--out", run.to_str().unwrap(), "--max-length", "96", "--truncate", "--max-steps", "8",
         "--per-device-train-batch-size", "2", "--learning-rate", "1e-2", "--device", "flex", "--save-steps", save_steps,
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect()
+    ];
+    base.iter().chain(extra).map(|s| s.to_string()).collect()
 }
 
 fn metrics(run: &std::path::Path) -> Vec<(u64, f64, f64)> {
@@ -158,14 +186,25 @@ fn metrics(run: &std::path::Path) -> Vec<(u64, f64, f64)> {
 /// run's (to 1e-6), and every step is logged once.
 #[test]
 fn killed_and_resumed_run_matches_the_straight_run() {
+    kill_and_resume(&[]);
+}
+
+/// The same with LoRA (adapters, their optimizer state and dropout masks carry over) on a
+/// pretrained student.
+#[test]
+fn killed_and_resumed_lora_run_matches_the_straight_run() {
+    kill_and_resume(&["--lora-rank", "4", "--lora-dropout", "0.1", "--lora-targets", "q_proj,v_proj,down_proj"]);
+}
+
+fn kill_and_resume(extra: &[&str]) {
     let dir = tempfile::tempdir().unwrap();
     let straight = dir.path().join("straight");
-    let args = train_args(&straight, "4");
+    let args = train_args(&straight, "4", extra);
     let output = common::distill(&args.iter().map(String::as_str).collect::<Vec<_>>());
     assert!(output.status.success(), "{}", common::stderr(&output));
 
     let killed = dir.path().join("killed");
-    let args = train_args(&killed, "1");
+    let args = train_args(&killed, "1", extra);
     for kill_after in [2, 5] {
         let mut resume = args.clone();
         if kill_after != 2 {
@@ -206,4 +245,64 @@ fn killed_and_resumed_run_matches_the_straight_run() {
             assert!(killed.join(&name).join("trainer_state.json").exists(), "{name} is incomplete");
         }
     }
+}
+
+/// LoRA on a pretrained student: only the targeted projections change, the adapters are
+/// written as PEFT writes them, and the merged export scores like any checkpoint.
+#[test]
+fn lora_trains_adapters_only_and_merges_them_on_export() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    let output = common::distill(&[
+        "train", "--model", "tests/fixtures/tiny-qwen2", "--data", "datasets/r1_traces_sample40.jsonl",
+        "--prompt-field", "problem", "--response-field", "generated_solution", "--out", run.to_str().unwrap(),
+        "--max-length", "96", "--truncate", "--max-steps", "4", "--per-device-train-batch-size", "2",
+        "--learning-rate", "1e-2", "--device", "flex", "--lora-rank", "4", "--lora-alpha", "16", "--lora-targets", "q_proj,v_proj",
+    ]);
+    let err = common::stderr(&output);
+    assert!(output.status.success(), "{err}");
+    assert!(err.contains("LoRA rank 4") && err.contains("merged the LoRA adapters"), "{err}");
+
+    let read = |path: &std::path::Path| -> std::collections::HashMap<String, Vec<f32>> {
+        let bytes = std::fs::read(path).unwrap();
+        let tensors = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        tensors
+            .names()
+            .into_iter()
+            .map(|name| {
+                let view = tensors.tensor(name).unwrap();
+                let values = match view.dtype() {
+                    safetensors::Dtype::F32 => view.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
+                    safetensors::Dtype::F16 => view.data().chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+                    other => panic!("{name}: {other:?}"),
+                };
+                (name.to_string(), values)
+            })
+            .collect()
+    };
+    let base = read(&common::fixtures().join("tiny-qwen2/model.safetensors"));
+    let merged = read(&run.join("final/model.safetensors"));
+    for (name, values) in &base {
+        let changed = merged[name] != *values;
+        let targeted = name.contains("q_proj.weight") || name.contains("v_proj.weight");
+        assert_eq!(changed, targeted, "{name}: changed = {changed}");
+    }
+
+    let checkpoint = run.join("checkpoint-4");
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(checkpoint.join("adapter_config.json")).unwrap()).unwrap();
+    assert_eq!((config["peft_type"].as_str(), config["r"].as_u64(), config["lora_alpha"].as_f64()), (Some("LORA"), Some(4), Some(16.0)));
+    let adapters = read(&checkpoint.join("adapter_model.safetensors"));
+    assert_eq!(adapters.len(), 2 * 2 * 2, "2 layers × (q, v) × (A, B)");
+    assert_eq!(adapters["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"].len(), 4 * 16);
+    assert!(adapters["base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"].iter().any(|&v| v != 0.0), "B was trained");
+
+    let eval = common::distill(&["eval", "--model", run.join("final").to_str().unwrap(), "--data", "tests/fixtures/eval_rows.jsonl", "--device", "flex"]);
+    assert!(eval.status.success(), "{}", common::stderr(&eval));
+    let bad = common::distill(&[
+        "train", "--model", "tests/fixtures/tiny-qwen2", "--data", "datasets/r1_traces_sample40.jsonl",
+        "--prompt-field", "problem", "--response-field", "generated_solution", "--out", dir.path().join("bad").to_str().unwrap(),
+        "--lora-rank", "4", "--lora-targets", "q_proj,attn", "--device", "flex",
+    ]);
+    common::assert_clean_failure(&bad, &["unknown LoRA target `attn`"]);
 }

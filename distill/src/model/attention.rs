@@ -9,6 +9,7 @@ use burn::nn::Linear;
 use burn::tensor::activation::softmax;
 use burn::tensor::{Device, Tensor, TensorData};
 
+use super::lora::{AttentionLora, project};
 use super::rope::RopeTables;
 
 #[derive(Module, Debug)]
@@ -20,6 +21,8 @@ pub struct Attention {
     pub num_heads: usize,
     pub num_kv_heads: usize,
     pub head_dim: usize,
+    /// LoRA adapters (training with `--lora-rank`); `None` for a plain model.
+    pub lora: Option<AttentionLora>,
 }
 
 /// Keys and values of the tokens seen so far, per layer: `[batch, kv_heads, seq, head_dim]`.
@@ -100,9 +103,13 @@ impl Attention {
         let group = self.num_heads / self.num_kv_heads;
         let heads = |t: Tensor<3>, n: usize| t.reshape([batch, seq, n, self.head_dim]).swap_dims(1, 2);
 
-        let q = rope.apply(heads(self.q_proj.forward(x.clone()), self.num_heads));
-        let k = rope.apply(heads(self.k_proj.forward(x.clone()), self.num_kv_heads));
-        let v = heads(self.v_proj.forward(x), self.num_kv_heads);
+        let lora = self.lora.as_ref();
+        let q = project(&self.q_proj, lora.and_then(|l| l.q_proj.as_ref()), x.clone());
+        let k = project(&self.k_proj, lora.and_then(|l| l.k_proj.as_ref()), x.clone());
+        let v = project(&self.v_proj, lora.and_then(|l| l.v_proj.as_ref()), x);
+        let q = rope.apply(heads(q, self.num_heads));
+        let k = rope.apply(heads(k, self.num_kv_heads));
+        let v = heads(v, self.num_kv_heads);
         let (k, v) = match cache {
             Some(cache) => cache.append(k, v),
             None => (k, v),
@@ -125,6 +132,6 @@ impl Attention {
             .reshape([batch, self.num_heads, seq, self.head_dim])
             .swap_dims(1, 2)
             .reshape([batch, seq, self.num_heads * self.head_dim]);
-        self.o_proj.forward(context)
+        project(&self.o_proj, lora.and_then(|l| l.o_proj.as_ref()), context)
     }
 }

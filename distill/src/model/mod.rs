@@ -2,12 +2,14 @@
 
 pub mod attention;
 pub mod config;
+pub mod lora;
 pub mod rope;
 pub mod transformer;
 pub mod weights;
 
 use std::path::Path;
 
+use burn::module::Module;
 use burn::tensor::{DType, Device, Int, Tensor, TensorData};
 
 pub use attention::AttentionMask;
@@ -25,6 +27,7 @@ pub enum ModelError {
 }
 
 /// A student on a device: its config, its weights and its RoPE tables.
+#[derive(Clone)]
 pub struct Model {
     pub config: ModelConfig,
     pub net: CausalLm,
@@ -51,6 +54,49 @@ impl Model {
     pub fn from_parts(config: ModelConfig, net: CausalLm, device: &Device) -> Self {
         let rope = Rope::new(&config);
         Model { config, net, rope, device: device.clone(), dtype: DType::F32 }
+    }
+
+    /// The same weights off the autodiff graph with training behaviour (LoRA dropout) off: for
+    /// evaluation during training.
+    pub fn for_inference(&self) -> Model {
+        Model { config: self.config.clone(), net: self.net.valid(), rope: self.rope.clone(), device: self.device.clone().inner(), dtype: self.dtype }
+    }
+
+    /// Mixed precision: the parameters seen through a cast to `dtype` inside the autodiff
+    /// graph, so the forward and backward passes run in `dtype` while gradients arrive at the
+    /// (f32) master parameters in their own dtype.
+    pub fn compute_copy(&self, dtype: DType) -> Model {
+        let mut copy = Model { config: self.config.clone(), net: self.net.clone(), rope: self.rope.clone(), device: self.device.clone(), dtype: self.dtype };
+        copy = copy.with_dtype(dtype);
+        copy
+    }
+
+    /// Freezes the weights and attaches LoRA adapters (see [`lora`]).
+    pub fn with_lora(mut self, config: &lora::LoraConfig) -> Model {
+        self.net = lora::attach(self.net, config, &self.device);
+        self
+    }
+
+    pub fn has_lora(&self) -> bool {
+        self.net.layers.first().is_some_and(|l| l.self_attn.lora.is_some() || l.mlp.lora.is_some())
+    }
+
+    /// The adapters folded into the weights, checked: the merged model's logits on two probe
+    /// rows must equal the adapted model's (to 1e-3 of the largest logit). Returns the merged
+    /// model and the largest difference seen.
+    pub fn merge_lora(&self) -> Result<(Model, f32), String> {
+        let merged = Model { config: self.config.clone(), net: lora::merge(self.net.valid()), rope: self.rope.clone(), device: self.device.clone().inner(), dtype: self.dtype };
+        let vocab = self.config.vocab_size;
+        let rows: Vec<Vec<u32>> = (0..2u64).map(|r| (0..32u64).map(|i| ((r * 32 + i) * 7919 % vocab as u64) as u32).collect()).collect();
+        let adapted = self.for_inference().logits(&rows).into_data().convert::<f32>();
+        let folded = merged.logits(&rows).into_data().convert::<f32>();
+        let (adapted, folded) = (adapted.as_slice::<f32>().unwrap_or_default(), folded.as_slice::<f32>().unwrap_or_default());
+        let scale = adapted.iter().fold(1.0f32, |m, v| m.max(v.abs()));
+        let difference = adapted.iter().zip(folded).fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+        if !(difference <= 1e-3 * scale) {
+            return Err(format!("merging the LoRA adapters changed the logits by {difference:e} (largest logit {scale:e})"));
+        }
+        Ok((merged, difference))
     }
 
     /// Casts the parameters to `dtype` (bf16 on flex, CUDA and Metal; f16 on GPUs).

@@ -9,6 +9,7 @@ use burn::tensor::{Device, Int, Tensor};
 
 use super::attention::{Attention, AttentionMask, LayerCache};
 use super::config::ModelConfig;
+use super::lora::{MlpLora, project};
 use super::rope::RopeTables;
 
 #[derive(Module, Debug)]
@@ -16,12 +17,16 @@ pub struct Mlp {
     pub gate_proj: Linear,
     pub up_proj: Linear,
     pub down_proj: Linear,
+    /// LoRA adapters (training with `--lora-rank`); `None` for a plain model.
+    pub lora: Option<MlpLora>,
 }
 
 impl Mlp {
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        self.down_proj
-            .forward(silu(self.gate_proj.forward(x.clone())) * self.up_proj.forward(x))
+        let lora = self.lora.as_ref();
+        let gate = project(&self.gate_proj, lora.and_then(|l| l.gate_proj.as_ref()), x.clone());
+        let up = project(&self.up_proj, lora.and_then(|l| l.up_proj.as_ref()), x);
+        project(&self.down_proj, lora.and_then(|l| l.down_proj.as_ref()), silu(gate) * up)
     }
 }
 
@@ -112,11 +117,13 @@ impl CausalLm {
                     num_heads: config.num_attention_heads,
                     num_kv_heads: config.num_key_value_heads,
                     head_dim: config.head_dim,
+                    lora: None,
                 },
                 mlp: Mlp {
                     gate_proj: linear(hidden, config.intermediate_size, config.mlp_bias, device),
                     up_proj: linear(hidden, config.intermediate_size, config.mlp_bias, device),
                     down_proj: linear(config.intermediate_size, hidden, config.mlp_bias, device),
+                    lora: None,
                 },
                 input_layernorm: norm(),
                 post_attention_layernorm: norm(),

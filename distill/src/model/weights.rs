@@ -292,11 +292,13 @@ impl Loader<'_> {
                     num_heads: config.num_attention_heads,
                     num_kv_heads: config.num_key_value_heads,
                     head_dim: config.head_dim,
+                    lora: None,
                 },
                 mlp: Mlp {
                     gate_proj: self.linear(&format!("{p}.mlp.gate_proj"), config.mlp_bias)?,
                     up_proj: self.linear(&format!("{p}.mlp.up_proj"), config.mlp_bias)?,
                     down_proj: self.linear(&format!("{p}.mlp.down_proj"), config.mlp_bias)?,
+                    lora: None,
                 },
                 post_attention_layernorm: self
                     .norm(&format!("{p}.post_attention_layernorm.weight"), config.rms_norm_eps)?,

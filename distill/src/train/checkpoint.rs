@@ -1,5 +1,7 @@
 //! Training checkpoints: `RUN_DIR/checkpoint-STEP/` holds the model as an HF checkpoint
-//! (`model/`), the AdamW moments (`optimizer.safetensors`) and `trainer_state.json`. The
+//! (`model/`; LoRA adapters merged, with the adapters themselves in PEFT's
+//! `adapter_model.safetensors` + `adapter_config.json`), the AdamW moments
+//! (`optimizer.safetensors`) and `trainer_state.json`. The
 //! folder is assembled under a temporary name and renamed into place, so a kill at any moment
 //! leaves either a whole checkpoint or none. The data order is a function of the seed and the
 //! step, so the step is the whole data cursor.
@@ -60,7 +62,15 @@ pub fn save(
     fs::create_dir_all(&staging).map_err(|e| file_error(&staging, e))?;
     // f32 weights: resuming must continue from exactly these values.
     let options = ExportOptions { dtype: ExportDtype::F32, max_shard_bytes: u64::MAX };
-    export(model, tokenizer_dir, eos_token_ids, &staging.join("model"), &options)?;
+    if model.has_lora() {
+        // The adapters as PEFT writes them (what a resume reads), and the merged model, so that
+        // `distill export` of any checkpoint needs nothing else.
+        write_adapters(model, &state.settings["lora"], &staging)?;
+        let (merged, _) = model.merge_lora().map_err(|e| file_error(&staging, e))?;
+        export(&merged, tokenizer_dir, eos_token_ids, &staging.join("model"), &options)?;
+    } else {
+        export(model, tokenizer_dir, eos_token_ids, &staging.join("model"), &options)?;
+    }
 
     let moments = optimizer.save_state(&model.net);
     let bytes: Vec<(String, Vec<u8>, usize)> = moments
@@ -98,12 +108,66 @@ pub fn latest(run_dir: &Path) -> Option<(usize, PathBuf)> {
         .max_by_key(|(step, _)| *step)
 }
 
-/// Loads a checkpoint: the model on `device` and the optimizer state.
-pub fn load(dir: &Path, device: &Device, optimizer: &mut AdamW) -> Result<(Model, TrainerState), CheckpointError> {
+/// `adapter_model.safetensors` (PEFT tensor names, f32) and `adapter_config.json`.
+fn write_adapters(model: &Model, lora: &serde_json::Value, dir: &Path) -> Result<(), CheckpointError> {
+    let path = dir.join("adapter_model.safetensors");
+    let tensors: Vec<(String, Vec<u8>, Vec<usize>)> = crate::model::lora::adapter_tensors(&model.net)
+        .into_iter()
+        .map(|(name, tensor)| {
+            let shape = tensor.dims().to_vec();
+            let data = tensor.into_data().convert::<f32>();
+            let bytes = data.as_slice::<f32>().unwrap_or_default().iter().flat_map(|v| v.to_le_bytes()).collect();
+            (name, bytes, shape)
+        })
+        .collect();
+    let views = tensors
+        .iter()
+        .map(|(name, data, shape)| TensorView::new(Dtype::F32, shape.clone(), data).map(|view| (name.clone(), view)))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| file_error(&path, e))?;
+    safetensors::serialize_to_file(views, None, &path).map_err(|e| file_error(&path, e))?;
+    let config = serde_json::json!({
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": lora["rank"], "lora_alpha": lora["alpha"],
+        "lora_dropout": lora["dropout"], "target_modules": lora["targets"], "bias": "none",
+        "fan_in_fan_out": false, "use_rslora": false, "inference_mode": true, "init_lora_weights": true,
+    });
+    let config_path = dir.join("adapter_config.json");
+    fs::write(&config_path, serde_json::to_string_pretty(&config).expect("plain JSON")).map_err(|e| file_error(&config_path, e))?;
+    for path in [&path, &config_path] {
+        fs::File::open(path).and_then(|f| f.sync_all()).map_err(|e| file_error(path, e))?;
+    }
+    Ok(())
+}
+
+/// Reads a checkpoint's adapters into `base` (the frozen base with adapters attached).
+fn read_adapters(dir: &Path, base: Model) -> Result<Model, CheckpointError> {
+    let path = dir.join("adapter_model.safetensors");
+    let bytes = fs::read(&path).map_err(|e| file_error(&path, e))?;
+    let tensors = SafeTensors::deserialize(&bytes).map_err(|e| file_error(&path, e))?;
+    let device = base.device.clone();
+    let net = crate::model::lora::load_adapter_tensors(base.net, |name, shape| {
+        let view = tensors.tensor(name).map_err(|e| format!("{name}: {e}"))?;
+        if view.shape() != shape || view.dtype() != Dtype::F32 {
+            return Err(format!("{name}: expected f32 {shape:?}, found {:?} {:?}", view.dtype(), view.shape()));
+        }
+        let values: Vec<f32> = view.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+        Ok(burn::tensor::Tensor::from_data(burn::tensor::TensorData::new(values, shape), &device))
+    })
+    .map_err(|e| file_error(&path, e))?;
+    Ok(Model { net, ..base })
+}
+
+/// Loads a checkpoint: the model on `device` and the optimizer state. For a LoRA run, `base`
+/// is the frozen base model with adapters attached, and the checkpoint's adapters are read
+/// into it.
+pub fn load(dir: &Path, device: &Device, optimizer: &mut AdamW, base: Option<Model>) -> Result<(Model, TrainerState), CheckpointError> {
     let state_path = dir.join("trainer_state.json");
     let text = fs::read_to_string(&state_path).map_err(|e| file_error(&state_path, e))?;
     let state: TrainerState = serde_json::from_str(&text).map_err(|e| file_error(&state_path, e))?;
-    let model = Model::load(&dir.join("model"), device, LoadOptions::default())?;
+    let model = match base {
+        Some(base) => read_adapters(dir, base)?,
+        None => Model::load(&dir.join("model"), device, LoadOptions::default())?,
+    };
     let optimizer_path = dir.join("optimizer.safetensors");
     let bytes = fs::read(&optimizer_path).map_err(|e| file_error(&optimizer_path, e))?;
     let tensors = SafeTensors::deserialize(&bytes).map_err(|e| file_error(&optimizer_path, e))?;

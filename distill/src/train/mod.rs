@@ -42,6 +42,8 @@ pub fn nll_sum<'a>(model: &Model, blocks: impl IntoIterator<Item = &'a PackedBlo
         let len = block.len();
         // Position t - 1 predicts token t.
         let logits = model.net.logits(hidden.narrow(1, 0, len - 1));
+        // The loss is taken in f32 whatever the compute dtype, as transformers upcasts logits.
+        let logits = if logits.dtype() == burn::tensor::DType::F32 { logits } else { logits.cast(burn::tensor::DType::F32) };
         let targets: Vec<i64> = block.input_ids[1..].iter().map(|&id| id as i64).collect();
         let targets = Tensor::<3, Int>::from_data(TensorData::new(targets, [1, len - 1, 1]), device);
         let mask: Vec<f32> = block.trained[1..].iter().map(|&t| if t { 1.0 } else { 0.0 }).collect();

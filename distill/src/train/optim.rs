@@ -103,6 +103,9 @@ impl ModuleMapper for Update<'_> {
         let moments = &mut self.optimizer.moments;
         param.map(|value| {
             let shape = value.dims();
+            // The update runs off the graph; the new leaf keeps the device's checkpointing
+            // strategy, which `from_inner` would reset.
+            let strategy = value.gradient_checkpointing_strategy();
             let value = value.inner();
             let grad = grad * scale;
             let (first, second) = match moments.remove(&id) {
@@ -117,7 +120,12 @@ impl ModuleMapper for Update<'_> {
             let decay = if D >= 2 { 1.0 - lr * config.weight_decay } else { 1.0 };
             let step = (first_hat / (second_hat.sqrt() + config.epsilon)) * lr;
             let updated = value.reshape([-1]) * decay - step;
-            Tensor::from_inner(updated.reshape(shape)).require_grad()
+            let updated = Tensor::from_inner(updated.reshape(shape));
+            let updated = match strategy {
+                Some(strategy) => updated.with_gradient_checkpointing_strategy(strategy),
+                None => updated,
+            };
+            updated.require_grad()
         })
     }
 }

@@ -8,9 +8,9 @@ use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use serde::Serialize;
 
+use burn::tensor::DType;
+
 use super::optim::{AccumulatedGrads, AdamW, AdamWConfig};
-
-
 use super::schedule::Schedule;
 use crate::data::packing::PackedBlock;
 use crate::model::Model;
@@ -23,6 +23,8 @@ pub struct TrainConfig {
     pub per_device_train_batch_size: usize,
     pub gradient_accumulation_steps: usize,
     pub seed: u64,
+    /// Mixed precision: forward and backward in this dtype (bf16) over f32 master weights.
+    pub compute_dtype: Option<DType>,
 }
 
 /// What one optimizer step did; one JSON line of `metrics.jsonl`.
@@ -35,6 +37,9 @@ pub struct StepMetrics {
     pub grad_norm: f64,
     pub trained_tokens: usize,
     pub tokens_per_second: f64,
+    /// See [`crate::memory::peak_bytes`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peak_memory_bytes: Option<u64>,
 }
 
 /// Optimizer steps in one epoch of `blocks` blocks.
@@ -76,10 +81,16 @@ pub fn train<E>(
         // The loss is the mean over every trained token of the step, so each micro-batch's
         // summed loss is divided by the step's token count before its backward pass.
         let step_tokens: usize = chosen.iter().map(|b| b.trained[1..].iter().filter(|&&t| t).count()).sum();
+        // Dropout masks (LoRA) depend on the step only, so a resumed run draws the same ones.
+        model.device.seed(config.seed.wrapping_mul(0x9E37_79B9).wrapping_add(step as u64));
         let mut grads = AccumulatedGrads::default();
         let mut loss = 0.0;
         for micro_batch in chosen.chunks(config.per_device_train_batch_size) {
-            let (sum, _) = super::nll_sum(&model, micro_batch.iter().copied());
+            let compute = match config.compute_dtype {
+                Some(dtype) if dtype != model.dtype => model.compute_copy(dtype),
+                _ => model.clone(),
+            };
+            let (sum, _) = super::nll_sum(&compute, micro_batch.iter().copied());
             let scaled = sum / step_tokens.max(1) as f64;
             loss += scaled.clone().into_scalar::<f32>() as f64;
             grads.add(&model.net, &scaled.backward());
@@ -98,6 +109,7 @@ pub fn train<E>(
             grad_norm,
             trained_tokens: step_tokens,
             tokens_per_second: tokens as f64 / seconds.max(1e-9),
+            peak_memory_bytes: crate::memory::peak_bytes(&model.device),
         };
         after_step(&metrics, &model, optimizer)?;
     }
