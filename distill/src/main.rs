@@ -280,6 +280,9 @@ struct PlotArgs {
 enum BenchCommand {
     /// Prefill and decode tokens/s of a ~100M-parameter model (random weights).
     Forward(BenchForwardArgs),
+    /// Training tokens/s and peak memory of a ~100M-parameter model (random weights) per
+    /// sequence length: forward, backward and AdamW step on one row.
+    Train(BenchTrainArgs),
 }
 
 #[derive(Args)]
@@ -301,6 +304,32 @@ struct BenchForwardArgs {
     reference: Option<String>,
     #[command(flatten)]
     device: DeviceArgs,
+}
+
+#[derive(Args)]
+struct BenchTrainArgs {
+    /// Model to train: a student config, HF folder or config.json (random weights).
+    #[arg(long, default_value = "student_configs/bench-100m.toml")]
+    config: PathBuf,
+    /// Sequence lengths to measure, comma-separated, in increasing order (peak memory is the
+    /// process's high-water mark, so each length's figure includes the shorter ones).
+    #[arg(long, default_value = "1024,4096", value_delimiter = ',')]
+    seq_len: Vec<usize>,
+    /// Timed optimizer steps per length (after one warm-up step).
+    #[arg(long, default_value_t = 3)]
+    steps: usize,
+    #[arg(long)]
+    bf16: bool,
+    #[arg(long)]
+    gradient_checkpointing: bool,
+    /// A command that runs the same measurement in PyTorch for one length and prints one JSON
+    /// line {"tokens_per_s": …, "peak_memory_bytes": …}; it is run once per length (its own
+    /// process, so its peak is that length's); e.g.
+    /// `.venv/bin/python distill/benches/reference_train.py --threads 2`.
+    #[arg(long)]
+    reference: Option<String>,
+    #[arg(long)]
+    device: Option<String>,
 }
 
 /// burn's CPU backend allocates and frees activation-sized buffers (logits over a 152k
@@ -330,6 +359,7 @@ fn main() -> Result<()> {
         Command::Export(args) => export_command(args),
         Command::Plot(args) => plot_command(args),
         Command::Bench(BenchCommand::Forward(args)) => bench_forward(args),
+        Command::Bench(BenchCommand::Train(args)) => bench_train(args),
     }
 }
 
@@ -753,6 +783,88 @@ fn plot_command(args: PlotArgs) -> Result<()> {
     Ok(())
 }
 
+fn bench_train(args: BenchTrainArgs) -> Result<()> {
+    use distill::data::packing::PackedBlock;
+    use distill::train::run::{TrainConfig, train};
+    use distill::train::schedule::{Schedule, Scheduler};
+    let (device, _) = distill::device::select(args.device.as_deref())?;
+    let device = if args.gradient_checkpointing { device.autodiff().gradient_checkpointing() } else { device.autodiff() };
+    let (config, _) = model_config_from_any(&args.config)?;
+    println!(
+        "model: {} parameters, batch 1, {} timed steps per length, {}{}",
+        human_count(config.num_parameters()), args.steps,
+        if args.bf16 { "bf16 compute over f32 weights" } else { "f32" },
+        if args.gradient_checkpointing { ", gradient checkpointing" } else { "" },
+    );
+    let train_config = TrainConfig {
+        schedule: Schedule { learning_rate: 1e-4, scheduler: Scheduler::Constant, warmup_steps: 0, total_steps: args.steps + 1, min_lr_ratio: 0.0 },
+        adamw: Default::default(),
+        max_grad_norm: Some(1.0),
+        per_device_train_batch_size: 1,
+        gradient_accumulation_steps: 1,
+        seed: 0,
+        compute_dtype: args.bf16.then_some(DType::BF16),
+    };
+    let mut table = Vec::new();
+    for &seq_len in &args.seq_len {
+        device.seed(0);
+        let model = distill::model::Model::random(config.clone(), &device);
+        let block = PackedBlock {
+            input_ids: (0..seq_len).map(|i| (i * 7919 % config.vocab_size) as u32).collect(),
+            trained: vec![true; seq_len],
+            positions: (0..seq_len).collect(),
+            segments: vec![0; seq_len],
+        };
+        let mut optimizer = distill::train::optim::AdamW::new(train_config.adamw.clone());
+        let mut rates = Vec::new();
+        let mut peak = None;
+        train(model, &mut optimizer, std::slice::from_ref(&block), &train_config, 0, |step, _, _| -> Result<()> {
+            if step.step > 1 {
+                rates.push(step.tokens_per_second);
+            }
+            peak = step.peak_memory_bytes.max(peak);
+            Ok(())
+        })?;
+        rates.sort_by(f64::total_cmp);
+        let rate = rates[rates.len() / 2];
+        println!("burn     seq {seq_len:>6}   {rate:>9.1} tokens/s   peak memory {:>6.2} GiB", gib(peak.unwrap_or(0)));
+        table.push((seq_len, rate, peak));
+    }
+    if let Some(command) = &args.reference {
+        for (seq_len, rate, peak) in table {
+            let extra = format!(
+                " --config {} --seq-len {seq_len} --steps {}{}{}", args.config.display(), args.steps,
+                if args.bf16 { " --bf16" } else { "" }, if args.gradient_checkpointing { " --gradient-checkpointing" } else { "" }
+            );
+            let reference = run_reference(command, &extra)?;
+            let value = |key: &str| reference.get(key).and_then(|v| v.as_f64()).with_context(|| format!("reference JSON lacks {key}"));
+            let (reference_rate, reference_peak) = (value("tokens_per_s")?, value("peak_memory_bytes")?);
+            println!("pytorch  seq {seq_len:>6}   {reference_rate:>9.1} tokens/s   peak memory {:>6.2} GiB", gib(reference_peak as u64));
+            println!(
+                "ratio    seq {seq_len:>6}   {:>9.2}× speed   {:>6.2}× memory   (burn / pytorch; speed > 1 and memory < 1 are better)",
+                rate / reference_rate, peak.map_or(f64::NAN, |p| p as f64 / reference_peak)
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Runs a benchmark's reference command with `extra` arguments and parses the last JSON line
+/// it prints.
+fn run_reference(command: &str, extra: &str) -> Result<serde_json::Value> {
+    let output = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!("{command}{extra}"))
+        .output()
+        .with_context(|| format!("running reference command `{command}`"))?;
+    if !output.status.success() {
+        bail!("reference command failed: {}", String::from_utf8_lossy(&output.stderr));
+    }
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let line = stdout.lines().rev().find(|l| l.trim_start().starts_with('{')).context("reference printed no JSON line")?;
+    Ok(serde_json::from_str(line)?)
+}
+
 fn bench_forward(args: BenchForwardArgs) -> Result<()> {
     let (device, options) = args.device.resolve()?;
     let (config, _) = model_config_from_any(&args.config)?;
@@ -787,20 +899,10 @@ fn bench_forward(args: BenchForwardArgs) -> Result<()> {
     let decode_rate = args.decode_tokens as f64 / median(decode_times);
     println!("burn     prefill {prefill_rate:>10.1} tokens/s   decode {decode_rate:>8.1} tokens/s");
     if let Some(command) = &args.reference {
-        let output = std::process::Command::new("sh")
-            .arg("-c")
-            .arg(format!(
-                "{command} --config {} --prompt-len {} --decode-tokens {} --repeats {}",
-                args.config.display(), args.prompt_len, args.decode_tokens, args.repeats
-            ))
-            .output()
-            .with_context(|| format!("running reference command `{command}`"))?;
-        if !output.status.success() {
-            bail!("reference command failed: {}", String::from_utf8_lossy(&output.stderr));
-        }
-        let stdout = String::from_utf8_lossy(&output.stdout);
-        let line = stdout.lines().rev().find(|l| l.trim_start().starts_with('{')).context("reference printed no JSON line")?;
-        let reference: serde_json::Value = serde_json::from_str(line)?;
+        let reference = run_reference(
+            command,
+            &format!(" --config {} --prompt-len {} --decode-tokens {} --repeats {}", args.config.display(), args.prompt_len, args.decode_tokens, args.repeats),
+        )?;
         let rate = |key: &str| reference.get(key).and_then(|v| v.as_f64()).with_context(|| format!("reference JSON lacks {key}"));
         let (reference_prefill, reference_decode) = (rate("prefill_tokens_per_s")?, rate("decode_tokens_per_s")?);
         println!("pytorch  prefill {reference_prefill:>10.1} tokens/s   decode {reference_decode:>8.1} tokens/s");

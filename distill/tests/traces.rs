@@ -122,3 +122,56 @@ fn packed_loss_equals_unpacked_loss() {
     let (packed, single) = (packed_sum / packed_count as f64, single_sum / single_count as f64);
     assert!((packed - single).abs() / single < 1e-5, "packed {packed} vs unpacked {single}");
 }
+
+fn train_on(data: &std::path::Path, extra: &[&str]) -> std::process::Output {
+    let out = data.with_extension("run");
+    let mut args = vec![
+        "train", "--model", "student_configs/tiny-qwen2.toml", "--init", "random", "--data", data.to_str().unwrap(),
+        "--out", out.to_str().unwrap(), "--max-steps", "1", "--max-length", "64", "--truncate", "--device", "flex",
+    ];
+    args.extend_from_slice(extra);
+    common::distill(&args)
+}
+
+/// A Parquet file whose columns have the wrong Arrow types: every row is named with its file,
+/// row and field, and `distill train` stops cleanly.
+#[test]
+fn parquet_with_wrong_column_types_is_a_clear_error() {
+    use std::sync::Arc;
+
+    use arrow::array::{ArrayRef, Int64Array, StringArray};
+    use arrow::record_batch::RecordBatch;
+
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, columns: Vec<(&str, ArrayRef)>| {
+        let path = dir.path().join(name);
+        let batch = RecordBatch::try_from_iter(columns).unwrap();
+        let mut writer = parquet::arrow::ArrowWriter::try_new(std::fs::File::create(&path).unwrap(), batch.schema(), None).unwrap();
+        writer.write(&batch).unwrap();
+        writer.close().unwrap();
+        path
+    };
+    // `problem` as integers.
+    let path = write("ints.parquet", vec![
+        ("problem", Arc::new(Int64Array::from(vec![1, 2])) as ArrayRef),
+        ("generated_solution", Arc::new(StringArray::from(vec!["<think>\na\n</think>\n\n1", "<think>\nb\n</think>\n\n2"])) as ArrayRef),
+    ]);
+    let output = train_on(&path, &["--prompt-field", "problem", "--response-field", "generated_solution"]);
+    common::assert_clean_failure(&output, &["no row can be trained on", "ints.parquet row 0", "problem", "expected a string, got a number"]);
+    // `messages` as a plain string column instead of a list of {role, content}.
+    let path = write("strings.parquet", vec![("messages", Arc::new(StringArray::from(vec!["user: hi", "assistant: hello"])) as ArrayRef)]);
+    let output = train_on(&path, &[]);
+    common::assert_clean_failure(&output, &["no row can be trained on", "strings.parquet row 0", "messages", "expected a list of messages"]);
+}
+
+/// Invalid UTF-8 in a JSONL file is an error naming the file and line, not a panic.
+#[test]
+fn invalid_utf8_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("broken.jsonl");
+    let mut bytes = br#"{"problem": "1+1?", "generated_solution": "<think>\nadd\n</think>\n\n2"}"#.to_vec();
+    bytes.extend_from_slice(b"\n{\"problem\": \"caf\xe9\", \"generated_solution\": \"x\"}\n");
+    std::fs::write(&path, bytes).unwrap();
+    let output = train_on(&path, &["--prompt-field", "problem", "--response-field", "generated_solution"]);
+    common::assert_clean_failure(&output, &["broken.jsonl:2", "invalid UTF-8"]);
+}
