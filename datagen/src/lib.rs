@@ -1,3 +1,13 @@
-//! The teacher side of the toolkit. Today: the math answer verifier ([`verify`]).
+//! The teacher side of the toolkit: sample reasoning traces from a teacher served behind an
+//! OpenAI-compatible API ([`teacher`]), verify ([`verify`]) and filter ([`filters`]) them, and
+//! store them exactly once as Parquet ([`store`], [`schema`]); [`run`] drives it all.
 
+pub mod filters;
+pub mod prompts;
+pub mod reasoning;
+pub mod run;
+pub mod schema;
+pub mod scoring;
+pub mod store;
+pub mod teacher;
 pub mod verify;

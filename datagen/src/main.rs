@@ -1,5 +1,7 @@
-//! `datagen`: the teacher side of the toolkit. Today it verifies math answers; teacher
-//! sampling and Parquet output come with issue #4.
+//! `datagen`: the teacher side of the toolkit: sample reasoning traces from a teacher, verify
+//! and filter them, store them as Parquet exactly once.
+
+mod commands;
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, BufWriter, Read, Write};
@@ -16,12 +18,16 @@ use datagen::verify::{MultipleBoxed, VerifyConfig, verify};
 #[command(
     name = "datagen",
     version,
-    about = "Reasoning-trace data generation: verify math answers (teacher sampling comes next)",
+    about = "Reasoning-trace data generation: sample a teacher, verify and filter its traces, write Parquet",
     long_about = "Reasoning-trace data generation for R1-style distillation.\n\n\
-        `datagen verify` checks model answers against reference answers with a native verifier\n\
-        (LaTeX extraction, normalisation, exact and numeric equivalence), thread-safe and with a\n\
-        per-pair budget instead of signals.\n\n\
+        `datagen run` samples traces from a teacher behind an OpenAI-compatible API (vLLM, SGLang,\n\
+        the DeepSeek API), verifies the answers, applies R1's filters and stores every sample\n\
+        exactly once as Parquet (a killed run resumes). `datagen verify` checks answers with the\n\
+        same native verifier.\n\n\
         Examples:\n  \
+        datagen run --prompts datasets/math_prompts_sample100.jsonl --endpoint http://localhost:8000/v1 \\\n      \
+        --model deepseek-ai/DeepSeek-R1 --samples 4 --out runs/r1-traces\n  \
+        datagen stats runs/r1-traces\n  \
         echo '{\"id\": 1, \"gold\": \"\\\\frac{1}{2}\", \"pred\": \"so \\\\boxed{0.5}\"}' | datagen verify --input -\n  \
         datagen verify --input pairs.jsonl --output verdicts.jsonl --explain"
 )]
@@ -32,6 +38,12 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Sample traces from the teacher for every prompt, verify, filter and store them (resumes).
+    Run(commands::RunArgs),
+    /// Re-verify and re-filter a run's samples with new options (no teacher calls).
+    Rescore(commands::RescoreArgs),
+    /// Pass rate, pass@1, cons@k, filter counts, token lengths and endpoint latency of a run.
+    Stats(commands::StatsArgs),
     /// Verify JSONL rows {gold, pred, …}; writes each row back with `correct` and `extracted`.
     Verify(VerifyArgs),
     /// Speed of the verifier (a benchmark, not a test).
@@ -39,7 +51,7 @@ enum Command {
 }
 
 #[derive(Args)]
-struct VerifierOptions {
+pub(crate) struct VerifierOptions {
     /// Several \boxed{} answers: `last` takes the last, `all-agree` requires them to agree.
     #[arg(long, default_value = "last", value_parser = ["last", "all-agree"])]
     multiple_boxed: String,
@@ -52,7 +64,7 @@ struct VerifierOptions {
 }
 
 impl VerifierOptions {
-    fn config(&self) -> VerifyConfig {
+    pub(crate) fn config(&self) -> VerifyConfig {
         VerifyConfig {
             multiple_boxed: if self.multiple_boxed == "all-agree" { MultipleBoxed::AllAgree } else { MultipleBoxed::Last },
             relative_tolerance: self.tolerance,
@@ -100,6 +112,9 @@ struct BenchArgs {
 
 fn main() -> Result<()> {
     match Cli::parse().command {
+        Command::Run(args) => commands::run_command(args),
+        Command::Rescore(args) => commands::rescore_command(args),
+        Command::Stats(args) => commands::stats_command(args),
         Command::Verify(args) => verify_command(args),
         Command::Bench(args) => bench(args),
     }

@@ -111,16 +111,21 @@ struct EvalArgs {
 }
 
 #[derive(Args)]
+#[command(group(clap::ArgGroup::new("input").required(true)))]
 struct GenerateArgs {
     /// HF checkpoint folder.
     #[arg(long)]
     model: PathBuf,
     /// Raw text, encoded with the tokenizer's own special tokens (no chat template).
-    #[arg(long, conflicts_with = "messages", required_unless_present = "messages")]
+    #[arg(long, group = "input")]
     prompt: Option<String>,
+    /// One user turn, rendered with the chat template and its generation prompt (as the
+    /// student saw its training prompts).
+    #[arg(long, group = "input")]
+    chat: Option<String>,
     /// JSON file with a list of {role, content} messages, rendered with the chat template
     /// and its generation prompt.
-    #[arg(long)]
+    #[arg(long, group = "input")]
     messages: Option<PathBuf>,
     #[arg(long, default_value_t = 256)]
     max_new_tokens: usize,
@@ -434,10 +439,11 @@ fn generate_command(args: GenerateArgs) -> Result<()> {
     let pretrained = Pretrained::load(&args.model, &device, options)
         .with_context(|| format!("loading {}", args.model.display()))?;
     let tokenizer = &pretrained.tokenizer;
-    let prompt = match (&args.prompt, &args.messages) {
-        (Some(text), _) => tokenizer.encode(text, true)?,
-        (None, Some(path)) => tokenizer.encode_chat(&read_messages(path)?, true)?,
-        (None, None) => bail!("give --prompt or --messages"),
+    let prompt = match (&args.prompt, &args.chat, &args.messages) {
+        (Some(text), _, _) => tokenizer.encode(text, true)?,
+        (None, Some(text), _) => tokenizer.encode_chat(&[Message::new("user", text.as_str())], true)?,
+        (None, None, Some(path)) => tokenizer.encode_chat(&read_messages(path)?, true)?,
+        (None, None, None) => bail!("give --prompt, --chat or --messages"),
     };
     let params = SamplingParams {
         max_new_tokens: args.max_new_tokens,

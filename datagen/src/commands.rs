@@ -1,0 +1,427 @@
+//! `datagen run`, `rescore`, `stats` and `export`: the command-line side of [`datagen::run`].
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::json;
+
+use datagen::filters::{self, Filter, FilterConfig};
+use datagen::prompts::{PromptFields, read_prompts};
+use datagen::run::{DEFAULT_TEMPLATE, Progress, RunConfig, Sampling, read_manifest, run, write_manifest};
+use datagen::schema::Row;
+use datagen::scoring::{Keep, ScoreOptions, score};
+use datagen::store;
+
+use crate::VerifierOptions;
+
+#[derive(Args)]
+pub struct FilterOptions {
+    /// R1's chain-of-thought filters to apply, comma-separated: language-mixing,
+    /// long-paragraph, code-block, repetition, incomplete, length; `all` or `none`.
+    #[arg(long, default_value = "all")]
+    filters: String,
+    /// A paragraph longer than this many characters fails `long-paragraph`.
+    #[arg(long, default_value_t = 4000)]
+    max_paragraph_chars: usize,
+    /// Completion-token bounds of the `length` filter.
+    #[arg(long, default_value_t = 1)]
+    min_completion_tokens: u64,
+    #[arg(long)]
+    max_completion_tokens: Option<u64>,
+    /// Which samples are accepted: `correct` (verified and filtered: R1's rejection sampling)
+    /// or `all` (filtered only).
+    #[arg(long, value_enum, default_value = "correct")]
+    keep: Keep,
+}
+
+impl FilterOptions {
+    fn score_options(&self) -> Result<ScoreOptions> {
+        let enabled = match self.filters.trim() {
+            "all" => filters::ALL.to_vec(),
+            "none" => Vec::new(),
+            list => list.split(',').map(|name| name.trim().parse::<Filter>()).collect::<Result<Vec<_>, _>>().map_err(anyhow::Error::msg)?,
+        };
+        Ok(ScoreOptions {
+            keep: self.keep,
+            filters: FilterConfig {
+                enabled,
+                max_paragraph_chars: self.max_paragraph_chars,
+                min_tokens: self.min_completion_tokens,
+                max_tokens: self.max_completion_tokens.unwrap_or(u64::MAX),
+                ..FilterConfig::default()
+            },
+        })
+    }
+}
+
+#[derive(Args)]
+pub struct RunArgs {
+    /// Prompts: JSONL or Parquet (file, folder or glob) with an id, a problem and a reference
+    /// answer (see --id-field, --problem-field, --answer-field).
+    #[arg(long)]
+    prompts: PathBuf,
+    /// API base of an OpenAI-compatible server, e.g. http://node0:8000/v1 (vLLM, SGLang) or
+    /// https://api.deepseek.com/v1; repeat for several replicas of the teacher.
+    #[arg(long = "endpoint", required = true)]
+    endpoints: Vec<String>,
+    /// Model name the server knows the teacher by (e.g. deepseek-ai/DeepSeek-R1, deepseek-reasoner).
+    #[arg(long)]
+    model: String,
+    /// Run folder: data/ (Parquet shards), manifest.json. An existing folder is resumed.
+    #[arg(long)]
+    out: PathBuf,
+    /// Samples per prompt.
+    #[arg(long, default_value_t = 4)]
+    samples: u32,
+    /// Requests in flight across all endpoints.
+    #[arg(long, default_value_t = 64)]
+    concurrency: usize,
+    #[arg(long, default_value_t = 32768)]
+    max_tokens: u64,
+    /// R1's recommended sampling: temperature 0.6, top-p 0.95.
+    #[arg(long, default_value_t = 0.6)]
+    temperature: f64,
+    #[arg(long, default_value_t = 0.95)]
+    top_p: f64,
+    /// The user turn; `{problem}` is replaced by the problem.
+    #[arg(long, default_value = DEFAULT_TEMPLATE)]
+    prompt_template: String,
+    /// A system prompt (off by default: R1 is advised to run without one).
+    #[arg(long)]
+    system_prompt: Option<String>,
+    /// Environment variable holding the API key (sent as a bearer token; never logged).
+    #[arg(long)]
+    api_key_env: Option<String>,
+    #[arg(long, default_value = "id")]
+    id_field: String,
+    #[arg(long, default_value = "problem")]
+    problem_field: String,
+    #[arg(long, default_value = "answer")]
+    answer_field: String,
+    /// Ask for whole responses instead of server-sent events.
+    #[arg(long)]
+    no_stream: bool,
+    /// Attempts after the first for 429, 5xx, timeouts, broken streams and connection errors.
+    #[arg(long, default_value_t = 8)]
+    max_retries: u32,
+    /// Extra attempts for a completion cut by --max-tokens (0 keeps it as a rejected row).
+    #[arg(long, default_value_t = 0)]
+    length_retries: u32,
+    /// Deadline of one request, in seconds (a 32k-token trace at 20 tokens/s takes ~27 min).
+    #[arg(long, default_value_t = 3600)]
+    request_timeout: u64,
+    /// Rows per Parquet shard.
+    #[arg(long, default_value_t = 256)]
+    shard_rows: usize,
+    #[command(flatten)]
+    filters: FilterOptions,
+    #[command(flatten)]
+    verifier: VerifierOptions,
+}
+
+/// The progress bar of `datagen run`.
+struct Bar {
+    bar: ProgressBar,
+    started: Instant,
+    prompts: usize,
+    samples: usize,
+    accepted: usize,
+    tokens: u64,
+}
+
+impl Progress for Bar {
+    fn start(&mut self, samples: usize, prompts: usize) {
+        self.bar.set_length(samples as u64);
+        self.prompts = prompts;
+        self.started = Instant::now();
+    }
+
+    fn sample(&mut self, row: &Row, prompts_done: usize) {
+        self.samples += 1;
+        self.accepted += row.accepted as usize;
+        self.tokens += row.completion_tokens.unwrap_or(0);
+        let seconds = self.started.elapsed().as_secs_f64().max(1e-9);
+        self.bar.set_message(format!(
+            "prompts {prompts_done}/{} | {:.2} samples/s | {:.0} tokens/s | accepted {:.0}%",
+            self.prompts,
+            self.samples as f64 / seconds,
+            self.tokens as f64 / seconds,
+            100.0 * self.accepted as f64 / self.samples as f64
+        ));
+        self.bar.inc(1);
+    }
+
+    fn finish(&mut self) {
+        self.bar.finish();
+    }
+}
+
+pub fn run_command(args: RunArgs) -> Result<()> {
+    for endpoint in &args.endpoints {
+        let url = reqwest::Url::parse(endpoint).with_context(|| format!("--endpoint {endpoint}: not a URL"))?;
+        if !matches!(url.scheme(), "http" | "https") {
+            bail!("--endpoint {endpoint}: expected an http:// or https:// API base");
+        }
+    }
+    let api_key = match &args.api_key_env {
+        Some(variable) => Some(std::env::var(variable).with_context(|| format!("--api-key-env {variable}: the variable is not set"))?),
+        None => None,
+    };
+    if !args.prompt_template.contains("{problem}") {
+        bail!("--prompt-template must contain {{problem}}");
+    }
+    if args.samples == 0 || args.concurrency == 0 {
+        bail!("--samples and --concurrency must be at least 1");
+    }
+    let fields = PromptFields { id: args.id_field.clone(), problem: args.problem_field.clone(), answer: args.answer_field.clone() };
+    let prompts = read_prompts(&args.prompts, &fields)?;
+    let sampling = Sampling {
+        model: args.model.clone(),
+        temperature: args.temperature,
+        top_p: args.top_p,
+        max_tokens: args.max_tokens,
+        prompt_template: args.prompt_template.clone(),
+        system_prompt: args.system_prompt.clone(),
+    };
+    let score_options = args.filters.score_options()?;
+    std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
+    let previous = read_manifest(&args.out).ok();
+    let generation = previous.as_ref().and_then(|m| m["generation"].as_u64()).unwrap_or(0) as u32;
+    let created_at = previous.as_ref().and_then(|m| m["created_at"].as_str().map(String::from)).unwrap_or_else(now);
+    let manifest = |status: &str, summary: Option<&datagen::run::Summary>| {
+        json!({
+            "tool": concat!("datagen ", env!("CARGO_PKG_VERSION")),
+            "created_at": created_at,
+            "updated_at": now(),
+            "status": status,
+            "generation": generation,
+            "prompts": {"path": args.prompts, "count": prompts.len(), "id_field": args.id_field, "problem_field": args.problem_field, "answer_field": args.answer_field},
+            "teacher": {"endpoints": args.endpoints, "api_key_env": args.api_key_env, "stream": !args.no_stream},
+            "sampling": sampling,
+            "sampling_hash": sampling.hash(),
+            "samples_per_prompt": args.samples,
+            "retries": {"max_retries": args.max_retries, "length_retries": args.length_retries, "request_timeout_s": args.request_timeout},
+            "scoring": score_options,
+            "verifier": datagen::scoring::VERIFIER,
+            "summary": summary,
+        })
+    };
+    write_manifest(&args.out, &manifest("running", None))?;
+    let config = RunConfig {
+        out: args.out.clone(),
+        endpoints: args.endpoints.clone(),
+        api_key,
+        sampling: sampling.clone(),
+        samples: args.samples,
+        concurrency: args.concurrency,
+        stream: !args.no_stream,
+        max_retries: args.max_retries,
+        length_retries: args.length_retries,
+        request_timeout: Duration::from_secs(args.request_timeout.max(1)),
+        backoff_base: Duration::from_millis(500),
+        backoff_cap: Duration::from_secs(60),
+        score: score_options.clone(),
+        verify: args.verifier.config(),
+        shard_rows: args.shard_rows,
+        generation,
+    };
+    let bar = ProgressBar::new(0);
+    bar.set_style(ProgressStyle::with_template("{bar:30} {pos}/{len} samples {msg} [{elapsed} < {eta}]").expect("static template"));
+    let mut progress = Bar { bar, started: Instant::now(), prompts: 0, samples: 0, accepted: 0, tokens: 0 };
+    let runtime = tokio::runtime::Runtime::new()?;
+    let result = runtime.block_on(run(&prompts, config, &mut progress, async {
+        let _ = tokio::signal::ctrl_c().await;
+    }));
+    let summary = match result {
+        Ok(summary) => summary,
+        Err(error) => {
+            write_manifest(&args.out, &manifest("stopped", None))?;
+            return Err(error.into());
+        }
+    };
+    let status = if summary.interrupted { "interrupted" } else { "complete" };
+    write_manifest(&args.out, &manifest(status, Some(&summary)))?;
+    eprintln!(
+        "{status}: {} samples stored this run ({} accepted, {} failed), {} were already done; data in {}",
+        summary.stored, summary.accepted, summary.failed, summary.already_done, args.out.join("data").display()
+    );
+    if summary.interrupted {
+        eprintln!("run the same command again to continue");
+    }
+    Ok(())
+}
+
+fn now() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+fn generation(out: &Path) -> Result<u32> {
+    let manifest = read_manifest(out).with_context(|| format!("{} is not a datagen run folder", out.display()))?;
+    Ok(manifest["generation"].as_u64().unwrap_or(0) as u32)
+}
+
+#[derive(Args)]
+pub struct RescoreArgs {
+    /// Run folder written by `datagen run`.
+    dir: PathBuf,
+    #[command(flatten)]
+    filters: FilterOptions,
+    #[command(flatten)]
+    verifier: VerifierOptions,
+}
+
+/// Re-verifies and re-filters every stored sample with the given options; never calls the
+/// teacher.
+pub fn rescore_command(args: RescoreArgs) -> Result<()> {
+    let from = generation(&args.dir)?;
+    let data = args.dir.join("data");
+    let mut rows = store::read_all(&data, from)?;
+    let options = args.filters.score_options()?;
+    let verify = args.verifier.config();
+    let (mut before, mut after) = (0, 0);
+    for row in &mut rows {
+        before += row.accepted as usize;
+        score(row, &options, &verify);
+        after += row.accepted as usize;
+    }
+    let mut manifest = read_manifest(&args.dir)?;
+    store::rewrite(&data, from, &rows, 256, |generation| {
+        manifest["generation"] = json!(generation);
+        manifest["scoring"] = json!(options);
+        manifest["rescored_at"] = json!(now());
+        write_manifest(&args.dir, &manifest)
+    })?;
+    eprintln!("rescored {} samples: {before} → {after} accepted", rows.len());
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct StatsArgs {
+    /// Run folder written by `datagen run`.
+    dir: PathBuf,
+    /// Print the figures as one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+fn percentile(sorted: &[u64], q: f64) -> Option<u64> {
+    sorted.get(((sorted.len() as f64 - 1.0) * q).round() as usize).copied()
+}
+
+/// pass@1 (mean correctness over samples, averaged over prompts) and cons@k (the majority
+/// extracted answer per prompt is correct) over the prompts with a reference answer.
+pub fn pass_and_consensus(rows: &[Row]) -> (Option<f64>, Option<f64>, usize) {
+    let mut by_prompt: BTreeMap<&str, Vec<&Row>> = BTreeMap::new();
+    for row in rows.iter().filter(|r| r.status == "ok" && r.correct.is_some()) {
+        by_prompt.entry(&row.id).or_default().push(row);
+    }
+    if by_prompt.is_empty() {
+        return (None, None, 0);
+    }
+    let mut pass = 0.0;
+    let mut consensus = 0.0;
+    for samples in by_prompt.values() {
+        pass += samples.iter().filter(|r| r.correct == Some(true)).count() as f64 / samples.len() as f64;
+        let mut votes: HashMap<&str, (usize, bool)> = HashMap::new();
+        for row in samples {
+            if let Some(answer) = row.extracted_answer.as_deref() {
+                let entry = votes.entry(answer).or_insert((0, false));
+                entry.0 += 1;
+                entry.1 |= row.correct == Some(true);
+            }
+        }
+        // Ties go to the answer seen first, as in the usual majority-vote evaluations.
+        let mut best: Option<(&str, usize, bool)> = None;
+        for row in samples {
+            if let Some(answer) = row.extracted_answer.as_deref() {
+                let (count, correct) = votes[answer];
+                if best.is_none_or(|(_, c, _)| count > c) {
+                    best = Some((answer, count, correct));
+                }
+            }
+        }
+        consensus += best.is_some_and(|(_, _, correct)| correct) as u8 as f64;
+    }
+    let n = by_prompt.len() as f64;
+    (Some(pass / n), Some(consensus / n), by_prompt.len())
+}
+
+pub fn stats_command(args: StatsArgs) -> Result<()> {
+    let rows = store::read_all(&args.dir.join("data"), generation(&args.dir)?)?;
+    let ok: Vec<&Row> = rows.iter().filter(|r| r.status == "ok").collect();
+    let verified: Vec<&Row> = ok.iter().copied().filter(|r| r.correct.is_some()).collect();
+    let correct = verified.iter().filter(|r| r.correct == Some(true)).count();
+    let mut filters: BTreeMap<String, usize> = BTreeMap::new();
+    let mut finish: BTreeMap<String, usize> = BTreeMap::new();
+    let mut parsers: BTreeMap<String, usize> = BTreeMap::new();
+    let mut endpoints: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+    for row in &rows {
+        for name in &row.filters_failed {
+            *filters.entry(name.clone()).or_default() += 1;
+        }
+        *finish.entry(row.finish_reason.clone().unwrap_or_else(|| "-".into())).or_default() += 1;
+        *parsers.entry(row.reasoning_parser.clone().unwrap_or_else(|| "-".into())).or_default() += 1;
+        if let (Some(endpoint), Some(latency)) = (&row.endpoint, row.latency_ms) {
+            endpoints.entry(endpoint.clone()).or_default().push(latency);
+        }
+    }
+    let mut tokens: Vec<u64> = ok.iter().filter_map(|r| r.completion_tokens).collect();
+    tokens.sort_unstable();
+    let (pass_at_1, cons_at_k, prompts_scored) = pass_and_consensus(&rows);
+    let samples_per_prompt = {
+        let mut counts: HashMap<&str, usize> = HashMap::new();
+        for row in &ok {
+            *counts.entry(&row.id).or_default() += 1;
+        }
+        counts.values().copied().max().unwrap_or(0)
+    };
+    let endpoint_stats: Vec<serde_json::Value> = endpoints
+        .iter_mut()
+        .map(|(endpoint, latencies)| {
+            latencies.sort_unstable();
+            json!({"endpoint": endpoint, "samples": latencies.len(), "latency_ms_p50": percentile(latencies, 0.5), "latency_ms_p90": percentile(latencies, 0.9)})
+        })
+        .collect();
+    let report = json!({
+        "samples": rows.len(),
+        "failed": rows.len() - ok.len(),
+        "accepted": rows.iter().filter(|r| r.accepted).count(),
+        "verified": verified.len(),
+        "pass_rate": (!verified.is_empty()).then(|| correct as f64 / verified.len() as f64),
+        "pass_at_1": pass_at_1,
+        "cons_at_k": cons_at_k,
+        "k": samples_per_prompt,
+        "prompts_scored": prompts_scored,
+        "filters_failed": filters,
+        "finish_reasons": finish,
+        "reasoning_parsers": parsers,
+        "completion_tokens": {"p50": percentile(&tokens, 0.5), "p90": percentile(&tokens, 0.9), "p99": percentile(&tokens, 0.99), "max": tokens.last()},
+        "endpoints": endpoint_stats,
+    });
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
+    let percent = |v: &serde_json::Value| v.as_f64().map_or("-".to_string(), |v| format!("{:.1}%", 100.0 * v));
+    println!("samples          {} ({} failed requests, {} accepted)", report["samples"], report["failed"], report["accepted"]);
+    println!("pass rate        {} of {} verified samples", percent(&report["pass_rate"]), verified.len());
+    println!("pass@1           {} over {} prompts", percent(&report["pass_at_1"]), prompts_scored);
+    println!("cons@{:<3}         {}", samples_per_prompt, percent(&report["cons_at_k"]));
+    println!("filters failed   {}", if filters.is_empty() { "none".into() } else { filters.iter().map(|(k, v)| format!("{k} {v}")).collect::<Vec<_>>().join(", ") });
+    println!("finish reasons   {}", finish.iter().map(|(k, v)| format!("{k} {v}")).collect::<Vec<_>>().join(", "));
+    println!("reasoning from   {}", parsers.iter().map(|(k, v)| format!("{k} {v}")).collect::<Vec<_>>().join(", "));
+    let show = |v: &serde_json::Value| v.as_u64().map_or("-".to_string(), |v| v.to_string());
+    let t = &report["completion_tokens"];
+    println!("completion tokens p50 {} p90 {} p99 {} max {}", show(&t["p50"]), show(&t["p90"]), show(&t["p99"]), show(&t["max"]));
+    for endpoint in &endpoint_stats {
+        println!(
+            "endpoint         {} {} samples, latency p50 {} ms p90 {} ms",
+            endpoint["endpoint"].as_str().unwrap_or("-"), endpoint["samples"], show(&endpoint["latency_ms_p50"]), show(&endpoint["latency_ms_p90"])
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,361 @@
+//! `datagen run`: every (prompt, sample index) not yet stored is requested from the teacher,
+//! verified, filtered and stored exactly once.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tokio::sync::{Semaphore, mpsc};
+
+use crate::prompts::Prompt;
+use crate::schema::{Message, Row};
+use crate::scoring::{ScoreOptions, score};
+use crate::store::{Store, StoreError};
+use crate::teacher::openai::{ChatRequest, chat};
+use crate::teacher::pool::{EndpointReport, Pool};
+use crate::teacher::{Completion, RequestError, backoff};
+use crate::verify::VerifyConfig;
+
+/// The R1 paper's instruction for math prompts, appended to each problem.
+pub const DEFAULT_TEMPLATE: &str = "{problem}\nPlease reason step by step, and put your final answer within \\boxed{}.";
+
+/// Everything that decides what the teacher is asked; hashed into every sample's key.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Sampling {
+    pub model: String,
+    pub temperature: f64,
+    pub top_p: f64,
+    pub max_tokens: u64,
+    pub prompt_template: String,
+    pub system_prompt: Option<String>,
+}
+
+impl Sampling {
+    /// 16 hex digits of the SHA-256 of the settings: samples drawn with other settings get
+    /// other keys, and are never mistaken for finished ones.
+    pub fn hash(&self) -> String {
+        let digest = Sha256::digest(serde_json::to_vec(self).expect("plain struct"));
+        digest.iter().take(8).map(|b| format!("{b:02x}")).collect()
+    }
+
+    pub fn messages(&self, problem: &str) -> Vec<(String, String)> {
+        let mut messages = Vec::new();
+        if let Some(system) = &self.system_prompt {
+            messages.push(("system".to_string(), system.clone()));
+        }
+        messages.push(("user".to_string(), self.prompt_template.replace("{problem}", problem)));
+        messages
+    }
+}
+
+pub fn key(prompt_id: &str, sample_index: u32, sampling_hash: &str) -> String {
+    format!("{prompt_id}/{sample_index}/{sampling_hash}")
+}
+
+#[derive(Debug, Clone)]
+pub struct RunConfig {
+    pub out: PathBuf,
+    pub endpoints: Vec<String>,
+    pub api_key: Option<String>,
+    pub sampling: Sampling,
+    pub samples: u32,
+    pub concurrency: usize,
+    pub stream: bool,
+    pub max_retries: u32,
+    /// Extra attempts for a completion cut by `max_tokens` (0: keep it, rejected).
+    pub length_retries: u32,
+    pub request_timeout: Duration,
+    pub backoff_base: Duration,
+    pub backoff_cap: Duration,
+    pub score: ScoreOptions,
+    pub verify: VerifyConfig,
+    pub shard_rows: usize,
+    pub generation: u32,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("the teacher refused the request ({endpoint}): {error}; fix the request, the model name or the API key (this is not retried)")]
+    Fatal { endpoint: String, error: RequestError },
+}
+
+/// What a run did.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Summary {
+    pub requested: usize,
+    pub stored: usize,
+    pub accepted: usize,
+    pub failed: usize,
+    pub already_done: usize,
+    pub interrupted: bool,
+    pub endpoints: Vec<EndpointReport>,
+}
+
+/// Progress of a run, for a progress bar.
+pub trait Progress: Send {
+    fn start(&mut self, samples: usize, prompts: usize);
+    fn sample(&mut self, row: &Row, prompts_done: usize);
+    fn finish(&mut self);
+}
+
+/// No feedback (tests, libraries).
+pub struct Quiet;
+
+impl Progress for Quiet {
+    fn start(&mut self, _: usize, _: usize) {}
+    fn sample(&mut self, _: &Row, _: usize) {}
+    fn finish(&mut self) {}
+}
+
+struct Outcome {
+    prompt: usize,
+    sample_index: u32,
+    result: Result<(Completion, String, u32), (RequestError, Option<String>, u32)>,
+}
+
+/// One sample: retried with backoff across the pool until it succeeds, a fatal error, or
+/// `max_retries` is spent.
+async fn sample(
+    http: reqwest::Client,
+    pool: Arc<Pool>,
+    config: Arc<RunConfig>,
+    request: ChatRequest,
+    refused: Arc<AtomicBool>,
+) -> Result<(Completion, String, u32), (RequestError, Option<String>, u32)> {
+    let mut attempts = 0u32;
+    let mut length_retries = 0u32;
+    loop {
+        attempts += 1;
+        let lease = pool.acquire();
+        let endpoint = lease.url().to_string();
+        match chat(&http, &endpoint, config.api_key.as_deref(), &request, config.request_timeout).await {
+            Ok(completion) => {
+                lease.succeeded(completion.latency_ms);
+                if completion.finish_reason.as_deref() == Some("length") && length_retries < config.length_retries {
+                    length_retries += 1;
+                    continue;
+                }
+                return Ok((completion, endpoint, attempts));
+            }
+            Err(error) if error.is_fatal() => {
+                lease.failed();
+                refused.store(true, Ordering::SeqCst);
+                return Err((error, Some(endpoint), attempts));
+            }
+            Err(error) => {
+                lease.failed();
+                if attempts > config.max_retries {
+                    return Err((error, Some(endpoint), attempts));
+                }
+                let wait = backoff(attempts - 1, config.backoff_base, config.backoff_cap, error.retry_after(), rand::random::<f64>());
+                tokio::time::sleep(wait).await;
+            }
+        }
+    }
+}
+
+fn now() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+fn row_for(prompt: &Prompt, sample_index: u32, config: &RunConfig, sampling_hash: &str) -> Row {
+    Row {
+        key: key(&prompt.id, sample_index, sampling_hash),
+        id: prompt.id.clone(),
+        source: prompt.source.clone(),
+        problem: prompt.problem.clone(),
+        reference_answer: prompt.answer.clone(),
+        sample_index,
+        status: "ok".into(),
+        error: None,
+        reasoning: None,
+        content: None,
+        messages: None,
+        extracted_answer: None,
+        correct: None,
+        verifier: None,
+        filters_failed: Vec::new(),
+        accepted: false,
+        finish_reason: None,
+        prompt_tokens: None,
+        completion_tokens: None,
+        usage_source: None,
+        teacher_model: config.sampling.model.clone(),
+        endpoint: None,
+        temperature: config.sampling.temperature,
+        top_p: config.sampling.top_p,
+        max_tokens: config.sampling.max_tokens,
+        latency_ms: None,
+        attempts: 0,
+        reasoning_parser: None,
+        created_at: now(),
+    }
+}
+
+/// Runs the whole prompt set; returns when every sample is stored, at a fatal error, or when
+/// `stop` resolves (Ctrl-C), always with every finished sample stored.
+pub async fn run(
+    prompts: &[Prompt],
+    config: RunConfig,
+    progress: &mut dyn Progress,
+    stop: impl std::future::Future<Output = ()>,
+) -> Result<Summary, RunError> {
+    let sampling_hash = config.sampling.hash();
+    let mut store = Store::open(&config.out.join("data"), config.generation, config.shard_rows)?;
+    let mut summary = Summary::default();
+    let mut remaining_per_prompt: Vec<u32> = vec![0; prompts.len()];
+    let mut todo = Vec::new();
+    for (index, prompt) in prompts.iter().enumerate() {
+        for sample_index in 0..config.samples {
+            if store.contains(&key(&prompt.id, sample_index, &sampling_hash)) {
+                summary.already_done += 1;
+            } else {
+                remaining_per_prompt[index] += 1;
+                todo.push((index, sample_index));
+            }
+        }
+    }
+    let mut prompts_done = remaining_per_prompt.iter().filter(|&&n| n == 0).count();
+    summary.requested = todo.len();
+    progress.start(todo.len(), prompts.len());
+
+    let config = Arc::new(config);
+    let pool = Arc::new(Pool::new(config.endpoints.clone(), 3, Duration::from_secs(30)));
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(config.concurrency)
+        .connect_timeout(Duration::from_secs(10))
+        .build()
+        .map_err(|e| RunError::Fatal { endpoint: String::new(), error: RequestError::Transport(e.to_string()) })?;
+    let (sender, mut receiver) = mpsc::channel::<Outcome>(config.concurrency.max(1) * 2);
+    let permits = Arc::new(Semaphore::new(config.concurrency.max(1)));
+    let mut tasks = tokio::task::JoinSet::new();
+    // Set by the first fatal answer (a wrong key): nothing more is sent.
+    let refused = Arc::new(AtomicBool::new(false));
+    {
+        let refused = refused.clone();
+        let (config, pool, http, prompts) = (config.clone(), pool.clone(), http.clone(), prompts.to_vec());
+        let permits = permits.clone();
+        // The dispatcher holds `concurrency` requests in flight and no more.
+        tasks.spawn(async move {
+            let mut inner = tokio::task::JoinSet::new();
+            for (prompt, sample_index) in todo {
+                let Ok(permit) = permits.clone().acquire_owned().await else { break };
+                if refused.load(Ordering::SeqCst) {
+                    break;
+                }
+                let request = ChatRequest {
+                    model: config.sampling.model.clone(),
+                    messages: config.sampling.messages(&prompts[prompt].problem),
+                    temperature: config.sampling.temperature,
+                    top_p: config.sampling.top_p,
+                    max_tokens: config.sampling.max_tokens,
+                    stream: config.stream,
+                    seed: None,
+                };
+                let (http, pool, config, sender, refused) = (http.clone(), pool.clone(), config.clone(), sender.clone(), refused.clone());
+                inner.spawn(async move {
+                    let result = sample(http, pool, config, request, refused).await;
+                    drop(permit);
+                    let _ = sender.send(Outcome { prompt, sample_index, result }).await;
+                });
+                // Reap finished tasks so the set does not grow with the prompt set.
+                while inner.try_join_next().is_some() {}
+            }
+            drop(sender);
+            while inner.join_next().await.is_some() {}
+        });
+    }
+
+    let score_options = config.score.clone();
+    tokio::pin!(stop);
+    let outcome: Result<(), RunError> = loop {
+        let outcome = tokio::select! {
+            outcome = receiver.recv() => outcome,
+            () = &mut stop => {
+                summary.interrupted = true;
+                break Ok(());
+            }
+        };
+        let Some(Outcome { prompt, sample_index, result }) = outcome else { break Ok(()) };
+        let mut row = row_for(&prompts[prompt], sample_index, &config, &sampling_hash);
+        match result {
+            Ok((completion, endpoint, attempts)) => {
+                let user = config.sampling.messages(&prompts[prompt].problem);
+                let mut messages: Vec<Message> = user.into_iter().map(|(role, content)| Message { role, content }).collect();
+                messages.push(Message {
+                    role: "assistant".into(),
+                    content: crate::reasoning::assistant_turn(completion.reasoning.as_deref(), &completion.content),
+                });
+                row.usage_source = completion.completion_tokens.map(|_| "server".to_string());
+                row.reasoning = completion.reasoning;
+                row.content = Some(completion.content);
+                row.messages = Some(messages);
+                row.finish_reason = completion.finish_reason;
+                row.prompt_tokens = completion.prompt_tokens;
+                row.completion_tokens = completion.completion_tokens;
+                row.endpoint = Some(endpoint);
+                row.latency_ms = Some(completion.latency_ms);
+                row.attempts = attempts;
+                row.reasoning_parser = Some(completion.parser.as_str().to_string());
+                score(&mut row, &score_options, &config.verify);
+            }
+            Err((error, endpoint, _)) if error.is_fatal() => {
+                break Err(RunError::Fatal { endpoint: endpoint.unwrap_or_default(), error });
+            }
+            Err((error, endpoint, attempts)) => {
+                row.status = "failed".into();
+                row.error = Some(error.to_string());
+                row.endpoint = endpoint;
+                row.attempts = attempts;
+                summary.failed += 1;
+            }
+        }
+        summary.stored += 1;
+        summary.accepted += row.accepted as usize;
+        remaining_per_prompt[prompt] -= 1;
+        if remaining_per_prompt[prompt] == 0 {
+            prompts_done += 1;
+        }
+        progress.sample(&row, prompts_done);
+        if let Err(error) = store.append(row) {
+            break Err(error.into());
+        }
+    };
+    // In-flight requests are abandoned; their samples are asked for again next time.
+    permits.close();
+    tasks.abort_all();
+    while tasks.join_next().await.is_some() {}
+    store.compact()?;
+    progress.finish();
+    summary.endpoints = pool.report();
+    outcome.map(|()| summary)
+}
+
+/// `manifest.json`: the run's configuration and provenance (never the API key), written
+/// atomically.
+pub fn write_manifest(out: &Path, manifest: &serde_json::Value) -> Result<(), StoreError> {
+    let path = out.join("manifest.json");
+    let temporary = out.join(".manifest.json.tmp");
+    let error = |e: std::io::Error| StoreError::File { path: path.clone(), message: e.to_string() };
+    std::fs::write(&temporary, serde_json::to_string_pretty(manifest).expect("JSON value")).map_err(error)?;
+    std::fs::File::open(&temporary).and_then(|f| f.sync_all()).map_err(error)?;
+    std::fs::rename(&temporary, &path).map_err(error)?;
+    Ok(())
+}
+
+/// Reads `manifest.json` of a run folder.
+pub fn read_manifest(out: &Path) -> Result<serde_json::Value, StoreError> {
+    let path = out.join("manifest.json");
+    let text = std::fs::read_to_string(&path).map_err(|e| StoreError::File { path: path.clone(), message: e.to_string() })?;
+    serde_json::from_str(&text).map_err(|e| StoreError::File { path, message: e.to_string() })
+}
+
+/// Seconds since `started`, for rates.
+pub fn elapsed(started: Instant) -> f64 {
+    started.elapsed().as_secs_f64().max(1e-9)
+}

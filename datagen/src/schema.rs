@@ -1,0 +1,112 @@
+//! One row per sample: what `datagen run` writes, `datagen rescore` rewrites and
+//! `distill train` reads. Documented column by column in `datasets/SCHEMA.md`; a test checks
+//! that document against [`schema`].
+
+use std::sync::Arc;
+
+use arrow::datatypes::{DataType, Field, Fields, Schema, TimeUnit};
+use arrow::record_batch::RecordBatch;
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Message {
+    pub role: String,
+    pub content: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Row {
+    pub key: String,
+    pub id: String,
+    pub source: Option<String>,
+    pub problem: String,
+    pub reference_answer: Option<String>,
+    pub sample_index: u32,
+    /// `ok`, or `failed` (retries exhausted; `error` says why).
+    pub status: String,
+    pub error: Option<String>,
+    pub reasoning: Option<String>,
+    pub content: Option<String>,
+    pub messages: Option<Vec<Message>>,
+    pub extracted_answer: Option<String>,
+    pub correct: Option<bool>,
+    pub verifier: Option<String>,
+    pub filters_failed: Vec<String>,
+    pub accepted: bool,
+    pub finish_reason: Option<String>,
+    pub prompt_tokens: Option<u64>,
+    pub completion_tokens: Option<u64>,
+    pub usage_source: Option<String>,
+    pub teacher_model: String,
+    pub endpoint: Option<String>,
+    pub temperature: f64,
+    pub top_p: f64,
+    pub max_tokens: u64,
+    pub latency_ms: Option<u64>,
+    pub attempts: u32,
+    pub reasoning_parser: Option<String>,
+    /// RFC 3339, UTC.
+    pub created_at: String,
+}
+
+/// The Arrow (and Parquet) schema of [`Row`], field for field.
+pub fn schema() -> Arc<Schema> {
+    let utf8 = |name: &str, nullable: bool| Field::new(name, DataType::Utf8, nullable);
+    let message = Fields::from(vec![utf8("role", false), utf8("content", false)]);
+    Arc::new(Schema::new(vec![
+        utf8("key", false),
+        utf8("id", false),
+        utf8("source", true),
+        utf8("problem", false),
+        utf8("reference_answer", true),
+        Field::new("sample_index", DataType::UInt32, false),
+        utf8("status", false),
+        utf8("error", true),
+        utf8("reasoning", true),
+        utf8("content", true),
+        Field::new("messages", DataType::List(Arc::new(Field::new("item", DataType::Struct(message), false))), true),
+        utf8("extracted_answer", true),
+        Field::new("correct", DataType::Boolean, true),
+        utf8("verifier", true),
+        Field::new("filters_failed", DataType::List(Arc::new(Field::new("item", DataType::Utf8, false))), false),
+        Field::new("accepted", DataType::Boolean, false),
+        utf8("finish_reason", true),
+        Field::new("prompt_tokens", DataType::UInt64, true),
+        Field::new("completion_tokens", DataType::UInt64, true),
+        utf8("usage_source", true),
+        utf8("teacher_model", false),
+        utf8("endpoint", true),
+        Field::new("temperature", DataType::Float64, false),
+        Field::new("top_p", DataType::Float64, false),
+        Field::new("max_tokens", DataType::UInt64, false),
+        Field::new("latency_ms", DataType::UInt64, true),
+        Field::new("attempts", DataType::UInt32, false),
+        utf8("reasoning_parser", true),
+        Field::new("created_at", DataType::Timestamp(TimeUnit::Millisecond, Some("+00:00".into())), false),
+    ]))
+}
+
+/// Rows → one record batch of [`schema`] (through arrow-json's serde decoder).
+pub fn to_batch(rows: &[Row]) -> Result<RecordBatch, arrow::error::ArrowError> {
+    let mut decoder = arrow::json::ReaderBuilder::new(schema()).with_batch_size(rows.len().max(1)).build_decoder()?;
+    decoder.serialize(rows)?;
+    Ok(decoder.flush()?.unwrap_or_else(|| RecordBatch::new_empty(schema())))
+}
+
+/// A record batch of [`schema`] → rows.
+pub fn from_batch(batch: &RecordBatch) -> Result<Vec<Row>, String> {
+    let mut writer = arrow::json::WriterBuilder::new().with_explicit_nulls(true).build::<_, arrow::json::writer::JsonArray>(Vec::new());
+    writer.write(batch).map_err(|e| e.to_string())?;
+    writer.finish().map_err(|e| e.to_string())?;
+    let mut values: Vec<serde_json::Value> = serde_json::from_slice(&writer.into_inner()).map_err(|e| e.to_string())?;
+    for value in &mut values {
+        // arrow-json writes timestamps without the zone; they are UTC.
+        if let Some(text) = value["created_at"].as_str()
+            && !text.ends_with('Z')
+            && !text.contains('+')
+        {
+            value["created_at"] = serde_json::Value::String(format!("{text}Z"));
+        }
+    }
+    values.into_iter().map(|v| serde_json::from_value(v).map_err(|e| e.to_string())).collect()
+}

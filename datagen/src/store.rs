@@ -1,0 +1,216 @@
+//! Exactly-once storage of samples.
+//!
+//! A finished sample is appended to `journal.wal` (one JSON line, fsynced) before anything
+//! else happens, so a kill loses only requests still in flight. Every `shard_rows` rows the
+//! journal is compacted into a Parquet shard, written as a hidden temporary file, fsynced and
+//! renamed into place (a reader never sees half a shard), then the journal is emptied the same
+//! way. A kill between the two leaves rows both in a shard and in the journal: on opening, the
+//! journal's rows whose keys a shard already holds are dropped, so every key is stored once.
+//! A torn last journal line (a kill mid-write) is discarded: its request was still in flight.
+
+use std::collections::HashSet;
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use crate::schema::{self, Row};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{path}: {message}")]
+    File { path: PathBuf, message: String },
+}
+
+fn file_error(path: &Path, message: impl ToString) -> StoreError {
+    StoreError::File { path: path.to_path_buf(), message: message.to_string() }
+}
+
+const JOURNAL: &str = "journal.wal";
+
+/// Shards of `generation` in `dir`, in order.
+pub fn shards(dir: &Path, generation: u32) -> Result<Vec<PathBuf>, StoreError> {
+    let prefix = format!("samples-g{generation}-");
+    let mut paths: Vec<PathBuf> = fs::read_dir(dir)
+        .map_err(|e| file_error(dir, e))?
+        .filter_map(|entry| entry.ok().map(|e| e.path()))
+        .filter(|path| {
+            path.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(&prefix) && n.ends_with(".parquet"))
+        })
+        .collect();
+    paths.sort();
+    Ok(paths)
+}
+
+pub fn read_shard(path: &Path) -> Result<Vec<Row>, StoreError> {
+    use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+    let file = File::open(path).map_err(|e| file_error(path, e))?;
+    let reader = ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| file_error(path, e))?.build().map_err(|e| file_error(path, e))?;
+    let mut rows = Vec::new();
+    for batch in reader {
+        let batch = batch.map_err(|e| file_error(path, e))?;
+        rows.extend(schema::from_batch(&batch).map_err(|e| file_error(path, e))?);
+    }
+    Ok(rows)
+}
+
+fn sync_dir(dir: &Path) -> Result<(), StoreError> {
+    File::open(dir).and_then(|d| d.sync_all()).map_err(|e| file_error(dir, e))
+}
+
+/// Writes `rows` as the Parquet file `path`, atomically.
+pub fn write_shard(path: &Path, rows: &[Row]) -> Result<(), StoreError> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("shard");
+    let temporary = dir.join(format!(".{name}.tmp"));
+    let batch = schema::to_batch(rows).map_err(|e| file_error(path, e))?;
+    let file = File::create(&temporary).map_err(|e| file_error(&temporary, e))?;
+    let properties = parquet::file::properties::WriterProperties::builder()
+        .set_compression(parquet::basic::Compression::ZSTD(Default::default()))
+        .build();
+    let mut writer = parquet::arrow::ArrowWriter::try_new(file, schema::schema(), Some(properties)).map_err(|e| file_error(&temporary, e))?;
+    writer.write(&batch).map_err(|e| file_error(&temporary, e))?;
+    let file = writer.into_inner().map_err(|e| file_error(&temporary, e))?;
+    file.sync_all().map_err(|e| file_error(&temporary, e))?;
+    fs::rename(&temporary, path).map_err(|e| file_error(path, e))?;
+    sync_dir(dir)
+}
+
+pub struct Store {
+    dir: PathBuf,
+    generation: u32,
+    next_shard: u32,
+    journal: File,
+    /// Keys stored (in shards or in the journal).
+    done: HashSet<String>,
+    /// Rows in the journal, not yet in a shard.
+    pending: Vec<Row>,
+    pub shard_rows: usize,
+}
+
+impl Store {
+    /// Opens (or starts) the store in `dir`: reads the keys of every shard of `generation`,
+    /// folds what the journal holds beyond them into a new shard, and starts an empty journal.
+    pub fn open(dir: &Path, generation: u32, shard_rows: usize) -> Result<Store, StoreError> {
+        fs::create_dir_all(dir).map_err(|e| file_error(dir, e))?;
+        let mut done = HashSet::new();
+        let existing = shards(dir, generation)?;
+        for path in &existing {
+            for row in read_shard(path)? {
+                done.insert(row.key);
+            }
+        }
+        let next_shard = existing
+            .iter()
+            .filter_map(|p| p.file_stem()?.to_str()?.rsplit('-').next()?.parse::<u32>().ok())
+            .max()
+            .map_or(0, |n| n + 1);
+        let journal_path = dir.join(JOURNAL);
+        let mut pending = Vec::new();
+        if let Ok(text) = fs::read(&journal_path) {
+            for line in text.split(|&b| b == b'\n') {
+                // A line that does not parse is the torn tail of a killed write.
+                if let Ok(row) = serde_json::from_slice::<Row>(line)
+                    && done.insert(row.key.clone())
+                {
+                    pending.push(row);
+                }
+            }
+        }
+        let journal = OpenOptions::new().create(true).append(true).open(&journal_path).map_err(|e| file_error(&journal_path, e))?;
+        let mut store = Store { dir: dir.to_path_buf(), generation, next_shard, journal, done, pending, shard_rows: shard_rows.max(1) };
+        store.compact()?;
+        Ok(store)
+    }
+
+    pub fn contains(&self, key: &str) -> bool {
+        self.done.contains(key)
+    }
+
+    pub fn len(&self) -> usize {
+        self.done.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.done.is_empty()
+    }
+
+    /// Stores one finished sample durably; a key already stored is ignored.
+    pub fn append(&mut self, row: Row) -> Result<(), StoreError> {
+        if !self.done.insert(row.key.clone()) {
+            return Ok(());
+        }
+        let path = self.dir.join(JOURNAL);
+        let mut line = serde_json::to_vec(&row).map_err(|e| file_error(&path, e))?;
+        line.push(b'\n');
+        self.journal.write_all(&line).and_then(|_| self.journal.sync_data()).map_err(|e| file_error(&path, e))?;
+        self.pending.push(row);
+        if self.pending.len() >= self.shard_rows {
+            self.compact()?;
+        }
+        Ok(())
+    }
+
+    /// Moves the journal's rows into a new shard and empties the journal.
+    pub fn compact(&mut self) -> Result<(), StoreError> {
+        let journal_path = self.dir.join(JOURNAL);
+        if !self.pending.is_empty() {
+            let path = self.dir.join(format!("samples-g{}-{:06}.parquet", self.generation, self.next_shard));
+            write_shard(&path, &self.pending)?;
+            self.next_shard += 1;
+            self.pending.clear();
+        }
+        let temporary = self.dir.join(format!(".{JOURNAL}.tmp"));
+        File::create(&temporary).and_then(|f| f.sync_all()).map_err(|e| file_error(&temporary, e))?;
+        fs::rename(&temporary, &journal_path).map_err(|e| file_error(&journal_path, e))?;
+        sync_dir(&self.dir)?;
+        self.journal = OpenOptions::new().append(true).open(&journal_path).map_err(|e| file_error(&journal_path, e))?;
+        Ok(())
+    }
+}
+
+/// Every stored row of `generation` (shards, then journal rows not in them), each key once.
+pub fn read_all(dir: &Path, generation: u32) -> Result<Vec<Row>, StoreError> {
+    let mut seen = HashSet::new();
+    let mut rows = Vec::new();
+    for path in shards(dir, generation)? {
+        rows.extend(read_shard(&path)?.into_iter().filter(|r| seen.insert(r.key.clone())));
+    }
+    if let Ok(text) = fs::read(dir.join(JOURNAL)) {
+        for line in text.split(|&b| b == b'\n') {
+            if let Ok(row) = serde_json::from_slice::<Row>(line)
+                && seen.insert(row.key.clone())
+            {
+                rows.push(row);
+            }
+        }
+    }
+    Ok(rows)
+}
+
+/// Replaces generation `from` by `rows` written as generation `from + 1` (`datagen rescore`):
+/// the new shards are complete before `commit` (which records the new generation, e.g. in the
+/// manifest) runs, and the old shards are removed only after it.
+pub fn rewrite(
+    dir: &Path,
+    from: u32,
+    rows: &[Row],
+    shard_rows: usize,
+    commit: impl FnOnce(u32) -> Result<(), StoreError>,
+) -> Result<(), StoreError> {
+    let generation = from + 1;
+    for stale in shards(dir, generation)? {
+        fs::remove_file(&stale).map_err(|e| file_error(&stale, e))?;
+    }
+    for (index, chunk) in rows.chunks(shard_rows.max(1)).enumerate() {
+        write_shard(&dir.join(format!("samples-g{generation}-{index:06}.parquet")), chunk)?;
+    }
+    commit(generation)?;
+    for old in shards(dir, from)? {
+        fs::remove_file(&old).map_err(|e| file_error(&old, e))?;
+    }
+    let journal = dir.join(JOURNAL);
+    if journal.exists() {
+        fs::write(&journal, b"").map_err(|e| file_error(&journal, e))?;
+    }
+    sync_dir(dir)
+}
