@@ -312,44 +312,6 @@ fn percentile(sorted: &[u64], q: f64) -> Option<u64> {
     sorted.get(((sorted.len() as f64 - 1.0) * q).round() as usize).copied()
 }
 
-/// pass@1 (mean correctness over samples, averaged over prompts) and cons@k (the majority
-/// extracted answer per prompt is correct) over the prompts with a reference answer.
-pub fn pass_and_consensus(rows: &[Row]) -> (Option<f64>, Option<f64>, usize) {
-    let mut by_prompt: BTreeMap<&str, Vec<&Row>> = BTreeMap::new();
-    for row in rows.iter().filter(|r| r.status == "ok" && r.correct.is_some()) {
-        by_prompt.entry(&row.id).or_default().push(row);
-    }
-    if by_prompt.is_empty() {
-        return (None, None, 0);
-    }
-    let mut pass = 0.0;
-    let mut consensus = 0.0;
-    for samples in by_prompt.values() {
-        pass += samples.iter().filter(|r| r.correct == Some(true)).count() as f64 / samples.len() as f64;
-        let mut votes: HashMap<&str, (usize, bool)> = HashMap::new();
-        for row in samples {
-            if let Some(answer) = row.extracted_answer.as_deref() {
-                let entry = votes.entry(answer).or_insert((0, false));
-                entry.0 += 1;
-                entry.1 |= row.correct == Some(true);
-            }
-        }
-        // Ties go to the answer seen first, as in the usual majority-vote evaluations.
-        let mut best: Option<(&str, usize, bool)> = None;
-        for row in samples {
-            if let Some(answer) = row.extracted_answer.as_deref() {
-                let (count, correct) = votes[answer];
-                if best.is_none_or(|(_, c, _)| count > c) {
-                    best = Some((answer, count, correct));
-                }
-            }
-        }
-        consensus += best.is_some_and(|(_, _, correct)| correct) as u8 as f64;
-    }
-    let n = by_prompt.len() as f64;
-    (Some(pass / n), Some(consensus / n), by_prompt.len())
-}
-
 pub fn stats_command(args: StatsArgs) -> Result<()> {
     let rows = store::read_all(&args.dir.join("data"), generation(&args.dir)?)?;
     let ok: Vec<&Row> = rows.iter().filter(|r| r.status == "ok").collect();
@@ -371,7 +333,7 @@ pub fn stats_command(args: StatsArgs) -> Result<()> {
     }
     let mut tokens: Vec<u64> = ok.iter().filter_map(|r| r.completion_tokens).collect();
     tokens.sort_unstable();
-    let (pass_at_1, cons_at_k, prompts_scored) = pass_and_consensus(&rows);
+    let (pass_at_1, cons_at_k, prompts_scored) = datagen::scoring::pass_and_consensus(&rows);
     let samples_per_prompt = {
         let mut counts: HashMap<&str, usize> = HashMap::new();
         for row in &ok {

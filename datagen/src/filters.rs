@@ -180,7 +180,7 @@ mod tests {
         assert_eq!(failed(&mixed, &config), vec![Filter::LanguageMixing]);
         let chinese = sample("计算二加二。", "我们先计算两个数的和，然后得到结果四。", "\\boxed{4}");
         assert!(failed(&chinese, &config).is_empty(), "Chinese problem, Chinese reasoning");
-        let long = "word ".repeat(1000);
+        let long: String = (0..1000).map(|i| format!("w{i} ")).collect();
         assert_eq!(failed(&sample("q", &long, "4"), &config), vec![Filter::LongParagraph]);
         assert_eq!(failed(&sample("q", "```python\nprint(4)\n```", "4"), &config), vec![Filter::CodeBlock]);
         let looping = format!("start\n{}", "Wait, let me check the computation again carefully.\n".repeat(12));

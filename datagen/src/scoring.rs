@@ -1,6 +1,8 @@
 //! Verification and filtering of a stored sample: what `datagen run` does to each completion
 //! and `datagen rescore` redoes from the stored rows, without the teacher.
 
+use std::collections::{BTreeMap, HashMap};
+
 use serde::{Deserialize, Serialize};
 
 use crate::filters::{self, FilterConfig};
@@ -63,4 +65,74 @@ pub fn score(row: &mut Row, options: &ScoreOptions, verify_config: &VerifyConfig
             Keep::Correct => row.correct == Some(true),
             Keep::All => true,
         };
+}
+
+/// pass@1 (mean correctness over samples, averaged over prompts) and cons@k (the majority
+/// extracted answer per prompt is correct) over the prompts with a reference answer.
+pub fn pass_and_consensus(rows: &[Row]) -> (Option<f64>, Option<f64>, usize) {
+    let mut by_prompt: BTreeMap<&str, Vec<&Row>> = BTreeMap::new();
+    for row in rows.iter().filter(|r| r.status == "ok" && r.correct.is_some()) {
+        by_prompt.entry(&row.id).or_default().push(row);
+    }
+    if by_prompt.is_empty() {
+        return (None, None, 0);
+    }
+    let mut pass = 0.0;
+    let mut consensus = 0.0;
+    for samples in by_prompt.values() {
+        pass += samples.iter().filter(|r| r.correct == Some(true)).count() as f64 / samples.len() as f64;
+        let mut votes: HashMap<&str, (usize, bool)> = HashMap::new();
+        for row in samples {
+            if let Some(answer) = row.extracted_answer.as_deref() {
+                let entry = votes.entry(answer).or_insert((0, false));
+                entry.0 += 1;
+                entry.1 |= row.correct == Some(true);
+            }
+        }
+        // Ties go to the answer seen first, as in the usual majority-vote evaluations.
+        let mut best: Option<(&str, usize, bool)> = None;
+        for row in samples {
+            if let Some(answer) = row.extracted_answer.as_deref() {
+                let (count, correct) = votes[answer];
+                if best.is_none_or(|(_, c, _)| count > c) {
+                    best = Some((answer, count, correct));
+                }
+            }
+        }
+        consensus += best.is_some_and(|(_, _, correct)| correct) as u8 as f64;
+    }
+    let n = by_prompt.len() as f64;
+    (Some(pass / n), Some(consensus / n), by_prompt.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(id: &str, answer: &str, correct: bool) -> Row {
+        let mut row: Row = serde_json::from_value(serde_json::json!({
+            "key": format!("{id}/{answer}/{correct}"), "id": id, "source": null, "problem": "p", "reference_answer": "1",
+            "sample_index": 0, "status": "ok", "error": null, "reasoning": null, "content": null, "messages": null,
+            "extracted_answer": answer, "correct": correct, "verifier": null, "filters_failed": [], "accepted": correct,
+            "finish_reason": "stop", "prompt_tokens": null, "completion_tokens": null, "usage_source": null,
+            "teacher_model": "m", "endpoint": null, "temperature": 0.6, "top_p": 0.95, "max_tokens": 1,
+            "latency_ms": null, "attempts": 1, "reasoning_parser": null, "created_at": "2026-11-28T00:00:00Z"
+        }))
+        .unwrap();
+        row.key.push('x');
+        row
+    }
+
+    #[test]
+    fn pass_at_1_and_majority_vote() {
+        // Prompt a: 1 of 3 right, the majority (2 × "5") wrong. Prompt b: 2 of 3 right, majority right.
+        let rows = vec![
+            row("a", "1", true), row("a", "5", false), row("a", "5", false),
+            row("b", "7", true), row("b", "7", true), row("b", "8", false),
+        ];
+        let (pass, consensus, prompts) = pass_and_consensus(&rows);
+        assert_eq!(prompts, 2);
+        assert!((pass.unwrap() - (1.0 / 3.0 + 2.0 / 3.0) / 2.0).abs() < 1e-12);
+        assert_eq!(consensus, Some(0.5));
+    }
 }

@@ -92,6 +92,13 @@ impl Store {
     /// folds what the journal holds beyond them into a new shard, and starts an empty journal.
     pub fn open(dir: &Path, generation: u32, shard_rows: usize) -> Result<Store, StoreError> {
         fs::create_dir_all(dir).map_err(|e| file_error(dir, e))?;
+        // Temporary files of a killed write: their rows are still in the journal.
+        for entry in fs::read_dir(dir).map_err(|e| file_error(dir, e))?.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with('.') && name.ends_with(".tmp") {
+                fs::remove_file(entry.path()).map_err(|e| file_error(&entry.path(), e))?;
+            }
+        }
         let mut done = HashSet::new();
         let existing = shards(dir, generation)?;
         for path in &existing {

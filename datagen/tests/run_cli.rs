@@ -1,0 +1,166 @@
+//! The `datagen` binary: SIGKILLed at random moments and resumed, every sample is stored exactly
+//! once; rescore and stats without the teacher; bad input is a clear error.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use common::{Behaviour, serve};
+
+fn datagen(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_datagen")).args(args).current_dir(common::repo_root()).output().unwrap()
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+fn assert_clean_failure(output: &Output, needles: &[&str]) {
+    let err = stderr(output);
+    assert!(!output.status.success(), "expected failure: {err}");
+    assert!(!err.contains("panicked"), "panicked: {err}");
+    for needle in needles {
+        assert!(err.contains(needle), "error does not mention {needle:?}: {err}");
+    }
+}
+
+/// Every row physically stored (shards of the current generation and the journal), duplicates
+/// included.
+fn stored_keys(out: &Path) -> Vec<String> {
+    let data = out.join("data");
+    let mut keys = Vec::new();
+    for shard in datagen::store::shards(&data, 0).unwrap() {
+        keys.extend(datagen::store::read_shard(&shard).unwrap().into_iter().map(|r| r.key));
+    }
+    if let Ok(text) = std::fs::read_to_string(data.join("journal.wal")) {
+        for line in text.lines() {
+            if let Ok(row) = serde_json::from_str::<datagen::schema::Row>(line) {
+                keys.push(row.key);
+            }
+        }
+    }
+    keys
+}
+
+fn run_args<'a>(prompts: &'a str, url: &'a str, out: &'a str) -> Vec<&'a str> {
+    vec![
+        "run", "--prompts", prompts, "--endpoint", url, "--model", "deepseek-ai/DeepSeek-R1", "--out", out,
+        "--samples", "3", "--concurrency", "4", "--shard-rows", "4", "--max-tokens", "2048",
+    ]
+}
+
+#[test]
+fn killed_runs_resume_and_store_every_sample_exactly_once() {
+    let answers = common::bundled_answers(&common::math_prompts(12));
+    let server = serve(Behaviour { delay: Duration::from_millis(150), ..Behaviour::default() }, answers);
+    let dir = tempfile::tempdir().unwrap();
+    let prompts = common::prompt_file(dir.path(), 12);
+    let out = dir.path().join("out");
+    let (prompts, url, out_text) = (prompts.to_str().unwrap().to_string(), server.url(), out.to_str().unwrap().to_string());
+    let args = run_args(&prompts, &url, &out_text);
+    let mut stored = 0;
+    for kill_after_ms in [150u64, 420, 260] {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_datagen")).args(&args).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+        std::thread::sleep(Duration::from_millis(kill_after_ms));
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        let keys = stored_keys(&out);
+        let unique: std::collections::HashSet<&String> = keys.iter().collect();
+        assert_eq!(unique.len(), keys.len(), "a key stored twice after a kill");
+        assert!(keys.len() >= stored, "a stored row was lost: {} < {stored}", keys.len());
+        stored = keys.len();
+    }
+    assert!(stored < 36, "the kills came too late to test anything ({stored} of 36 stored)");
+    let output = datagen(&args);
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert!(stderr(&output).contains("were already done"), "{}", stderr(&output));
+    let keys = stored_keys(&out);
+    let mut counts: HashMap<String, usize> = HashMap::new();
+    for key in &keys {
+        *counts.entry(key.clone()).or_default() += 1;
+    }
+    assert_eq!(counts.len(), 36, "12 prompts × 3 samples");
+    assert!(counts.values().all(|&c| c == 1), "every key exactly once");
+    let journal = std::fs::read_to_string(out.join("data/journal.wal")).unwrap();
+    assert!(journal.is_empty(), "compacted at the end");
+    let manifest: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("manifest.json")).unwrap()).unwrap();
+    assert_eq!(manifest["status"], "complete");
+    assert!(!manifest.to_string().contains("sk-"), "no key in the manifest");
+
+    // A second complete run asks nothing of the teacher.
+    let before = server.requests();
+    let output = datagen(&args);
+    assert!(output.status.success());
+    assert_eq!(server.requests(), before);
+
+    // stats agree with the rows (which samples are right depends on where the kills fell: the
+    // server alternates right and wrong answers per problem, killed requests included).
+    let rows = datagen::store::read_all(&out.join("data"), 0).unwrap();
+    let correct = rows.iter().filter(|r| r.correct == Some(true)).count();
+    assert!(correct > 0 && correct < 36);
+    let output = datagen(&["stats", &out_text, "--json"]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let stats: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!((stats["samples"].as_u64(), stats["k"].as_u64(), stats["accepted"].as_u64()), (Some(36), Some(3), Some(correct as u64)));
+    assert!((stats["pass_at_1"].as_f64().unwrap() - correct as f64 / 36.0).abs() < 1e-9, "{stats}");
+    let text = datagen(&["stats", &out_text]);
+    assert!(String::from_utf8_lossy(&text.stdout).contains("cons@3"));
+
+    // rescore with --keep all accepts every sample that passes the filters, without requests.
+    let output = datagen(&["rescore", &out_text, "--keep", "all"]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert!(stderr(&output).contains(&format!("{correct} → 36 accepted")), "{}", stderr(&output));
+    assert_eq!(server.requests(), before);
+    let manifest: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("manifest.json")).unwrap()).unwrap();
+    assert_eq!(manifest["generation"], 1);
+    assert!(datagen::store::shards(&out.join("data"), 0).unwrap().is_empty(), "old generation removed");
+    let rows = datagen::store::read_all(&out.join("data"), 1).unwrap();
+    assert_eq!((rows.len(), rows.iter().filter(|r| r.accepted).count()), (36, 36));
+}
+
+#[test]
+fn bad_input_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let out = out.to_str().unwrap();
+    let write = |name: &str, text: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        path.to_str().unwrap().to_string()
+    };
+    let good = write("good.jsonl", "{\"id\": \"a\", \"problem\": \"1+1?\", \"answer\": \"2\"}\n");
+    let url = "http://127.0.0.1:9/v1";
+
+    let empty = write("empty.jsonl", "");
+    assert_clean_failure(&datagen(&run_args(&empty, url, out)), &["empty.jsonl"]);
+    let duplicate = write("dup.jsonl", "{\"id\": \"a\", \"problem\": \"x\"}\n{\"id\": \"a\", \"problem\": \"y\"}\n");
+    assert_clean_failure(&datagen(&run_args(&duplicate, url, out)), &["dup.jsonl:2", "id `a`", "dup.jsonl:1"]);
+    let missing = write("missing.jsonl", "{\"id\": \"a\", \"question\": \"x\"}\n");
+    assert_clean_failure(&datagen(&run_args(&missing, url, out)), &["missing.jsonl:1", "`problem`", "--problem-field"]);
+    assert_clean_failure(&datagen(&run_args(&good, "localhost:8000", out)), &["--endpoint localhost:8000"]);
+    assert_clean_failure(&datagen(&run_args(&good, "not a url", out)), &["not a URL"]);
+    let mut with_key = run_args(&good, url, out);
+    with_key.extend(["--api-key-env", "DATAGEN_TEST_NO_SUCH_VARIABLE"]);
+    assert_clean_failure(&datagen(&with_key), &["DATAGEN_TEST_NO_SUCH_VARIABLE"]);
+
+    // An unreachable endpoint: retried, then stored as failed with the error, never dropped.
+    let mut unreachable = run_args(&good, url, out);
+    unreachable[10] = "1"; // --samples
+    unreachable.extend(["--max-retries", "1"]);
+    let output = datagen(&unreachable);
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert!(stderr(&output).contains("1 failed"), "{}", stderr(&output));
+    let rows = datagen::store::read_all(&Path::new(out).join("data"), 0).unwrap();
+    assert_eq!(rows.len(), 1);
+    assert!(rows[0].error.as_deref().unwrap().contains("connection failed"), "{:?}", rows[0].error);
+
+    // A wrong API key stops the run with the server's message.
+    let server = serve(Behaviour { faults: vec![common::Fault::Unauthorized; 50], ..Behaviour::default() }, Default::default());
+    let url = server.url();
+    let other = dir.path().join("other");
+    let output = datagen(&run_args(&good, &url, other.to_str().unwrap()));
+    assert_clean_failure(&output, &["HTTP 401", "Invalid API key", "not retried"]);
+}
