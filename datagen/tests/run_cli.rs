@@ -109,6 +109,20 @@ fn killed_runs_resume_and_store_every_sample_exactly_once() {
     let text = datagen(&["stats", &out_text]);
     assert!(String::from_utf8_lossy(&text.stdout).contains("cons@3"));
 
+    // distill reads the shards as training data: the accepted rows, reasoning kept.
+    let records = distill::data::records::read_records(&out.join("data")).unwrap();
+    let tokenizer = distill::text::Tokenizer::from_dir(&common::repo_root().join("tests/fixtures/tokenizers/deepseek-r1-distill-qwen")).unwrap();
+    let options = distill::data::traces::TraceOptions {
+        format: Default::default(),
+        max_length: 4096,
+        length_policy: distill::data::traces::LengthPolicy::Drop,
+        train_on_prompt: false,
+    };
+    let (examples, skipped) = distill::data::traces::tokenize_records(&records, &tokenizer, &options).unwrap();
+    assert_eq!((examples.len(), skipped.not_accepted), (correct, 36 - correct), "{}", skipped.summary());
+    let text = tokenizer.decode(&examples[0].input_ids, false).unwrap();
+    assert!(text.contains("<think>\nLet me work") && text.contains("</think>\n\nThe answer"), "{text}");
+
     // rescore with --keep all accepts every sample that passes the filters, without requests.
     let output = datagen(&["rescore", &out_text, "--keep", "all"]);
     assert!(output.status.success(), "{}", stderr(&output));

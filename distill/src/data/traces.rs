@@ -68,6 +68,8 @@ impl SftExample {
 /// Rows that were not used, and why, so nothing is lost silently.
 #[derive(Debug, Clone, Default)]
 pub struct Skipped {
+    /// Rows datagen marked `accepted: false` (rejection sampling).
+    pub not_accepted: usize,
     pub too_long_dropped: usize,
     pub truncated: usize,
     /// `(location, reason)` of rows that cannot be trained on.
@@ -77,7 +79,8 @@ pub struct Skipped {
 impl Skipped {
     pub fn summary(&self) -> String {
         format!(
-            "{} dropped as longer than max_length, {} truncated, {} invalid",
+            "{} not accepted by datagen, {} dropped as longer than max_length, {} truncated, {} invalid",
+            self.not_accepted,
             self.too_long_dropped,
             self.truncated,
             self.invalid.len()
@@ -186,6 +189,11 @@ pub fn tokenize_records(
     let mut examples = Vec::with_capacity(records.len());
     let mut skipped = Skipped::default();
     for record in records {
+        // datagen writes every sample and marks the ones rejection sampling keeps.
+        if record.fields.get("accepted") == Some(&serde_json::Value::Bool(false)) {
+            skipped.not_accepted += 1;
+            continue;
+        }
         let messages = match conversation(record, &options.format) {
             Ok(messages) => messages,
             Err(DataError::Field { location, field, message }) => {
