@@ -241,7 +241,7 @@ struct TrainArgs {
     /// Separate eval rows (same format as --data).
     #[arg(long)]
     eval_data: Option<PathBuf>,
-    /// Evaluate every N optimizer steps (and at the end); default: at every checkpoint.
+    /// Evaluate every N optimizer steps (and at the end); default: five times over the run.
     #[arg(long)]
     eval_steps: Option<usize>,
     #[command(flatten)]
@@ -681,7 +681,8 @@ fn train_command(args: TrainArgs) -> Result<()> {
     bar.set_style(ProgressStyle::with_template("train {bar:30} {pos}/{len} {msg} [{elapsed} < {eta}]").expect("static template"));
     bar.set_position(start_step as u64);
     let save_every = if args.save_steps == 0 { total_steps } else { args.save_steps };
-    let eval_every = args.eval_steps.unwrap_or(save_every).max(1);
+    // Five evaluations over the run unless told otherwise: enough to see the trend.
+    let eval_every = args.eval_steps.unwrap_or(total_steps.div_ceil(5)).max(1);
     let model = train(model, &mut optimizer, &blocks, &train_config, start_step, |step, model, optimizer| -> Result<()> {
         bar.set_message(format!("loss {:.4} lr {:.2e} {:.0} tok/s", step.loss, step.learning_rate, step.tokens_per_second));
         bar.inc(1);
@@ -739,7 +740,9 @@ fn summarize_run(metrics_path: &Path) -> Result<()> {
     if let Some(train) = ends(&curves.train_loss) {
         eprintln!("train loss {train}");
     }
-    if let Some(eval) = ends(&curves.eval_loss) {
+    if let [(step, loss)] = curves.eval_loss[..] {
+        eprintln!("eval loss  {loss:.4} (step {step})");
+    } else if let Some(eval) = ends(&curves.eval_loss) {
         eprintln!("eval loss  {eval}");
     }
     let peak = std::fs::read_to_string(metrics_path)?
