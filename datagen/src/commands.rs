@@ -117,6 +117,10 @@ pub struct RunArgs {
     /// Rows per Parquet shard.
     #[arg(long, default_value_t = 256)]
     shard_rows: usize,
+    /// The teacher's tokenizer folder (tokenizer.json, tokenizer_config.json): counts prompt and
+    /// completion tokens when a server sends no usage (`usage_source = local`).
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
     #[command(flatten)]
     filters: FilterOptions,
     #[command(flatten)]
@@ -228,6 +232,12 @@ pub fn run_command(args: RunArgs) -> Result<()> {
         verify: args.verifier.config(),
         shard_rows: args.shard_rows,
         generation,
+        tokenizer: match &args.tokenizer {
+            Some(dir) => Some(std::sync::Arc::new(
+                distill::text::Tokenizer::from_dir(dir).with_context(|| format!("--tokenizer {}", dir.display()))?,
+            )),
+            None => None,
+        },
     };
     let bar = ProgressBar::new(0);
     bar.set_style(ProgressStyle::with_template("{bar:30} {pos}/{len} samples {msg} [{elapsed} < {eta}]").expect("static template"));

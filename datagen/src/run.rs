@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -55,7 +55,7 @@ pub fn key(prompt_id: &str, sample_index: u32, sampling_hash: &str) -> String {
     format!("{prompt_id}/{sample_index}/{sampling_hash}")
 }
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct RunConfig {
     pub out: PathBuf,
     pub endpoints: Vec<String>,
@@ -74,6 +74,8 @@ pub struct RunConfig {
     pub verify: VerifyConfig,
     pub shard_rows: usize,
     pub generation: u32,
+    /// The teacher's tokenizer, to count tokens when a server sends no `usage`.
+    pub tokenizer: Option<Arc<distill::text::Tokenizer>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -291,13 +293,25 @@ pub async fn run(
                     role: "assistant".into(),
                     content: crate::reasoning::assistant_turn(completion.reasoning.as_deref(), &completion.content),
                 });
-                row.usage_source = completion.completion_tokens.map(|_| "server".to_string());
+                let (mut prompt_tokens, mut completion_tokens) = (completion.prompt_tokens, completion.completion_tokens);
+                row.usage_source = completion_tokens.map(|_| "server".to_string());
+                if completion_tokens.is_none()
+                    && let Some(tokenizer) = &config.tokenizer
+                {
+                    let chat: Vec<distill::text::Message> =
+                        messages[..messages.len() - 1].iter().map(|m| distill::text::Message::new(m.role.as_str(), m.content.as_str())).collect();
+                    let assistant = &messages[messages.len() - 1].content;
+                    // The reasoning and the answer as generated (the pre-filled `<think>` included).
+                    completion_tokens = tokenizer.encode(assistant, false).ok().map(|ids| ids.len() as u64);
+                    prompt_tokens = prompt_tokens.or_else(|| tokenizer.encode_chat(&chat, true).ok().map(|ids| ids.len() as u64));
+                    row.usage_source = completion_tokens.map(|_| "local".to_string());
+                }
                 row.reasoning = completion.reasoning;
                 row.content = Some(completion.content);
                 row.messages = Some(messages);
                 row.finish_reason = completion.finish_reason;
-                row.prompt_tokens = completion.prompt_tokens;
-                row.completion_tokens = completion.completion_tokens;
+                row.prompt_tokens = prompt_tokens;
+                row.completion_tokens = completion_tokens;
                 row.endpoint = Some(endpoint);
                 row.latency_ms = Some(completion.latency_ms);
                 row.attempts = attempts;
@@ -353,9 +367,4 @@ pub fn read_manifest(out: &Path) -> Result<serde_json::Value, StoreError> {
     let path = out.join("manifest.json");
     let text = std::fs::read_to_string(&path).map_err(|e| StoreError::File { path: path.clone(), message: e.to_string() })?;
     serde_json::from_str(&text).map_err(|e| StoreError::File { path, message: e.to_string() })
-}
-
-/// Seconds since `started`, for rates.
-pub fn elapsed(started: Instant) -> f64 {
-    started.elapsed().as_secs_f64().max(1e-9)
 }

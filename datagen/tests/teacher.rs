@@ -39,6 +39,7 @@ fn config(out: &Path, endpoints: Vec<String>, stream: bool) -> RunConfig {
         verify: Default::default(),
         shard_rows: 3,
         generation: 0,
+        tokenizer: None,
     }
 }
 
@@ -189,4 +190,22 @@ fn parquet_output_matches_the_schema_document() {
     assert_eq!(schema.as_ref(), datagen::schema::schema().as_ref());
     let rows = reader.build().unwrap().map(|b| datagen::schema::from_batch(&b.unwrap()).unwrap()).next().unwrap();
     assert_eq!(rows.len(), 3);
+}
+
+/// A server that sends no usage: with the teacher's tokenizer, tokens are counted locally.
+#[test]
+fn tokens_are_counted_locally_when_the_server_sends_no_usage() {
+    let server = serve(Behaviour { omit_usage: true, ..Behaviour::default() }, common::bundled_answers(&common::math_prompts(1)));
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config(dir.path(), vec![server.url()], true);
+    let tokenizer = distill::text::Tokenizer::from_dir(&common::repo_root().join("tests/fixtures/tokenizers/deepseek-r1-distill-qwen")).unwrap();
+    config.tokenizer = Some(std::sync::Arc::new(tokenizer));
+    let (summary, rows) = go(1, config);
+    summary.unwrap();
+    for row in &rows {
+        assert_eq!(row.usage_source.as_deref(), Some("local"));
+        let completion = row.completion_tokens.unwrap();
+        assert!((25..60).contains(&completion), "{completion} tokens");
+        assert!(row.prompt_tokens.unwrap() > 20);
+    }
 }

@@ -66,9 +66,7 @@ impl Model {
     /// graph, so the forward and backward passes run in `dtype` while gradients arrive at the
     /// (f32) master parameters in their own dtype.
     pub fn compute_copy(&self, dtype: DType) -> Model {
-        let mut copy = Model { config: self.config.clone(), net: self.net.clone(), rope: self.rope.clone(), device: self.device.clone(), dtype: self.dtype };
-        copy = copy.with_dtype(dtype);
-        copy
+        self.clone().with_dtype(dtype)
     }
 
     /// Freezes the weights and attaches LoRA adapters (see [`lora`]).
