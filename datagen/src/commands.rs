@@ -397,3 +397,32 @@ pub fn stats_command(args: StatsArgs) -> Result<()> {
     }
     Ok(())
 }
+
+#[derive(Args)]
+pub struct ExportArgs {
+    /// Run folder written by `datagen run`.
+    dir: PathBuf,
+    /// `open-r1`: one row per problem as in open-r1's OpenR1-Math-220k (`generations`,
+    /// `correctness_math_verify`, `is_reasoning_complete`, `finish_reasons`,
+    /// `correctness_count`, and `messages` of the first accepted generation).
+    #[arg(long, value_parser = ["open-r1"], default_value = "open-r1")]
+    format: String,
+    /// The Parquet file to write.
+    #[arg(long)]
+    out: PathBuf,
+}
+
+pub fn export_command(args: ExportArgs) -> Result<()> {
+    let rows = store::read_all(&args.dir.join("data"), generation(&args.dir)?)?;
+    let problems = datagen::schema::open_r1_rows(&rows);
+    if problems.is_empty() {
+        bail!("{}: no successful samples to export", args.dir.display());
+    }
+    store::write_parquet(&args.out, datagen::schema::open_r1_schema(), &problems)?;
+    let with_messages = problems.iter().filter(|p| p.messages.is_some()).count();
+    eprintln!(
+        "wrote {} problems ({} with an accepted generation in `messages`) to {}",
+        problems.len(), with_messages, args.out.display()
+    );
+    Ok(())
+}

@@ -44,6 +44,8 @@ enum Command {
     Rescore(commands::RescoreArgs),
     /// Pass rate, pass@1, cons@k, filter counts, token lengths and endpoint latency of a run.
     Stats(commands::StatsArgs),
+    /// Write a run's samples in another layout (open-r1's per-problem Parquet).
+    Export(commands::ExportArgs),
     /// Verify JSONL rows {gold, pred, …}; writes each row back with `correct` and `extracted`.
     Verify(VerifyArgs),
     /// Speed of the verifier (a benchmark, not a test).
@@ -115,6 +117,7 @@ fn main() -> Result<()> {
         Command::Run(args) => commands::run_command(args),
         Command::Rescore(args) => commands::rescore_command(args),
         Command::Stats(args) => commands::stats_command(args),
+        Command::Export(args) => commands::export_command(args),
         Command::Verify(args) => verify_command(args),
         Command::Bench(args) => bench(args),
     }

@@ -86,13 +86,6 @@ pub fn schema() -> Arc<Schema> {
     ]))
 }
 
-/// Rows → one record batch of [`schema`] (through arrow-json's serde decoder).
-pub fn to_batch(rows: &[Row]) -> Result<RecordBatch, arrow::error::ArrowError> {
-    let mut decoder = arrow::json::ReaderBuilder::new(schema()).with_batch_size(rows.len().max(1)).build_decoder()?;
-    decoder.serialize(rows)?;
-    Ok(decoder.flush()?.unwrap_or_else(|| RecordBatch::new_empty(schema())))
-}
-
 /// A record batch of [`schema`] → rows.
 pub fn from_batch(batch: &RecordBatch) -> Result<Vec<Row>, String> {
     let mut writer = arrow::json::WriterBuilder::new().with_explicit_nulls(true).build::<_, arrow::json::writer::JsonArray>(Vec::new());
@@ -109,4 +102,76 @@ pub fn from_batch(batch: &RecordBatch) -> Result<Vec<Row>, String> {
         }
     }
     values.into_iter().map(|v| serde_json::from_value(v).map_err(|e| e.to_string())).collect()
+}
+
+/// One problem in the per-problem layout of open-r1's OpenR1-Math-220k
+/// (`datagen export --format open-r1`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OpenR1Row {
+    pub uuid: String,
+    pub problem: String,
+    pub answer: Option<String>,
+    pub source: Option<String>,
+    /// The assistant turns (`<think>…</think>` + answer), by sample index.
+    pub generations: Vec<String>,
+    pub correctness_math_verify: Vec<bool>,
+    pub is_reasoning_complete: Vec<bool>,
+    pub finish_reasons: Vec<Option<String>>,
+    pub correctness_count: u64,
+    /// The conversation of the first accepted generation; null when none was accepted.
+    pub messages: Option<Vec<Message>>,
+}
+
+pub fn open_r1_schema() -> Arc<Schema> {
+    let utf8 = |name: &str, nullable: bool| Field::new(name, DataType::Utf8, nullable);
+    let list = |name: &str, item: DataType, nullable_items: bool| {
+        Field::new(name, DataType::List(Arc::new(Field::new("item", item, nullable_items))), false)
+    };
+    let message = Fields::from(vec![utf8("role", false), utf8("content", false)]);
+    Arc::new(Schema::new(vec![
+        utf8("uuid", false),
+        utf8("problem", false),
+        utf8("answer", true),
+        utf8("source", true),
+        list("generations", DataType::Utf8, false),
+        list("correctness_math_verify", DataType::Boolean, false),
+        list("is_reasoning_complete", DataType::Boolean, false),
+        list("finish_reasons", DataType::Utf8, true),
+        Field::new("correctness_count", DataType::UInt64, false),
+        Field::new("messages", DataType::List(Arc::new(Field::new("item", DataType::Struct(message), false))), true),
+    ]))
+}
+
+/// Groups a run's successful samples by problem, in the order problems first appear.
+pub fn open_r1_rows(rows: &[Row]) -> Vec<OpenR1Row> {
+    let mut order: Vec<&str> = Vec::new();
+    let mut groups: std::collections::HashMap<&str, Vec<&Row>> = std::collections::HashMap::new();
+    for row in rows.iter().filter(|r| r.status == "ok") {
+        groups.entry(&row.id).or_insert_with(|| {
+            order.push(&row.id);
+            Vec::new()
+        });
+        groups.get_mut(row.id.as_str()).expect("inserted").push(row);
+    }
+    order
+        .into_iter()
+        .map(|id| {
+            let mut samples = groups.remove(id).expect("grouped");
+            samples.sort_by_key(|r| r.sample_index);
+            let first = samples[0];
+            let assistant = |r: &Row| r.messages.as_ref().and_then(|m| m.last()).map(|m| m.content.clone()).unwrap_or_default();
+            OpenR1Row {
+                uuid: first.id.clone(),
+                problem: first.problem.clone(),
+                answer: first.reference_answer.clone(),
+                source: first.source.clone(),
+                generations: samples.iter().map(|r| assistant(r)).collect(),
+                correctness_math_verify: samples.iter().map(|r| r.correct == Some(true)).collect(),
+                is_reasoning_complete: samples.iter().map(|r| !r.filters_failed.iter().any(|f| f == "incomplete")).collect(),
+                finish_reasons: samples.iter().map(|r| r.finish_reason.clone()).collect(),
+                correctness_count: samples.iter().filter(|r| r.correct == Some(true)).count() as u64,
+                messages: samples.iter().find(|r| r.accepted).and_then(|r| r.messages.clone()),
+            }
+        })
+        .collect()
 }

@@ -59,15 +59,26 @@ fn sync_dir(dir: &Path) -> Result<(), StoreError> {
 
 /// Writes `rows` as the Parquet file `path`, atomically.
 pub fn write_shard(path: &Path, rows: &[Row]) -> Result<(), StoreError> {
-    let dir = path.parent().unwrap_or(Path::new("."));
+    write_parquet(path, schema::schema(), rows)
+}
+
+/// Writes serde rows of `schema` as the Parquet file `path` (zstd): under a hidden temporary
+/// name, fsynced, then renamed, so a reader never sees half a file.
+pub fn write_parquet<S: serde::Serialize>(path: &Path, schema: std::sync::Arc<arrow::datatypes::Schema>, rows: &[S]) -> Result<(), StoreError> {
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("shard");
     let temporary = dir.join(format!(".{name}.tmp"));
-    let batch = schema::to_batch(rows).map_err(|e| file_error(path, e))?;
+    let mut decoder = arrow::json::ReaderBuilder::new(schema.clone())
+        .with_batch_size(rows.len().max(1))
+        .build_decoder()
+        .map_err(|e| file_error(path, e))?;
+    decoder.serialize(rows).map_err(|e| file_error(path, e))?;
+    let batch = decoder.flush().map_err(|e| file_error(path, e))?.unwrap_or_else(|| arrow::record_batch::RecordBatch::new_empty(schema.clone()));
     let file = File::create(&temporary).map_err(|e| file_error(&temporary, e))?;
     let properties = parquet::file::properties::WriterProperties::builder()
         .set_compression(parquet::basic::Compression::ZSTD(Default::default()))
         .build();
-    let mut writer = parquet::arrow::ArrowWriter::try_new(file, schema::schema(), Some(properties)).map_err(|e| file_error(&temporary, e))?;
+    let mut writer = parquet::arrow::ArrowWriter::try_new(file, schema, Some(properties)).map_err(|e| file_error(&temporary, e))?;
     writer.write(&batch).map_err(|e| file_error(&temporary, e))?;
     let file = writer.into_inner().map_err(|e| file_error(&temporary, e))?;
     file.sync_all().map_err(|e| file_error(&temporary, e))?;

@@ -130,6 +130,28 @@ fn killed_runs_resume_and_store_every_sample_exactly_once() {
     assert_eq!(server.requests(), before);
     let manifest: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("manifest.json")).unwrap()).unwrap();
     assert_eq!(manifest["generation"], 1);
+
+    // The open-r1 layout: one row per problem, read back with arrow.
+    let exported = dir.path().join("open-r1.parquet");
+    let output = datagen(&["export", &out_text, "--format", "open-r1", "--out", exported.to_str().unwrap()]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let file = std::fs::File::open(&exported).unwrap();
+    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file).unwrap();
+    assert_eq!(reader.schema().as_ref(), datagen::schema::open_r1_schema().as_ref());
+    let batch = reader.build().unwrap().next().unwrap().unwrap();
+    let mut writer = arrow::json::ArrayWriter::new(Vec::new());
+    writer.write(&batch).unwrap();
+    writer.finish().unwrap();
+    let problems: Vec<serde_json::Value> = serde_json::from_slice(&writer.into_inner()).unwrap();
+    assert_eq!(problems.len(), 12);
+    let total_correct: u64 = problems.iter().map(|p| p["correctness_count"].as_u64().unwrap()).sum();
+    assert_eq!(total_correct, correct as u64);
+    for problem in &problems {
+        assert_eq!(problem["generations"].as_array().unwrap().len(), 3);
+        assert!(problem["generations"][0].as_str().unwrap().starts_with("<think>\n"));
+        assert_eq!(problem["correctness_math_verify"].as_array().unwrap().len(), 3);
+        assert_eq!(problem["messages"].as_array().unwrap().len(), 2, "every sample accepted after --keep all");
+    }
     assert!(datagen::store::shards(&out.join("data"), 0).unwrap().is_empty(), "old generation removed");
     let rows = datagen::store::read_all(&out.join("data"), 1).unwrap();
     assert_eq!((rows.len(), rows.iter().filter(|r| r.accepted).count()), (36, 36));
