@@ -48,8 +48,20 @@ enum Command {
     Export(commands::ExportArgs),
     /// Verify JSONL rows {gold, pred, …}; writes each row back with `correct` and `extracted`.
     Verify(VerifyArgs),
-    /// Speed of the verifier (a benchmark, not a test).
-    Bench(BenchArgs),
+    /// Benchmarks (not tests): the verifier's speed, the teacher client's overhead.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+    /// A zero-latency OpenAI-compatible server on loopback (what `bench client` measures against).
+    #[command(hide = true)]
+    ServeLoopback,
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Pairs per second of the verifier, against Math-Verify with --reference.
+    Verify(BenchArgs),
+    /// Requests per second and CPU per request of the teacher client at high concurrency.
+    Client(commands::BenchClientArgs),
 }
 
 #[derive(Args)]
@@ -119,7 +131,9 @@ fn main() -> Result<()> {
         Command::Stats(args) => commands::stats_command(args),
         Command::Export(args) => commands::export_command(args),
         Command::Verify(args) => verify_command(args),
-        Command::Bench(args) => bench(args),
+        Command::Bench(BenchCommand::Verify(args)) => bench(args),
+        Command::Bench(BenchCommand::Client(args)) => commands::bench_client(args),
+        Command::ServeLoopback => commands::serve_loopback(),
     }
 }
 

@@ -1,5 +1,5 @@
 """Math-Verify on the verifier table: agreement with our labels, disagreements with the
-datagen verifier, and its speed (for `datagen bench --reference`).
+datagen verifier, and its speed (for `datagen bench verify --reference`).
 
     .venv/bin/pip install math-verify
     .venv/bin/python tests/verifier/math_verify_reference.py --cases tests/verifier/cases.jsonl \
