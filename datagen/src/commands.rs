@@ -66,11 +66,19 @@ pub struct RunArgs {
     prompts: PathBuf,
     /// API base of an OpenAI-compatible server, e.g. http://node0:8000/v1 (vLLM, SGLang) or
     /// https://api.deepseek.com/v1; repeat for several replicas of the teacher.
-    #[arg(long = "endpoint", required = true)]
+    #[arg(long = "endpoint", required_unless_present = "teacher")]
     endpoints: Vec<String>,
-    /// Model name the server knows the teacher by (e.g. deepseek-ai/DeepSeek-R1, deepseek-reasoner).
-    #[arg(long)]
-    model: String,
+    /// `local:DIR`: run the HF checkpoint in DIR in-process (distill's generation) instead of a
+    /// server, e.g. to evaluate a distilled student with `datagen stats`.
+    #[arg(long, conflicts_with = "endpoints")]
+    teacher: Option<String>,
+    /// Device of the local teacher (flex, wgpu, cuda…).
+    #[arg(long, requires = "teacher")]
+    device: Option<String>,
+    /// Model name the server knows the teacher by (e.g. deepseek-ai/DeepSeek-R1,
+    /// deepseek-reasoner); for a local teacher, its folder by default.
+    #[arg(long, required_unless_present = "teacher")]
+    model: Option<String>,
     /// Run folder: data/ (Parquet shards), manifest.json. An existing folder is resumed.
     #[arg(long)]
     out: PathBuf,
@@ -183,8 +191,21 @@ pub fn run_command(args: RunArgs) -> Result<()> {
     }
     let fields = PromptFields { id: args.id_field.clone(), problem: args.problem_field.clone(), answer: args.answer_field.clone() };
     let prompts = read_prompts(&args.prompts, &fields)?;
+    let local = match &args.teacher {
+        Some(spec) => {
+            let dir = spec.strip_prefix("local:").with_context(|| format!("--teacher {spec}: expected local:DIR"))?;
+            let teacher = datagen::teacher::local::LocalTeacher::load(Path::new(dir), args.device.as_deref()).map_err(anyhow::Error::msg)?;
+            Some((dir.to_string(), std::sync::Arc::new(teacher)))
+        }
+        None => None,
+    };
+    let model = match (&args.model, &local) {
+        (Some(model), _) => model.clone(),
+        (None, Some((dir, _))) => dir.clone(),
+        (None, None) => bail!("--model is required with --endpoint"),
+    };
     let sampling = Sampling {
-        model: args.model.clone(),
+        model,
         temperature: args.temperature,
         top_p: args.top_p,
         max_tokens: args.max_tokens,
@@ -204,7 +225,7 @@ pub fn run_command(args: RunArgs) -> Result<()> {
             "status": status,
             "generation": generation,
             "prompts": {"path": args.prompts, "count": prompts.len(), "id_field": args.id_field, "problem_field": args.problem_field, "answer_field": args.answer_field},
-            "teacher": {"endpoints": args.endpoints, "api_key_env": args.api_key_env, "stream": !args.no_stream},
+            "teacher": {"endpoints": args.endpoints, "local": args.teacher, "api_key_env": args.api_key_env, "stream": !args.no_stream},
             "sampling": sampling,
             "sampling_hash": sampling.hash(),
             "samples_per_prompt": args.samples,
@@ -232,6 +253,7 @@ pub fn run_command(args: RunArgs) -> Result<()> {
         verify: args.verifier.config(),
         shard_rows: args.shard_rows,
         generation,
+        local: local.map(|(_, teacher)| teacher),
         tokenizer: match &args.tokenizer {
             Some(dir) => Some(std::sync::Arc::new(
                 distill::text::Tokenizer::from_dir(dir).with_context(|| format!("--tokenizer {}", dir.display()))?,

@@ -76,6 +76,8 @@ pub struct RunConfig {
     pub generation: u32,
     /// The teacher's tokenizer, to count tokens when a server sends no `usage`.
     pub tokenizer: Option<Arc<distill::text::Tokenizer>>,
+    /// `--teacher local:DIR`: generate in-process instead of calling `endpoints`.
+    pub local: Option<Arc<crate::teacher::local::LocalTeacher>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -131,6 +133,13 @@ async fn sample(
 ) -> Result<(Completion, String, u32), (RequestError, Option<String>, u32)> {
     let mut attempts = 0u32;
     let mut length_retries = 0u32;
+    if let Some(teacher) = config.local.clone() {
+        let completion = tokio::task::spawn_blocking(move || teacher.complete(&request))
+            .await
+            .map_err(|e| (RequestError::Protocol(e.to_string()), None, 1))?
+            .map_err(|e| (e, None, 1))?;
+        return Ok((completion, "local".to_string(), 1));
+    }
     loop {
         attempts += 1;
         let lease = pool.acquire();
@@ -257,7 +266,8 @@ pub async fn run(
                     top_p: config.sampling.top_p,
                     max_tokens: config.sampling.max_tokens,
                     stream: config.stream,
-                    seed: None,
+                    // Only the local teacher uses it: each sample its own draw, reproducibly.
+                    seed: config.local.as_ref().map(|_| sample_index as u64),
                 };
                 let (http, pool, config, sender, refused) = (http.clone(), pool.clone(), config.clone(), sender.clone(), refused.clone());
                 inner.spawn(async move {
@@ -294,7 +304,8 @@ pub async fn run(
                     content: crate::reasoning::assistant_turn(completion.reasoning.as_deref(), &completion.content),
                 });
                 let (mut prompt_tokens, mut completion_tokens) = (completion.prompt_tokens, completion.completion_tokens);
-                row.usage_source = completion_tokens.map(|_| "server".to_string());
+                let counted_by = if config.local.is_some() { "local" } else { "server" };
+                row.usage_source = completion_tokens.map(|_| counted_by.to_string());
                 if completion_tokens.is_none()
                     && let Some(tokenizer) = &config.tokenizer
                 {

@@ -40,6 +40,7 @@ fn config(out: &Path, endpoints: Vec<String>, stream: bool) -> RunConfig {
         shard_rows: 3,
         generation: 0,
         tokenizer: None,
+        local: None,
     }
 }
 

@@ -1,5 +1,6 @@
 //! The teacher: OpenAI-compatible endpoints, balanced and retried.
 
+pub mod local;
 pub mod loopback;
 pub mod openai;
 pub mod pool;
