@@ -536,20 +536,10 @@ pub fn bench_client(args: BenchClientArgs) -> Result<()> {
     println!("datagen  {rate:>9.0} requests/s   {cpu_ms:>6.3} ms CPU per request");
     let result = match &args.reference {
         Some(command) => (|| -> Result<()> {
-            let output = std::process::Command::new("sh")
-                .arg("-c")
-                .arg(format!(
-                    "{command} --url {url} --requests {} --concurrency {}{}",
-                    args.requests, args.concurrency, if args.no_stream { " --no-stream" } else { "" }
-                ))
-                .output()
-                .with_context(|| format!("running `{command}`"))?;
-            if !output.status.success() {
-                bail!("reference command failed: {}", String::from_utf8_lossy(&output.stderr));
-            }
-            let stdout = String::from_utf8_lossy(&output.stdout);
-            let line = stdout.lines().rev().find(|l| l.trim_start().starts_with('{')).context("reference printed no JSON line")?;
-            let reference: serde_json::Value = serde_json::from_str(line)?;
+            let reference = run_reference(&format!(
+                "{command} --url {url} --requests {} --concurrency {}{}",
+                args.requests, args.concurrency, if args.no_stream { " --no-stream" } else { "" }
+            ))?;
             let value = |key: &str| reference[key].as_f64().with_context(|| format!("reference JSON lacks {key}"));
             let (reference_rate, reference_cpu) = (value("requests_per_s")?, value("cpu_ms_per_request")?);
             println!("python   {reference_rate:>9.0} requests/s   {reference_cpu:>6.3} ms CPU per request");
@@ -561,4 +551,15 @@ pub fn bench_client(args: BenchClientArgs) -> Result<()> {
     let _ = server.kill();
     let _ = server.wait();
     result
+}
+
+/// Runs a benchmark's reference command and parses the last JSON line it prints.
+pub fn run_reference(command: &str) -> Result<serde_json::Value> {
+    let output = std::process::Command::new("sh").arg("-c").arg(command).output().with_context(|| format!("running `{command}`"))?;
+    if !output.status.success() {
+        bail!("reference command failed: {}", String::from_utf8_lossy(&output.stderr));
+    }
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let line = stdout.lines().rev().find(|l| l.trim_start().starts_with('{')).context("reference printed no JSON line")?;
+    Ok(serde_json::from_str(line)?)
 }

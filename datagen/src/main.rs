@@ -229,17 +229,7 @@ fn bench(args: BenchArgs) -> Result<()> {
     println!("{} pairs × {} passes", pairs.len(), args.repeats);
     println!("datagen verifier   {single:>10.0} pairs/s on 1 thread   {parallel:>10.0} pairs/s on {threads} threads");
     if let Some(command) = &args.reference {
-        let output = std::process::Command::new("sh")
-            .arg("-c")
-            .arg(format!("{command} --cases {}", args.cases.display()))
-            .output()
-            .with_context(|| format!("running `{command}`"))?;
-        if !output.status.success() {
-            bail!("reference command failed: {}", String::from_utf8_lossy(&output.stderr));
-        }
-        let stdout = String::from_utf8_lossy(&output.stdout);
-        let line = stdout.lines().rev().find(|l| l.trim_start().starts_with('{')).context("reference printed no JSON line")?;
-        let reference: Value = serde_json::from_str(line)?;
+        let reference = commands::run_reference(&format!("{command} --cases {}", args.cases.display()))?;
         let rate = reference["pairs_per_s"].as_f64().context("reference JSON lacks pairs_per_s")?;
         println!("Math-Verify        {rate:>10.0} pairs/s on 1 process");
         println!("ratio (1 thread)   {:>10.1}×", single / rate);
