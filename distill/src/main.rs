@@ -475,6 +475,24 @@ fn generate_command(args: GenerateArgs) -> Result<()> {
     Ok(())
 }
 
+/// Set by SIGINT (Ctrl-C) during `distill train`.
+static INTERRUPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+#[cfg(unix)]
+fn catch_ctrl_c() {
+    extern "C" fn on_sigint(_: libc::c_int) {
+        // Only an atomic store: async-signal-safe.
+        INTERRUPTED.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+    // SAFETY: the handler only stores to an atomic.
+    unsafe {
+        libc::signal(libc::SIGINT, on_sigint as *const () as libc::sighandler_t);
+    }
+}
+
+#[cfg(not(unix))]
+fn catch_ctrl_c() {}
+
 fn train_command(args: TrainArgs) -> Result<()> {
     use distill::data::packing::{PackedBlock, pack};
     use distill::data::traces::{LengthPolicy, TraceFormat, TraceOptions, tokenize_records};
@@ -681,6 +699,9 @@ fn train_command(args: TrainArgs) -> Result<()> {
     bar.set_style(ProgressStyle::with_template("train {bar:30} {pos}/{len} {msg} [{elapsed} < {eta}]").expect("static template"));
     bar.set_position(start_step as u64);
     let save_every = if args.save_steps == 0 { total_steps } else { args.save_steps };
+    // Ctrl-C finishes the step under way, checkpoints it and stops: no finished step is lost.
+    let interrupted = &INTERRUPTED;
+    catch_ctrl_c();
     // Five evaluations over the run unless told otherwise: enough to see the trend.
     let eval_every = args.eval_steps.unwrap_or(total_steps.div_ceil(5)).max(1);
     let model = train(model, &mut optimizer, &blocks, &train_config, start_step, |step, model, optimizer| -> Result<()> {
@@ -701,9 +722,18 @@ fn train_command(args: TrainArgs) -> Result<()> {
             writeln!(metrics, "{}", serde_json::json!({"step": step.step, "eval_loss": eval_loss, "eval_tokens": count}))?;
         }
         metrics.flush().with_context(|| format!("writing {}", metrics_path.display()))?;
-        if step.step % save_every == 0 || step.step == total_steps {
+        let interrupted = interrupted.load(std::sync::atomic::Ordering::SeqCst);
+        if step.step % save_every == 0 || step.step == total_steps || interrupted {
             let state = TrainerState { global_step: step.step, optimizer_steps: optimizer.steps, settings: settings.clone() };
             checkpoint::save(&args.out, model, optimizer, &state, &tokenizer_dir, &eos_token_ids)?;
+        }
+        if interrupted {
+            bar.abandon();
+            bail!(
+                "interrupted: checkpoint-{} saved in {}; continue with the same command and --resume",
+                step.step,
+                args.out.display()
+            );
         }
         Ok(())
     })?;

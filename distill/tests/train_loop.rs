@@ -306,3 +306,47 @@ fn lora_trains_adapters_only_and_merges_them_on_export() {
     ]);
     common::assert_clean_failure(&bad, &["unknown LoRA target `attn`"]);
 }
+
+/// Ctrl-C (SIGINT) finishes the step under way, writes a checkpoint of it and exits; `--resume`
+/// then completes the run, and the loss curve is the uninterrupted one.
+#[cfg(unix)]
+#[test]
+fn ctrl_c_checkpoints_the_last_step_and_resume_finishes() {
+    let dir = tempfile::tempdir().unwrap();
+    let straight = dir.path().join("straight");
+    let args = train_args(&straight, "0", &[]);
+    let output = common::distill(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(output.status.success(), "{}", common::stderr(&output));
+
+    let interrupted = dir.path().join("interrupted");
+    let args = train_args(&interrupted, "0", &[]);
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_distill"))
+        .args(&args)
+        .current_dir(common::repo_root())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait for the first logged step, then interrupt.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
+    while std::fs::read_to_string(interrupted.join("metrics.jsonl")).map_or(true, |m| m.lines().count() < 2) {
+        assert!(std::time::Instant::now() < deadline, "no step logged");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    std::process::Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+    let output = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert!(!output.status.success() && err.contains("interrupted: checkpoint-"), "{err}");
+    let (step, _) = distill::train::checkpoint::latest(&interrupted).expect("a checkpoint");
+    assert!(step >= 2 && step < 8, "checkpoint at step {step}");
+
+    let mut resume: Vec<&str> = args.iter().map(String::as_str).collect();
+    resume.push("--resume");
+    let output = common::distill(&resume);
+    assert!(output.status.success(), "{}", common::stderr(&output));
+    let (a, b) = (metrics(&straight), metrics(&interrupted));
+    assert_eq!(b.iter().map(|m| m.0).collect::<Vec<_>>(), (1..=8).collect::<Vec<_>>());
+    for (x, y) in a.iter().zip(&b) {
+        assert!((x.1 - y.1).abs() <= 1e-6 * x.1, "step {}: loss {} vs {}", x.0, x.1, y.1);
+    }
+}
