@@ -775,11 +775,7 @@ fn summarize_run(metrics_path: &Path) -> Result<()> {
     } else if let Some(eval) = ends(&curves.eval_loss) {
         eprintln!("eval loss  {eval}");
     }
-    let peak = std::fs::read_to_string(metrics_path)?
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?["peak_memory_bytes"].as_u64())
-        .max();
-    if let Some(peak) = peak {
+    if let Some(peak) = curves.peak_memory_bytes {
         eprintln!("peak memory {:.2} GiB", gib(peak));
     }
     Ok(())

@@ -31,6 +31,8 @@ pub struct Curves {
     pub eval_loss: Vec<(f64, f64)>,
     /// (step, learning rate)
     pub learning_rate: Vec<(f64, f64)>,
+    /// The largest `peak_memory_bytes` logged.
+    pub peak_memory_bytes: Option<u64>,
 }
 
 /// Reads a run's `metrics.jsonl`: train lines carry `loss` and `learning_rate`, eval lines
@@ -53,6 +55,7 @@ pub fn read_metrics(path: &Path) -> Result<Curves, PlotError> {
             if let Some(lr) = value["learning_rate"].as_f64() {
                 curves.learning_rate.push((step, lr));
             }
+            curves.peak_memory_bytes = curves.peak_memory_bytes.max(value["peak_memory_bytes"].as_u64());
         }
     }
     if curves.train_loss.is_empty() {
