@@ -1,5 +1,6 @@
 //! Numerical parity with transformers on the committed fixtures (tests/fixtures/make_fixtures.py):
-//! logits, per-row NLL, tokenization through the chat template, and greedy decoding, on flex
+//! logits, per-row NLL, tokenization through the chat template, greedy decoding alone and in a
+//! left-padded batch (tests/fixtures/make_generate_reference.py), and continuous batching, on flex
 //! and on wgpu.
 
 mod common;
@@ -7,7 +8,9 @@ mod common;
 use distill::burn::tensor::Device;
 use distill::data::records::read_records;
 use distill::eval::{Example, example_nll};
-use distill::generate::{SamplingParams, generate};
+use std::collections::HashMap;
+
+use distill::generate::{BatchGenerator, FinishReason, SamplingParams, generate};
 use distill::model::LoadOptions;
 use distill::pretrained::Pretrained;
 use serde_json::Value;
@@ -97,6 +100,76 @@ fn greedy_decoding_matches_transformers() {
             let (generated, _) = generate(&pretrained.model, &prompt, &params, &pretrained.eos_token_ids, |_| {});
             assert_eq!(generated, ids(&greedy["generated_ids"]), "{name} on {device_name}");
         }
+    }
+}
+
+/// Steps `batch` until every sequence is done; the tokens by id, checked against the stream.
+fn run_to_completion(batch: &mut BatchGenerator, model: &distill::model::Model) -> HashMap<u64, (Vec<u32>, FinishReason)> {
+    let mut streamed: HashMap<u64, Vec<u32>> = HashMap::new();
+    let mut done = HashMap::new();
+    while !batch.is_empty() {
+        for finished in batch.step(model, |id, token| streamed.entry(id).or_default().push(token)) {
+            assert_eq!(streamed.remove(&finished.id).unwrap_or_default(), finished.tokens, "streamed tokens of {}", finished.id);
+            assert!(done.insert(finished.id, (finished.tokens, finished.finish_reason)).is_none(), "{} finished twice", finished.id);
+        }
+    }
+    done
+}
+
+#[test]
+fn batched_greedy_matches_transformers_left_padded_batch() {
+    let text = std::fs::read_to_string(common::fixtures().join("generate_reference.json")).unwrap();
+    let reference: Value = serde_json::from_str(&text).unwrap();
+    for (device_name, device) in common::devices() {
+        for name in MODELS {
+            let pretrained = load(name, &device);
+            let rows = reference[name].as_array().unwrap();
+            let mut batch = BatchGenerator::new(&pretrained.eos_token_ids, rows.len());
+            for (id, row) in rows.iter().enumerate() {
+                let params = SamplingParams { max_new_tokens: 24, temperature: 0.0, top_p: 1.0, seed: 0 };
+                batch.add(id as u64, ids(&row["prompt_ids"]), params);
+            }
+            let done = run_to_completion(&mut batch, &pretrained.model);
+            for (id, row) in rows.iter().enumerate() {
+                assert_eq!(done[&(id as u64)].0, ids(&row["generated_ids"]), "{name} on {device_name}, row {id}");
+            }
+        }
+    }
+}
+
+#[test]
+fn continuous_batching_gives_each_sequence_what_it_gives_alone() {
+    let greedy = |max_new_tokens| SamplingParams { max_new_tokens, temperature: 0.0, top_p: 1.0, seed: 0 };
+    let sampled = |max_new_tokens, seed| SamplingParams { max_new_tokens, temperature: 0.8, top_p: 0.95, seed };
+    for (device_name, device) in common::devices() {
+        let pretrained = load("tiny-llama", &device);
+        let chat = |question: &str| {
+            let messages = [distill::text::Message::new("user", question)];
+            pretrained.tokenizer.encode_chat(&messages, true).unwrap()
+        };
+        // Prompts of different lengths and budgets, more than fit in the batch: sequences
+        // finish at different steps and waiting ones join a batch that is mid-way.
+        let requests: Vec<(Vec<u32>, SamplingParams)> = vec![
+            (chat("What is 7 times 6?"), greedy(30)),
+            (chat("Find the sum of the first ten positive odd integers."), sampled(20, 1)),
+            (vec![4516], greedy(5)),
+            ((0..50).map(|i| (i * 97 % 1000) as u32 + 10).collect(), sampled(12, 2)),
+            (chat("2 + 2?"), greedy(17)),
+            (chat("Is 91 prime? Answer briefly."), sampled(25, 3)),
+            (Vec::new(), greedy(4)),
+            (chat("Say hi."), greedy(0)),
+        ];
+        let mut batch = BatchGenerator::new(&pretrained.eos_token_ids, 3);
+        for (id, (prompt, params)) in requests.iter().enumerate() {
+            batch.add(id as u64, prompt.clone(), params.clone());
+        }
+        let done = run_to_completion(&mut batch, &pretrained.model);
+        assert_eq!(done.len(), requests.len());
+        for (id, (prompt, params)) in requests.iter().enumerate() {
+            let alone = generate(&pretrained.model, prompt, params, &pretrained.eos_token_ids, |_| {});
+            assert_eq!(done[&(id as u64)], alone, "request {id} on {device_name}");
+        }
+        assert!(done[&1].0.len() > 1 && done[&3].0.len() > 1, "sampled rows produced tokens");
     }
 }
 

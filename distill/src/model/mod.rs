@@ -147,18 +147,31 @@ impl Model {
     /// returns the logits of the last token `[vocab]`.
     pub fn step(&self, tokens: &[u32], cache: &mut ModelCache) -> Tensor<1> {
         let past = cache.len();
-        let seq = tokens.len();
-        let positions = vec![(past..past + seq).collect::<Vec<_>>()];
-        let rope = self.rope_tables(&positions);
-        // A single new token may see every cached key; a prompt needs the causal mask.
-        let mask = if seq == 1 {
+        let positions = vec![(past..past + tokens.len()).collect::<Vec<_>>()];
+        let visible = vec![vec![true; past + tokens.len()]];
+        let logits = self.step_batch(&[tokens.to_vec()], &positions, &visible, cache);
+        let vocab = logits.dims()[1];
+        logits.reshape([vocab])
+    }
+
+    /// One forward pass of a batch of equal-length rows after what `cache` holds, appending to
+    /// it: row `b` feeds `tokens[b]` at `positions[b]`, and `visible[b]` says which keys (the
+    /// cached ones, then the new ones) belong to the row; the others are left padding that it
+    /// must not see. Returns the logits of each row's last token `[batch, vocab]`.
+    pub fn step_batch(&self, tokens: &[Vec<u32>], positions: &[Vec<usize>], visible: &[Vec<bool>], cache: &mut ModelCache) -> Tensor<2> {
+        let (batch, seq) = (tokens.len(), tokens.first().map_or(0, Vec::len));
+        let rope = self.rope_tables(positions);
+        // A single new token in rows without padding may see every cached key.
+        let mask = if seq == 1 && visible.iter().all(|row| row.iter().all(|&v| v)) {
             AttentionMask::none()
         } else {
-            self.causal_mask(&[vec![0; past + seq]], seq)
+            // Padding gets a segment of its own, so rows attend only to their own tokens.
+            let segments: Vec<Vec<u32>> = visible.iter().map(|row| row.iter().map(|&v| u32::from(!v)).collect()).collect();
+            self.causal_mask(&segments, seq)
         };
-        let logits = self.net.forward(self.input_ids(&[tokens.to_vec()]), &rope, &mask, Some(cache));
+        let logits = self.net.forward(self.input_ids(tokens), &rope, &mask, Some(cache));
         let vocab = logits.dims()[2];
-        logits.narrow(1, seq - 1, 1).reshape([vocab])
+        logits.narrow(1, seq - 1, 1).reshape([batch, vocab])
     }
 
     pub fn input_ids(&self, rows: &[Vec<u32>]) -> Tensor<2, Int> {

@@ -2,6 +2,10 @@
 //! the semantics of transformers' `generate` (the first-maximum argmax; top-p keeps the
 //! smallest set of tokens whose mass reaches `top_p`, and always at least one).
 
+mod batch;
+
+pub use batch::{BatchGenerator, Finished};
+
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -88,7 +92,8 @@ pub fn argmax(values: &[f32]) -> u32 {
     best as u32
 }
 
-/// Generates after `prompt`; `on_token` sees each new token as it is produced.
+/// Generates after `prompt`; `on_token` sees each new token as it is produced. A batch of one:
+/// see [`BatchGenerator`] for many sequences at once.
 pub fn generate(
     model: &Model,
     prompt: &[u32],
@@ -96,25 +101,12 @@ pub fn generate(
     eos_token_ids: &[u32],
     mut on_token: impl FnMut(u32),
 ) -> (Vec<u32>, FinishReason) {
-    let mut sampler = Sampler::new(params.clone());
-    let mut cache = model.new_cache();
-    let mut generated = Vec::new();
-    if params.max_new_tokens == 0 || prompt.is_empty() {
-        return (generated, FinishReason::Length);
-    }
-    let mut logits = model.step(prompt, &mut cache);
+    let mut batch = BatchGenerator::new(eos_token_ids, 1);
+    batch.add(0, prompt.to_vec(), params.clone());
     loop {
-        let values = logits.into_data().convert::<f32>();
-        let token = sampler.sample(values.as_slice::<f32>().expect("f32 data"));
-        generated.push(token);
-        on_token(token);
-        if eos_token_ids.contains(&token) {
-            return (generated, FinishReason::Stop);
+        if let Some(done) = batch.step(model, |_, token| on_token(token)).pop() {
+            return (done.tokens, done.finish_reason);
         }
-        if generated.len() >= params.max_new_tokens {
-            return (generated, FinishReason::Length);
-        }
-        logits = model.step(&[token], &mut cache);
     }
 }
 
