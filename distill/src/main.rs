@@ -288,6 +288,33 @@ enum BenchCommand {
     /// Training tokens/s and peak memory of a ~100M-parameter model (random weights) per
     /// sequence length: forward, backward and AdamW step on one row.
     Train(BenchTrainArgs),
+    /// Generation tokens/s of a batch of prompts of different lengths: continuous batching
+    /// against the same sequences one at a time (and, given --reference, transformers'
+    /// batched `generate`).
+    Generate(BenchGenerateArgs),
+}
+
+#[derive(Args)]
+struct BenchGenerateArgs {
+    /// Model to time: a student config, HF folder or config.json (random weights).
+    #[arg(long, default_value = "student_configs/bench-100m.toml")]
+    config: PathBuf,
+    /// Sequences generated together.
+    #[arg(long, default_value_t = 16)]
+    batch_size: usize,
+    /// The longest prompt; the others spread down to half of it (left padding is exercised).
+    #[arg(long, default_value_t = 64)]
+    prompt_len: usize,
+    /// Tokens generated for every sequence (no end-of-sequence stop).
+    #[arg(long, default_value_t = 64)]
+    new_tokens: usize,
+    /// A command that runs the same batch through transformers' `generate` and prints one JSON
+    /// line {"tokens_per_s": …}; e.g.
+    /// `.venv/bin/python distill/benches/reference_generate.py --threads 2`.
+    #[arg(long)]
+    reference: Option<String>,
+    #[command(flatten)]
+    device: DeviceArgs,
 }
 
 #[derive(Args)]
@@ -365,6 +392,7 @@ fn main() -> Result<()> {
         Command::Plot(args) => plot_command(args),
         Command::Bench(BenchCommand::Forward(args)) => bench_forward(args),
         Command::Bench(BenchCommand::Train(args)) => bench_train(args),
+        Command::Bench(BenchCommand::Generate(args)) => bench_generate(args),
     }
 }
 
@@ -898,6 +926,56 @@ fn run_reference(command: &str, extra: &str) -> Result<serde_json::Value> {
     let stdout = String::from_utf8_lossy(&output.stdout);
     let line = stdout.lines().rev().find(|l| l.trim_start().starts_with('{')).context("reference printed no JSON line")?;
     Ok(serde_json::from_str(line)?)
+}
+
+/// The prompts of `bench generate`; `distill/benches/reference_generate.py` builds the same.
+fn bench_prompts(batch_size: usize, prompt_len: usize, vocab: usize) -> Vec<Vec<u32>> {
+    (0..batch_size)
+        .map(|row| {
+            let len = (prompt_len / 2 + row * prompt_len.div_ceil(2) / batch_size.max(1)).max(1);
+            (0..len).map(|i| ((row * 131 + i) * 7919 % vocab) as u32).collect()
+        })
+        .collect()
+}
+
+fn bench_generate(args: BenchGenerateArgs) -> Result<()> {
+    use distill::generate::{BatchGenerator, SamplingParams, generate};
+    let (device, options) = args.device.resolve()?;
+    let (config, _) = model_config_from_any(&args.config)?;
+    let model = distill::model::Model::random(config.clone(), &device).with_dtype(options.dtype);
+    let prompts = bench_prompts(args.batch_size, args.prompt_len, config.vocab_size);
+    println!("model: {} parameters, {} sequences, prompts of {}-{} tokens, {} new tokens each, dtype {:?}",
+        human_count(config.num_parameters()), prompts.len(), prompts[0].len(), prompts[prompts.len() - 1].len(), args.new_tokens, options.dtype);
+    // Greedy with no end-of-sequence token: every sequence generates exactly `new_tokens`.
+    let params = SamplingParams { max_new_tokens: args.new_tokens, temperature: 0.0, top_p: 1.0, seed: 0 };
+    let total = (prompts.len() * args.new_tokens) as f64;
+    generate(&model, &prompts[0], &SamplingParams { max_new_tokens: 2, ..params.clone() }, &[], |_| {});
+
+    let started = std::time::Instant::now();
+    for prompt in &prompts {
+        generate(&model, prompt, &params, &[], |_| {});
+    }
+    let alone = total / started.elapsed().as_secs_f64();
+    let started = std::time::Instant::now();
+    let mut batch = BatchGenerator::new(&[], prompts.len());
+    for (id, prompt) in prompts.iter().enumerate() {
+        batch.add(id as u64, prompt.clone(), params.clone());
+    }
+    while !batch.is_empty() {
+        batch.step(&model, |_, _| {});
+    }
+    let batched = total / started.elapsed().as_secs_f64();
+    println!("burn one at a time  {alone:>10.1} tokens/s");
+    println!("burn batched        {batched:>10.1} tokens/s   {:.2}× one at a time", batched / alone);
+    if let Some(command) = &args.reference {
+        let reference = run_reference(
+            command,
+            &format!(" --config {} --batch-size {} --prompt-len {} --new-tokens {}", args.config.display(), args.batch_size, args.prompt_len, args.new_tokens),
+        )?;
+        let rate = reference.get("tokens_per_s").and_then(|v| v.as_f64()).context("reference JSON lacks tokens_per_s")?;
+        println!("pytorch batched     {rate:>10.1} tokens/s   burn batched / pytorch batched: {:.2}× (> 1 is faster)", batched / rate);
+    }
+    Ok(())
 }
 
 fn bench_forward(args: BenchForwardArgs) -> Result<()> {
