@@ -75,6 +75,10 @@ pub struct RunArgs {
     /// Device of the local teacher (flex, wgpu, cuda…).
     #[arg(long, requires = "teacher")]
     device: Option<String>,
+    /// Local teacher: most sequences generated together (continuous batching, like vLLM's
+    /// --max-num-seqs). Keep --concurrency at least this large so the batch can fill.
+    #[arg(long, default_value_t = 16, requires = "teacher")]
+    max_batch_size: usize,
     /// Model name the server knows the teacher by (e.g. deepseek-ai/DeepSeek-R1,
     /// deepseek-reasoner); for a local teacher, its folder by default.
     #[arg(long, required_unless_present = "teacher")]
@@ -194,7 +198,7 @@ pub fn run_command(args: RunArgs) -> Result<()> {
     let local = match &args.teacher {
         Some(spec) => {
             let dir = spec.strip_prefix("local:").with_context(|| format!("--teacher {spec}: expected local:DIR"))?;
-            let teacher = datagen::teacher::local::LocalTeacher::load(Path::new(dir), args.device.as_deref()).map_err(anyhow::Error::msg)?;
+            let teacher = datagen::teacher::local::LocalTeacher::load(Path::new(dir), args.device.as_deref(), args.max_batch_size).map_err(anyhow::Error::msg)?;
             Some((dir.to_string(), std::sync::Arc::new(teacher)))
         }
         None => None,
@@ -225,7 +229,7 @@ pub fn run_command(args: RunArgs) -> Result<()> {
             "status": status,
             "generation": generation,
             "prompts": {"path": args.prompts, "count": prompts.len(), "id_field": args.id_field, "problem_field": args.problem_field, "answer_field": args.answer_field},
-            "teacher": {"endpoints": args.endpoints, "local": args.teacher, "api_key_env": args.api_key_env, "stream": !args.no_stream},
+            "teacher": {"endpoints": args.endpoints, "local": args.teacher, "max_batch_size": args.teacher.as_ref().map(|_| args.max_batch_size), "api_key_env": args.api_key_env, "stream": !args.no_stream},
             "sampling": sampling,
             "sampling_hash": sampling.hash(),
             "samples_per_prompt": args.samples,

@@ -134,10 +134,7 @@ async fn sample(
     let mut attempts = 0u32;
     let mut length_retries = 0u32;
     if let Some(teacher) = config.local.clone() {
-        let completion = tokio::task::spawn_blocking(move || teacher.complete(&request))
-            .await
-            .map_err(|e| (RequestError::Protocol(e.to_string()), None, 1))?
-            .map_err(|e| (e, None, 1))?;
+        let completion = teacher.complete(&request).await.map_err(|e| (e, None, 1))?;
         return Ok((completion, "local".to_string(), 1));
     }
     loop {

@@ -202,19 +202,33 @@ fn bad_input_is_a_clear_error() {
 }
 
 /// `--teacher local:DIR`: a checkpoint generates in-process (the tiny R1-style fixture), with the
-/// same schema and stats, so the tool also evaluates a distilled student.
+/// same schema and stats, so the tool also evaluates a distilled student. Samples are batched;
+/// each draws from its own seed, so the batch size does not change what is generated.
 #[test]
 fn a_local_teacher_fills_the_same_schema() {
     let dir = tempfile::tempdir().unwrap();
-    let prompts = common::prompt_file(dir.path(), 2);
-    let out = dir.path().join("out");
-    let output = datagen(&[
-        "run", "--prompts", prompts.to_str().unwrap(), "--teacher", "local:tests/fixtures/tiny-qwen2", "--device", "flex",
-        "--out", out.to_str().unwrap(), "--samples", "2", "--max-tokens", "12", "--concurrency", "2",
-    ]);
-    assert!(output.status.success(), "{}", stderr(&output));
-    let rows = datagen::store::read_all(&out.join("data"), 0).unwrap();
-    assert_eq!(rows.len(), 4);
+    let prompts = common::prompt_file(dir.path(), 3);
+    let local_run = |name: &str, max_batch_size: &str| {
+        let out = dir.path().join(name);
+        let output = datagen(&[
+            "run", "--prompts", prompts.to_str().unwrap(), "--teacher", "local:tests/fixtures/tiny-qwen2", "--device", "flex",
+            "--out", out.to_str().unwrap(), "--samples", "2", "--max-tokens", "12", "--concurrency", "6",
+            "--max-batch-size", max_batch_size,
+        ]);
+        assert!(output.status.success(), "{}", stderr(&output));
+        let manifest = datagen::run::read_manifest(&out).unwrap();
+        assert_eq!(manifest["teacher"]["max_batch_size"].as_u64(), max_batch_size.parse().ok());
+        let mut rows = datagen::store::read_all(&out.join("data"), 0).unwrap();
+        rows.sort_by_key(|row| row.key.clone());
+        (out, rows)
+    };
+    let (out, rows) = local_run("batched", "4");
+    let (_, one_at_a_time) = local_run("one-at-a-time", "1");
+    let generated = |rows: &[datagen::schema::Row]| -> Vec<_> {
+        rows.iter().map(|r| (r.key.clone(), r.reasoning.clone(), r.content.clone(), r.completion_tokens, r.finish_reason.clone())).collect()
+    };
+    assert_eq!(generated(&rows), generated(&one_at_a_time));
+    assert_eq!(rows.len(), 6);
     for row in &rows {
         assert_eq!((row.status.as_str(), row.endpoint.as_deref(), row.usage_source.as_deref()), ("ok", Some("local"), Some("local")));
         assert!(row.completion_tokens.unwrap() <= 12 && row.prompt_tokens.unwrap() > 10);
@@ -227,6 +241,6 @@ fn a_local_teacher_fills_the_same_schema() {
     let output = datagen(&["stats", out.to_str().unwrap(), "--json"]);
     assert!(output.status.success(), "{}", stderr(&output));
     let stats: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
-    assert_eq!((stats["samples"].as_u64(), stats["k"].as_u64()), (Some(4), Some(2)));
+    assert_eq!((stats["samples"].as_u64(), stats["k"].as_u64()), (Some(6), Some(2)));
     assert!(stats["pass_at_1"].as_f64().is_some());
 }
