@@ -68,10 +68,6 @@ impl BatchGenerator {
         self.running.is_empty() && self.waiting.is_empty()
     }
 
-    pub fn running(&self) -> usize {
-        self.running.len()
-    }
-
     /// One forward pass: the prompts of waiting sequences while there is room in the batch
     /// (prefill first, as vLLM schedules), otherwise one token for every running sequence.
     /// `on_token(id, token)` sees each new token; returns the sequences that finished.
