@@ -75,6 +75,9 @@ pub struct RunArgs {
     /// Device of the local teacher (flex, wgpu, cuda…).
     #[arg(long, requires = "teacher")]
     device: Option<String>,
+    /// Local teacher: compute dtype (f32 everywhere; bf16 on cuda, metal and flex; f16 on GPUs).
+    #[arg(long, default_value = "f32", value_parser = ["f32", "bf16", "f16"], requires = "teacher")]
+    dtype: String,
     /// Local teacher: most sequences generated together (continuous batching, like vLLM's
     /// --max-num-seqs). Keep --concurrency at least this large so the batch can fill.
     #[arg(long, default_value_t = 16, requires = "teacher")]
@@ -139,6 +142,15 @@ pub struct RunArgs {
     verifier: VerifierOptions,
 }
 
+fn local_dtype(name: &str) -> distill::burn::tensor::DType {
+    use distill::burn::tensor::DType;
+    match name {
+        "bf16" => DType::BF16,
+        "f16" => DType::F16,
+        _ => DType::F32,
+    }
+}
+
 /// The progress bar of `datagen run`.
 struct Bar {
     bar: ProgressBar,
@@ -198,7 +210,7 @@ pub fn run_command(args: RunArgs) -> Result<()> {
     let local = match &args.teacher {
         Some(spec) => {
             let dir = spec.strip_prefix("local:").with_context(|| format!("--teacher {spec}: expected local:DIR"))?;
-            let teacher = datagen::teacher::local::LocalTeacher::load(Path::new(dir), args.device.as_deref(), args.max_batch_size).map_err(anyhow::Error::msg)?;
+            let teacher = datagen::teacher::local::LocalTeacher::load(Path::new(dir), args.device.as_deref(), local_dtype(&args.dtype), args.max_batch_size).map_err(anyhow::Error::msg)?;
             Some((dir.to_string(), std::sync::Arc::new(teacher)))
         }
         None => None,
@@ -229,7 +241,7 @@ pub fn run_command(args: RunArgs) -> Result<()> {
             "status": status,
             "generation": generation,
             "prompts": {"path": args.prompts, "count": prompts.len(), "id_field": args.id_field, "problem_field": args.problem_field, "answer_field": args.answer_field},
-            "teacher": {"endpoints": args.endpoints, "local": args.teacher, "max_batch_size": args.teacher.as_ref().map(|_| args.max_batch_size), "api_key_env": args.api_key_env, "stream": !args.no_stream},
+            "teacher": {"endpoints": args.endpoints, "local": args.teacher, "max_batch_size": args.teacher.as_ref().map(|_| args.max_batch_size), "dtype": args.teacher.as_ref().map(|_| &args.dtype), "api_key_env": args.api_key_env, "stream": !args.no_stream},
             "sampling": sampling,
             "sampling_hash": sampling.hash(),
             "samples_per_prompt": args.samples,

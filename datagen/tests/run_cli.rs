@@ -208,12 +208,12 @@ fn bad_input_is_a_clear_error() {
 fn a_local_teacher_fills_the_same_schema() {
     let dir = tempfile::tempdir().unwrap();
     let prompts = common::prompt_file(dir.path(), 3);
-    let local_run = |name: &str, max_batch_size: &str| {
+    let local_run = |name: &str, max_batch_size: &str, dtype: &str| {
         let out = dir.path().join(name);
         let output = datagen(&[
             "run", "--prompts", prompts.to_str().unwrap(), "--teacher", "local:tests/fixtures/tiny-qwen2", "--device", "flex",
             "--out", out.to_str().unwrap(), "--samples", "2", "--max-tokens", "12", "--concurrency", "6",
-            "--max-batch-size", max_batch_size,
+            "--max-batch-size", max_batch_size, "--dtype", dtype,
         ]);
         assert!(output.status.success(), "{}", stderr(&output));
         let manifest = datagen::run::read_manifest(&out).unwrap();
@@ -222,8 +222,8 @@ fn a_local_teacher_fills_the_same_schema() {
         rows.sort_by_key(|row| row.key.clone());
         (out, rows)
     };
-    let (out, rows) = local_run("batched", "4");
-    let (_, one_at_a_time) = local_run("one-at-a-time", "1");
+    let (out, rows) = local_run("batched", "4", "f32");
+    let (_, one_at_a_time) = local_run("one-at-a-time", "1", "f32");
     let generated = |rows: &[datagen::schema::Row]| -> Vec<_> {
         rows.iter().map(|r| (r.key.clone(), r.reasoning.clone(), r.content.clone(), r.completion_tokens, r.finish_reason.clone())).collect()
     };
@@ -243,4 +243,14 @@ fn a_local_teacher_fills_the_same_schema() {
     let stats: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
     assert_eq!((stats["samples"].as_u64(), stats["k"].as_u64()), (Some(6), Some(2)));
     assert!(stats["pass_at_1"].as_f64().is_some());
+
+    // bf16 compute where the device has it; a clear refusal where it has not.
+    let (_, bf16) = local_run("bf16", "4", "bf16");
+    assert_eq!(bf16.len(), 6);
+    assert!(bf16.iter().all(|row| row.status == "ok" && row.completion_tokens.is_some_and(|n| n > 0)));
+    let output = datagen(&[
+        "run", "--prompts", prompts.to_str().unwrap(), "--teacher", "local:tests/fixtures/tiny-qwen2", "--device", "wgpu",
+        "--dtype", "bf16", "--out", dir.path().join("wgpu-bf16").to_str().unwrap(),
+    ]);
+    assert_clean_failure(&output, &["wgpu has no BF16 compute", "--dtype"]);
 }

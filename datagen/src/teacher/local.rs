@@ -12,6 +12,7 @@ use std::sync::mpsc;
 use std::time::Instant;
 
 use distill::generate::{BatchGenerator, FinishReason, SamplingParams};
+use distill::burn::tensor::DType;
 use distill::model::{LoadOptions, Model};
 use distill::pretrained::Pretrained;
 use distill::text::{Message, Tokenizer};
@@ -33,10 +34,13 @@ pub struct LocalTeacher {
 }
 
 impl LocalTeacher {
-    /// Loads the checkpoint on `device` and starts the generation thread.
-    pub fn load(dir: &Path, device: Option<&str>, max_batch_size: usize) -> Result<LocalTeacher, String> {
-        let (device, _) = distill::device::select(device).map_err(|e| e.to_string())?;
-        let pretrained = Pretrained::load(dir, &device, LoadOptions::default()).map_err(|e| format!("{}: {e}", dir.display()))?;
+    /// Loads the checkpoint on `device`, computing in `dtype`, and starts the generation thread.
+    pub fn load(dir: &Path, device: Option<&str>, dtype: DType, max_batch_size: usize) -> Result<LocalTeacher, String> {
+        let (device, name) = distill::device::select(device).map_err(|e| e.to_string())?;
+        if !device.supports_dtype(dtype) {
+            return Err(format!("{name} has no {dtype:?} compute (bf16: cuda, metal, flex; f16: GPUs); choose another --dtype"));
+        }
+        let pretrained = Pretrained::load(dir, &device, LoadOptions { dtype }).map_err(|e| format!("{}: {e}", dir.display()))?;
         let Pretrained { model, tokenizer, eos_token_ids, .. } = pretrained;
         let (jobs, queue) = mpsc::channel();
         std::thread::Builder::new()
