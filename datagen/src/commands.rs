@@ -11,10 +11,12 @@ use serde_json::json;
 
 use datagen::filters::{self, Filter, FilterConfig};
 use datagen::prompts::{PromptFields, read_prompts};
-use datagen::run::{DEFAULT_TEMPLATE, Progress, RunConfig, Sampling, read_manifest, run, write_manifest};
+use datagen::run::{DEFAULT_TEMPLATE, Progress, RunConfig, Sampling, now, read_manifest, run, write_manifest};
 use datagen::schema::Row;
 use datagen::scoring::{Keep, ScoreOptions, score};
 use datagen::store;
+use distill::benchmark::run_reference;
+use datagen::teacher::pool::percentile;
 
 use crate::VerifierOptions;
 
@@ -142,15 +144,6 @@ pub struct RunArgs {
     verifier: VerifierOptions,
 }
 
-fn local_dtype(name: &str) -> distill::burn::tensor::DType {
-    use distill::burn::tensor::DType;
-    match name {
-        "bf16" => DType::BF16,
-        "f16" => DType::F16,
-        _ => DType::F32,
-    }
-}
-
 /// The progress bar of `datagen run`.
 struct Bar {
     bar: ProgressBar,
@@ -210,7 +203,7 @@ pub fn run_command(args: RunArgs) -> Result<()> {
     let local = match &args.teacher {
         Some(spec) => {
             let dir = spec.strip_prefix("local:").with_context(|| format!("--teacher {spec}: expected local:DIR"))?;
-            let teacher = datagen::teacher::local::LocalTeacher::load(Path::new(dir), args.device.as_deref(), local_dtype(&args.dtype), args.max_batch_size).map_err(anyhow::Error::msg)?;
+            let teacher = datagen::teacher::local::LocalTeacher::load(Path::new(dir), args.device.as_deref(), &args.dtype, args.max_batch_size).map_err(anyhow::Error::msg)?;
             Some((dir.to_string(), std::sync::Arc::new(teacher)))
         }
         None => None,
@@ -303,10 +296,6 @@ pub fn run_command(args: RunArgs) -> Result<()> {
     Ok(())
 }
 
-fn now() -> String {
-    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
-}
-
 fn generation(out: &Path) -> Result<u32> {
     let manifest = read_manifest(out).with_context(|| format!("{} is not a datagen run folder", out.display()))?;
     Ok(manifest["generation"].as_u64().unwrap_or(0) as u32)
@@ -354,10 +343,6 @@ pub struct StatsArgs {
     /// Print the figures as one JSON object.
     #[arg(long)]
     json: bool,
-}
-
-fn percentile(sorted: &[u64], q: f64) -> Option<u64> {
-    sorted.get(((sorted.len() as f64 - 1.0) * q).round() as usize).copied()
 }
 
 pub fn stats_command(args: StatsArgs) -> Result<()> {
@@ -567,15 +552,4 @@ pub fn bench_client(args: BenchClientArgs) -> Result<()> {
     let _ = server.kill();
     let _ = server.wait();
     result
-}
-
-/// Runs a benchmark's reference command and parses the last JSON line it prints.
-pub fn run_reference(command: &str) -> Result<serde_json::Value> {
-    let output = std::process::Command::new("sh").arg("-c").arg(command).output().with_context(|| format!("running `{command}`"))?;
-    if !output.status.success() {
-        bail!("reference command failed: {}", String::from_utf8_lossy(&output.stderr));
-    }
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let line = stdout.lines().rev().find(|l| l.trim_start().starts_with('{')).context("reference printed no JSON line")?;
-    Ok(serde_json::from_str(line)?)
 }

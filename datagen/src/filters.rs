@@ -70,9 +70,8 @@ impl Default for FilterConfig {
 pub struct Sample<'a> {
     pub problem: &'a str,
     pub reasoning: Option<&'a str>,
+    /// Empty when the reasoning never closed (see `reasoning::split`).
     pub content: &'a str,
-    /// The reasoning opened but never closed.
-    pub unclosed: bool,
     pub finish_reason: Option<&'a str>,
     pub completion_tokens: Option<u64>,
 }
@@ -90,7 +89,7 @@ pub fn failed(sample: &Sample, config: &FilterConfig) -> Vec<Filter> {
             Filter::CodeBlock => sample.reasoning.unwrap_or("").contains("```") || sample.content.contains("```"),
             Filter::Repetition => loops(sample.reasoning.unwrap_or("")) || loops(sample.content),
             Filter::Incomplete => {
-                sample.unclosed || sample.finish_reason == Some("length") || sample.content.trim().is_empty()
+                sample.finish_reason == Some("length") || sample.content.trim().is_empty()
             }
             Filter::Length => sample.completion_tokens.is_some_and(|n| n < config.min_tokens || n > config.max_tokens),
         })
@@ -168,7 +167,7 @@ mod tests {
     use super::*;
 
     fn sample<'a>(problem: &'a str, reasoning: &'a str, content: &'a str) -> Sample<'a> {
-        Sample { problem, reasoning: Some(reasoning), content, unclosed: false, finish_reason: Some("stop"), completion_tokens: Some(100) }
+        Sample { problem, reasoning: Some(reasoning), content, finish_reason: Some("stop"), completion_tokens: Some(100) }
     }
 
     #[test]

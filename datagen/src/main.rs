@@ -229,7 +229,7 @@ fn bench(args: BenchArgs) -> Result<()> {
     println!("{} pairs × {} passes", pairs.len(), args.repeats);
     println!("datagen verifier   {single:>10.0} pairs/s on 1 thread   {parallel:>10.0} pairs/s on {threads} threads");
     if let Some(command) = &args.reference {
-        let reference = commands::run_reference(&format!("{command} --cases {}", args.cases.display()))?;
+        let reference = distill::benchmark::run_reference(&format!("{command} --cases {}", args.cases.display()))?;
         let rate = reference["pairs_per_s"].as_f64().context("reference JSON lacks pairs_per_s")?;
         println!("Math-Verify        {rate:>10.0} pairs/s on 1 process");
         println!("ratio (1 thread)   {:>10.1}×", single / rate);

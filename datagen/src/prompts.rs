@@ -41,7 +41,8 @@ pub enum PromptError {
     Duplicate { id: String, first: String, second: String },
 }
 
-/// A stable id for a problem without one: the first 16 hex digits of its SHA-256.
+/// A stable id for a problem without one (and the sampling settings' hash): the first 16 hex
+/// digits of its SHA-256.
 pub fn hash_id(problem: &str) -> String {
     let digest = Sha256::digest(problem.as_bytes());
     digest.iter().take(8).map(|b| format!("{b:02x}")).collect()

@@ -7,7 +7,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 use tokio::sync::{Semaphore, mpsc};
 
 use crate::prompts::Prompt;
@@ -37,8 +36,7 @@ impl Sampling {
     /// 16 hex digits of the SHA-256 of the settings: samples drawn with other settings get
     /// other keys, and are never mistaken for finished ones.
     pub fn hash(&self) -> String {
-        let digest = Sha256::digest(serde_json::to_vec(self).expect("plain struct"));
-        digest.iter().take(8).map(|b| format!("{b:02x}")).collect()
+        crate::prompts::hash_id(&serde_json::to_string(self).expect("plain struct"))
     }
 
     pub fn messages(&self, problem: &str) -> Vec<(String, String)> {
@@ -167,7 +165,8 @@ async fn sample(
     }
 }
 
-fn now() -> String {
+/// The current time as stored in rows and manifests (RFC 3339, milliseconds, UTC).
+pub fn now() -> String {
     chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }
 
@@ -361,13 +360,10 @@ pub async fn run(
 /// `manifest.json`: the run's configuration and provenance (never the API key), written
 /// atomically.
 pub fn write_manifest(out: &Path, manifest: &serde_json::Value) -> Result<(), StoreError> {
-    let path = out.join("manifest.json");
-    let temporary = out.join(".manifest.json.tmp");
-    let error = |e: std::io::Error| StoreError::File { path: path.clone(), message: e.to_string() };
-    std::fs::write(&temporary, serde_json::to_string_pretty(manifest).expect("JSON value")).map_err(error)?;
-    std::fs::File::open(&temporary).and_then(|f| f.sync_all()).map_err(error)?;
-    std::fs::rename(&temporary, &path).map_err(error)?;
-    Ok(())
+    let text = serde_json::to_string_pretty(manifest).expect("JSON value");
+    crate::store::write_atomically(&out.join("manifest.json"), |file| {
+        std::io::Write::write_all(file, text.as_bytes()).map_err(|e| e.to_string())
+    })
 }
 
 /// Reads `manifest.json` of a run folder.

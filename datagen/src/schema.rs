@@ -147,11 +147,13 @@ pub fn open_r1_rows(rows: &[Row]) -> Vec<OpenR1Row> {
     let mut order: Vec<&str> = Vec::new();
     let mut groups: std::collections::HashMap<&str, Vec<&Row>> = std::collections::HashMap::new();
     for row in rows.iter().filter(|r| r.status == "ok") {
-        groups.entry(&row.id).or_insert_with(|| {
-            order.push(&row.id);
-            Vec::new()
-        });
-        groups.get_mut(row.id.as_str()).expect("inserted").push(row);
+        groups
+            .entry(&row.id)
+            .or_insert_with(|| {
+                order.push(&row.id);
+                Vec::new()
+            })
+            .push(row);
     }
     order
         .into_iter()

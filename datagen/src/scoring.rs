@@ -55,7 +55,6 @@ pub fn score(row: &mut Row, options: &ScoreOptions, verify_config: &VerifyConfig
         problem: &row.problem,
         reasoning: row.reasoning.as_deref(),
         content: &content,
-        unclosed: false,
         finish_reason: row.finish_reason.as_deref(),
         completion_tokens: row.completion_tokens,
     };

@@ -53,8 +53,50 @@ pub fn read_shard(path: &Path) -> Result<Vec<Row>, StoreError> {
     Ok(rows)
 }
 
+/// The `key` column of a shard alone: what resuming needs, without reading the traces.
+fn read_keys(path: &Path) -> Result<Vec<String>, StoreError> {
+    use parquet::arrow::ProjectionMask;
+    use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+    let file = File::open(path).map_err(|e| file_error(path, e))?;
+    let builder = ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| file_error(path, e))?;
+    let mask = ProjectionMask::columns(builder.parquet_schema(), ["key"]);
+    let mut keys = Vec::new();
+    for batch in builder.with_projection(mask).build().map_err(|e| file_error(path, e))? {
+        let batch = batch.map_err(|e| file_error(path, e))?;
+        let column = batch
+            .column_by_name("key")
+            .and_then(|c| c.as_any().downcast_ref::<arrow::array::StringArray>())
+            .ok_or_else(|| file_error(path, "no `key` column of strings"))?;
+        keys.extend(column.iter().flatten().map(String::from));
+    }
+    Ok(keys)
+}
+
 fn sync_dir(dir: &Path) -> Result<(), StoreError> {
     File::open(dir).and_then(|d| d.sync_all()).map_err(|e| file_error(dir, e))
+}
+
+/// Writes `path` under a hidden temporary name beside it, fsyncs it, then renames it into
+/// place and fsyncs the folder: a reader (or a resume after a kill) never sees half a file.
+pub fn write_atomically(path: &Path, write: impl FnOnce(&mut File) -> Result<(), String>) -> Result<(), StoreError> {
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
+    let temporary = dir.join(format!(".{name}.tmp"));
+    let mut file = File::create(&temporary).map_err(|e| file_error(&temporary, e))?;
+    write(&mut file).map_err(|e| file_error(&temporary, e))?;
+    file.sync_all().map_err(|e| file_error(&temporary, e))?;
+    fs::rename(&temporary, path).map_err(|e| file_error(path, e))?;
+    sync_dir(dir)
+}
+
+/// Every row of a journal, each key once, skipping `seen` keys and adding the rest to it. A
+/// line that does not parse is the torn tail of a killed write: its request was in flight.
+fn read_journal(path: &Path, seen: &mut HashSet<String>) -> Vec<Row> {
+    let Ok(text) = fs::read(path) else { return Vec::new() };
+    text.split(|&b| b == b'\n')
+        .filter_map(|line| serde_json::from_slice::<Row>(line).ok())
+        .filter(|row| seen.insert(row.key.clone()))
+        .collect()
 }
 
 /// Writes `rows` as the Parquet file `path`, atomically.
@@ -62,28 +104,22 @@ pub fn write_shard(path: &Path, rows: &[Row]) -> Result<(), StoreError> {
     write_parquet(path, schema::schema(), rows)
 }
 
-/// Writes serde rows of `schema` as the Parquet file `path` (zstd): under a hidden temporary
-/// name, fsynced, then renamed, so a reader never sees half a file.
+/// Writes serde rows of `schema` as the Parquet file `path` (zstd), atomically.
 pub fn write_parquet<S: serde::Serialize>(path: &Path, schema: std::sync::Arc<arrow::datatypes::Schema>, rows: &[S]) -> Result<(), StoreError> {
-    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("shard");
-    let temporary = dir.join(format!(".{name}.tmp"));
     let mut decoder = arrow::json::ReaderBuilder::new(schema.clone())
         .with_batch_size(rows.len().max(1))
         .build_decoder()
         .map_err(|e| file_error(path, e))?;
     decoder.serialize(rows).map_err(|e| file_error(path, e))?;
     let batch = decoder.flush().map_err(|e| file_error(path, e))?.unwrap_or_else(|| arrow::record_batch::RecordBatch::new_empty(schema.clone()));
-    let file = File::create(&temporary).map_err(|e| file_error(&temporary, e))?;
     let properties = parquet::file::properties::WriterProperties::builder()
         .set_compression(parquet::basic::Compression::ZSTD(Default::default()))
         .build();
-    let mut writer = parquet::arrow::ArrowWriter::try_new(file, schema, Some(properties)).map_err(|e| file_error(&temporary, e))?;
-    writer.write(&batch).map_err(|e| file_error(&temporary, e))?;
-    let file = writer.into_inner().map_err(|e| file_error(&temporary, e))?;
-    file.sync_all().map_err(|e| file_error(&temporary, e))?;
-    fs::rename(&temporary, path).map_err(|e| file_error(path, e))?;
-    sync_dir(dir)
+    write_atomically(path, |file| {
+        let mut writer = parquet::arrow::ArrowWriter::try_new(file, schema, Some(properties)).map_err(|e| e.to_string())?;
+        writer.write(&batch).map_err(|e| e.to_string())?;
+        writer.into_inner().map(|_| ()).map_err(|e| e.to_string())
+    })
 }
 
 pub struct Store {
@@ -113,9 +149,7 @@ impl Store {
         let mut done = HashSet::new();
         let existing = shards(dir, generation)?;
         for path in &existing {
-            for row in read_shard(path)? {
-                done.insert(row.key);
-            }
+            done.extend(read_keys(path)?);
         }
         let next_shard = existing
             .iter()
@@ -123,17 +157,7 @@ impl Store {
             .max()
             .map_or(0, |n| n + 1);
         let journal_path = dir.join(JOURNAL);
-        let mut pending = Vec::new();
-        if let Ok(text) = fs::read(&journal_path) {
-            for line in text.split(|&b| b == b'\n') {
-                // A line that does not parse is the torn tail of a killed write.
-                if let Ok(row) = serde_json::from_slice::<Row>(line)
-                    && done.insert(row.key.clone())
-                {
-                    pending.push(row);
-                }
-            }
-        }
+        let pending = read_journal(&journal_path, &mut done);
         let journal = OpenOptions::new().create(true).append(true).open(&journal_path).map_err(|e| file_error(&journal_path, e))?;
         let mut store = Store { dir: dir.to_path_buf(), generation, next_shard, journal, done, pending, shard_rows: shard_rows.max(1) };
         store.compact()?;
@@ -177,10 +201,7 @@ impl Store {
             self.next_shard += 1;
             self.pending.clear();
         }
-        let temporary = self.dir.join(format!(".{JOURNAL}.tmp"));
-        File::create(&temporary).and_then(|f| f.sync_all()).map_err(|e| file_error(&temporary, e))?;
-        fs::rename(&temporary, &journal_path).map_err(|e| file_error(&journal_path, e))?;
-        sync_dir(&self.dir)?;
+        write_atomically(&journal_path, |_| Ok(()))?;
         self.journal = OpenOptions::new().append(true).open(&journal_path).map_err(|e| file_error(&journal_path, e))?;
         Ok(())
     }
@@ -193,15 +214,7 @@ pub fn read_all(dir: &Path, generation: u32) -> Result<Vec<Row>, StoreError> {
     for path in shards(dir, generation)? {
         rows.extend(read_shard(&path)?.into_iter().filter(|r| seen.insert(r.key.clone())));
     }
-    if let Ok(text) = fs::read(dir.join(JOURNAL)) {
-        for line in text.split(|&b| b == b'\n') {
-            if let Ok(row) = serde_json::from_slice::<Row>(line)
-                && seen.insert(row.key.clone())
-            {
-                rows.push(row);
-            }
-        }
-    }
+    rows.extend(read_journal(&dir.join(JOURNAL), &mut seen));
     Ok(rows)
 }
 

@@ -1,6 +1,6 @@
 //! `--device flex|wgpu|vulkan|metal|webgpu|cuda[:N]|rocm[:N]` → a burn [`Device`].
 
-use burn::tensor::Device;
+use burn::tensor::{DType, Device};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DeviceError {
@@ -10,6 +10,24 @@ pub enum DeviceError {
     NotBuilt { name: String, feature: &'static str },
     #[error("device `{0}`: the index after ':' must be a number")]
     BadIndex(String),
+    #[error("unknown dtype `{0}` (expected f32, bf16 or f16)")]
+    UnknownDtype(String),
+    #[error("{device} has no {dtype:?} compute (bf16: cuda, metal, flex; f16: GPUs); choose another --dtype")]
+    NoDtype { device: String, dtype: DType },
+}
+
+/// `--dtype f32|bf16|f16`, refused where `device` (named `name`) cannot compute it.
+pub fn dtype(name: &str, device: &Device, device_name: &str) -> Result<DType, DeviceError> {
+    let dtype = match name {
+        "f32" => DType::F32,
+        "bf16" => DType::BF16,
+        "f16" => DType::F16,
+        other => return Err(DeviceError::UnknownDtype(other.to_string())),
+    };
+    if !device.supports_dtype(dtype) {
+        return Err(DeviceError::NoDtype { device: device_name.to_string(), dtype });
+    }
+    Ok(dtype)
 }
 
 /// The default when `--device` is not given: a compiled-in GPU backend if the machine has an

@@ -6,6 +6,7 @@
 
 pub use burn;
 
+pub mod benchmark;
 pub mod data;
 pub mod device;
 pub mod eval;

@@ -7,6 +7,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 
+use distill::benchmark::run_reference;
 use distill::burn::tensor::DType;
 use distill::data::records::read_records;
 use distill::eval::{Example, evaluate};
@@ -67,12 +68,8 @@ struct DeviceArgs {
 
 impl DeviceArgs {
     fn resolve(&self) -> Result<(distill::burn::tensor::Device, LoadOptions)> {
-        let (device, _) = distill::device::select(self.device.as_deref())?;
-        let dtype = match self.dtype.as_str() {
-            "bf16" => DType::BF16,
-            "f16" => DType::F16,
-            _ => DType::F32,
-        };
+        let (device, name) = distill::device::select(self.device.as_deref())?;
+        let dtype = distill::device::dtype(&self.dtype, &device, &name)?;
         Ok((device, LoadOptions { dtype }))
     }
 }
@@ -899,7 +896,7 @@ fn bench_train(args: BenchTrainArgs) -> Result<()> {
                 " --config {} --seq-len {seq_len} --steps {}{}{}", args.config.display(), args.steps,
                 if args.bf16 { " --bf16" } else { "" }, if args.gradient_checkpointing { " --gradient-checkpointing" } else { "" }
             );
-            let reference = run_reference(command, &extra)?;
+            let reference = run_reference(&format!("{command}{extra}"))?;
             let value = |key: &str| reference.get(key).and_then(|v| v.as_f64()).with_context(|| format!("reference JSON lacks {key}"));
             let (reference_rate, reference_peak) = (value("tokens_per_s")?, value("peak_memory_bytes")?);
             println!("pytorch  seq {seq_len:>6}   {reference_rate:>9.1} tokens/s   peak memory {:>6.2} GiB", gib(reference_peak as u64));
@@ -910,22 +907,6 @@ fn bench_train(args: BenchTrainArgs) -> Result<()> {
         }
     }
     Ok(())
-}
-
-/// Runs a benchmark's reference command with `extra` arguments and parses the last JSON line
-/// it prints.
-fn run_reference(command: &str, extra: &str) -> Result<serde_json::Value> {
-    let output = std::process::Command::new("sh")
-        .arg("-c")
-        .arg(format!("{command}{extra}"))
-        .output()
-        .with_context(|| format!("running reference command `{command}`"))?;
-    if !output.status.success() {
-        bail!("reference command failed: {}", String::from_utf8_lossy(&output.stderr));
-    }
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let line = stdout.lines().rev().find(|l| l.trim_start().starts_with('{')).context("reference printed no JSON line")?;
-    Ok(serde_json::from_str(line)?)
 }
 
 /// The prompts of `bench generate`; `distill/benches/reference_generate.py` builds the same.
@@ -968,10 +949,10 @@ fn bench_generate(args: BenchGenerateArgs) -> Result<()> {
     println!("burn one at a time  {alone:>10.1} tokens/s");
     println!("burn batched        {batched:>10.1} tokens/s   {:.2}× one at a time", batched / alone);
     if let Some(command) = &args.reference {
-        let reference = run_reference(
-            command,
-            &format!(" --config {} --batch-size {} --prompt-len {} --new-tokens {}", args.config.display(), args.batch_size, args.prompt_len, args.new_tokens),
-        )?;
+        let reference = run_reference(&format!(
+            "{command} --config {} --batch-size {} --prompt-len {} --new-tokens {}",
+            args.config.display(), args.batch_size, args.prompt_len, args.new_tokens
+        ))?;
         let rate = reference.get("tokens_per_s").and_then(|v| v.as_f64()).context("reference JSON lacks tokens_per_s")?;
         println!("pytorch batched     {rate:>10.1} tokens/s   burn batched / pytorch batched: {:.2}× (> 1 is faster)", batched / rate);
     }
@@ -1012,10 +993,10 @@ fn bench_forward(args: BenchForwardArgs) -> Result<()> {
     let decode_rate = args.decode_tokens as f64 / median(decode_times);
     println!("burn     prefill {prefill_rate:>10.1} tokens/s   decode {decode_rate:>8.1} tokens/s");
     if let Some(command) = &args.reference {
-        let reference = run_reference(
-            command,
-            &format!(" --config {} --prompt-len {} --decode-tokens {} --repeats {}", args.config.display(), args.prompt_len, args.decode_tokens, args.repeats),
-        )?;
+        let reference = run_reference(&format!(
+            "{command} --config {} --prompt-len {} --decode-tokens {} --repeats {}",
+            args.config.display(), args.prompt_len, args.decode_tokens, args.repeats
+        ))?;
         let rate = |key: &str| reference.get(key).and_then(|v| v.as_f64()).with_context(|| format!("reference JSON lacks {key}"));
         let (reference_prefill, reference_decode) = (rate("prefill_tokens_per_s")?, rate("decode_tokens_per_s")?);
         println!("pytorch  prefill {reference_prefill:>10.1} tokens/s   decode {reference_decode:>8.1} tokens/s");

@@ -12,7 +12,6 @@ use std::sync::mpsc;
 use std::time::Instant;
 
 use distill::generate::{BatchGenerator, FinishReason, SamplingParams};
-use distill::burn::tensor::DType;
 use distill::model::{LoadOptions, Model};
 use distill::pretrained::Pretrained;
 use distill::text::{Message, Tokenizer};
@@ -34,12 +33,11 @@ pub struct LocalTeacher {
 }
 
 impl LocalTeacher {
-    /// Loads the checkpoint on `device`, computing in `dtype`, and starts the generation thread.
-    pub fn load(dir: &Path, device: Option<&str>, dtype: DType, max_batch_size: usize) -> Result<LocalTeacher, String> {
+    /// Loads the checkpoint on `device`, computing in `dtype` (f32, bf16, f16), and starts the
+    /// generation thread.
+    pub fn load(dir: &Path, device: Option<&str>, dtype: &str, max_batch_size: usize) -> Result<LocalTeacher, String> {
         let (device, name) = distill::device::select(device).map_err(|e| e.to_string())?;
-        if !device.supports_dtype(dtype) {
-            return Err(format!("{name} has no {dtype:?} compute (bf16: cuda, metal, flex; f16: GPUs); choose another --dtype"));
-        }
+        let dtype = distill::device::dtype(dtype, &device, &name).map_err(|e| e.to_string())?;
         let pretrained = Pretrained::load(dir, &device, LoadOptions { dtype }).map_err(|e| format!("{}: {e}", dir.display()))?;
         let Pretrained { model, tokenizer, eos_token_ids, .. } = pretrained;
         let (jobs, queue) = mpsc::channel();
@@ -72,7 +70,6 @@ impl LocalTeacher {
             reasoning: split.reasoning,
             content: split.content,
             parser: split.parser,
-            unclosed: split.unclosed,
             finish_reason: Some(match finish {
                 FinishReason::Stop => "stop".into(),
                 FinishReason::Length => "length".into(),

@@ -15,7 +15,6 @@ pub struct Completion {
     pub reasoning: Option<String>,
     pub content: String,
     pub parser: ReasoningParser,
-    pub unclosed: bool,
     pub finish_reason: Option<String>,
     pub prompt_tokens: Option<u64>,
     pub completion_tokens: Option<u64>,
@@ -49,7 +48,7 @@ impl RequestError {
     }
 }
 
-/// Exponential backoff with full jitter (`base · 2^attempt`, capped, times a uniform draw in
+/// Exponential backoff with jitter (`base · 2^attempt`, capped, times a uniform draw in
 /// [0.5, 1]), or the server's `Retry-After` when it gave one.
 pub fn backoff(attempt: u32, base: Duration, cap: Duration, retry_after: Option<Duration>, jitter: f64) -> Duration {
     if let Some(wait) = retry_after {

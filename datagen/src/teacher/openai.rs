@@ -141,7 +141,6 @@ impl Parts {
             reasoning: split.reasoning,
             content: split.content,
             parser: split.parser,
-            unclosed: split.unclosed,
             finish_reason: self.finish_reason,
             prompt_tokens: self.prompt_tokens,
             completion_tokens: self.completion_tokens,

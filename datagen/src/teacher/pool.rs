@@ -112,17 +112,21 @@ impl Pool {
             .map(|(url, s)| {
                 let mut latencies = s.latency_ms.clone();
                 latencies.sort_unstable();
-                let quantile = |q: f64| latencies.get(((latencies.len() as f64 - 1.0) * q).round() as usize).copied();
                 EndpointReport {
                     endpoint: url.clone(),
                     completed: s.completed,
                     failed: s.failed,
-                    latency_ms_p50: quantile(0.5),
-                    latency_ms_p90: quantile(0.9),
+                    latency_ms_p50: percentile(&latencies, 0.5),
+                    latency_ms_p90: percentile(&latencies, 0.9),
                 }
             })
             .collect()
     }
+}
+
+/// The nearest-rank `q` quantile of sorted values (`None` for none).
+pub fn percentile(sorted: &[u64], q: f64) -> Option<u64> {
+    sorted.get(((sorted.len() as f64 - 1.0) * q).round() as usize).copied()
 }
 
 #[cfg(test)]

@@ -83,10 +83,11 @@ impl Model {
     /// rows must equal the adapted model's (to 1e-3 of the largest logit). Returns the merged
     /// model and the largest difference seen.
     pub fn merge_lora(&self) -> Result<(Model, f32), String> {
-        let merged = Model { config: self.config.clone(), net: lora::merge(self.net.valid()), rope: self.rope.clone(), device: self.device.clone().inner(), dtype: self.dtype };
+        let adapted = self.for_inference();
+        let merged = Model { net: lora::merge(adapted.net.clone()), ..adapted.clone() };
         let vocab = self.config.vocab_size;
         let rows: Vec<Vec<u32>> = (0..2u64).map(|r| (0..32u64).map(|i| ((r * 32 + i) * 7919 % vocab as u64) as u32).collect()).collect();
-        let adapted = self.for_inference().logits(&rows).into_data().convert::<f32>();
+        let adapted = adapted.logits(&rows).into_data().convert::<f32>();
         let folded = merged.logits(&rows).into_data().convert::<f32>();
         let (adapted, folded) = (adapted.as_slice::<f32>().unwrap_or_default(), folded.as_slice::<f32>().unwrap_or_default());
         let scale = adapted.iter().fold(1.0f32, |m, v| m.max(v.abs()));

@@ -72,26 +72,13 @@ pub fn save(
         export(model, tokenizer_dir, eos_token_ids, &staging.join("model"), &options)?;
     }
 
-    let moments = optimizer.save_state(&model.net);
-    let bytes: Vec<(String, Vec<u8>, usize)> = moments
-        .iter()
-        .flat_map(|m| {
-            [("exp_avg", &m.first), ("exp_avg_sq", &m.second)]
-                .map(|(kind, values)| (format!("{}.{kind}", m.name), values.iter().flat_map(|v| v.to_le_bytes()).collect(), values.len()))
-        })
+    let moments: Vec<(String, Vec<usize>, Vec<f32>)> = optimizer
+        .save_state(&model.net)
+        .into_iter()
+        .flat_map(|m| [(format!("{}.exp_avg", m.name), vec![m.first.len()], m.first), (format!("{}.exp_avg_sq", m.name), vec![m.second.len()], m.second)])
         .collect();
-    let optimizer_path = staging.join("optimizer.safetensors");
-    let views = bytes
-        .iter()
-        .map(|(name, data, len)| TensorView::new(Dtype::F32, vec![*len], data).map(|view| (name.clone(), view)))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| file_error(&optimizer_path, e))?;
-    safetensors::serialize_to_file(views, None, &optimizer_path).map_err(|e| file_error(&optimizer_path, e))?;
-    let state_path = staging.join("trainer_state.json");
-    fs::write(&state_path, serde_json::to_string_pretty(state).expect("plain struct")).map_err(|e| file_error(&state_path, e))?;
-    for path in [&optimizer_path, &state_path] {
-        fs::File::open(path).and_then(|f| f.sync_all()).map_err(|e| file_error(path, e))?;
-    }
+    write_f32_tensors(&staging.join("optimizer.safetensors"), &moments)?;
+    write_synced(&staging.join("trainer_state.json"), &serde_json::to_string_pretty(state).expect("plain struct"))?;
     fs::rename(&staging, &target).map_err(|e| file_error(&target, e))?;
     Ok(target)
 }
@@ -108,35 +95,45 @@ pub fn latest(run_dir: &Path) -> Option<(usize, PathBuf)> {
         .max_by_key(|(step, _)| *step)
 }
 
+/// Writes f32 tensors `(name, shape, values)` as a safetensors file, fsynced.
+fn write_f32_tensors(path: &Path, tensors: &[(String, Vec<usize>, Vec<f32>)]) -> Result<(), CheckpointError> {
+    let bytes: Vec<Vec<u8>> = tensors.iter().map(|(_, _, values)| values.iter().flat_map(|v| v.to_le_bytes()).collect()).collect();
+    let views = tensors
+        .iter()
+        .zip(&bytes)
+        .map(|((name, shape, _), data)| TensorView::new(Dtype::F32, shape.clone(), data).map(|view| (name.clone(), view)))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| file_error(path, e))?;
+    safetensors::serialize_to_file(views, None, path).map_err(|e| file_error(path, e))?;
+    fs::File::open(path).and_then(|f| f.sync_all()).map_err(|e| file_error(path, e))
+}
+
+fn write_synced(path: &Path, text: &str) -> Result<(), CheckpointError> {
+    fs::write(path, text).and_then(|()| fs::File::open(path)?.sync_all()).map_err(|e| file_error(path, e))
+}
+
+/// The values of an f32 safetensors view.
+fn f32_values(view: &TensorView) -> Vec<f32> {
+    view.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()
+}
+
 /// `adapter_model.safetensors` (PEFT tensor names, f32) and `adapter_config.json`.
 fn write_adapters(model: &Model, lora: &serde_json::Value, dir: &Path) -> Result<(), CheckpointError> {
-    let path = dir.join("adapter_model.safetensors");
-    let tensors: Vec<(String, Vec<u8>, Vec<usize>)> = crate::model::lora::adapter_tensors(&model.net)
+    let tensors: Vec<(String, Vec<usize>, Vec<f32>)> = crate::model::lora::adapter_tensors(&model.net)
         .into_iter()
         .map(|(name, tensor)| {
             let shape = tensor.dims().to_vec();
             let data = tensor.into_data().convert::<f32>();
-            let bytes = data.as_slice::<f32>().unwrap_or_default().iter().flat_map(|v| v.to_le_bytes()).collect();
-            (name, bytes, shape)
+            (name, shape, data.as_slice::<f32>().unwrap_or_default().to_vec())
         })
         .collect();
-    let views = tensors
-        .iter()
-        .map(|(name, data, shape)| TensorView::new(Dtype::F32, shape.clone(), data).map(|view| (name.clone(), view)))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| file_error(&path, e))?;
-    safetensors::serialize_to_file(views, None, &path).map_err(|e| file_error(&path, e))?;
+    write_f32_tensors(&dir.join("adapter_model.safetensors"), &tensors)?;
     let config = serde_json::json!({
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": lora["rank"], "lora_alpha": lora["alpha"],
         "lora_dropout": lora["dropout"], "target_modules": lora["targets"], "bias": "none",
         "fan_in_fan_out": false, "use_rslora": false, "inference_mode": true, "init_lora_weights": true,
     });
-    let config_path = dir.join("adapter_config.json");
-    fs::write(&config_path, serde_json::to_string_pretty(&config).expect("plain JSON")).map_err(|e| file_error(&config_path, e))?;
-    for path in [&path, &config_path] {
-        fs::File::open(path).and_then(|f| f.sync_all()).map_err(|e| file_error(path, e))?;
-    }
-    Ok(())
+    write_synced(&dir.join("adapter_config.json"), &serde_json::to_string_pretty(&config).expect("plain JSON"))
 }
 
 /// Reads a checkpoint's adapters into `base` (the frozen base with adapters attached).
@@ -150,8 +147,7 @@ fn read_adapters(dir: &Path, base: Model) -> Result<Model, CheckpointError> {
         if view.shape() != shape || view.dtype() != Dtype::F32 {
             return Err(format!("{name}: expected f32 {shape:?}, found {:?} {:?}", view.dtype(), view.shape()));
         }
-        let values: Vec<f32> = view.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
-        Ok(burn::tensor::Tensor::from_data(burn::tensor::TensorData::new(values, shape), &device))
+        Ok(burn::tensor::Tensor::from_data(burn::tensor::TensorData::new(f32_values(&view), shape), &device))
     })
     .map_err(|e| file_error(&path, e))?;
     Ok(Model { net, ..base })
@@ -173,7 +169,7 @@ pub fn load(dir: &Path, device: &Device, optimizer: &mut AdamW, base: Option<Mod
     let tensors = SafeTensors::deserialize(&bytes).map_err(|e| file_error(&optimizer_path, e))?;
     let values = |name: &str| -> Result<Vec<f32>, CheckpointError> {
         let view = tensors.tensor(name).map_err(|e| file_error(&optimizer_path, e))?;
-        Ok(view.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())
+        Ok(f32_values(&view))
     };
     let mut names: Vec<String> = tensors
         .names()
