@@ -16,6 +16,7 @@ pub mod info;
 pub mod memory;
 pub mod plot;
 pub mod model;
+pub mod ops;
 pub mod pretrained;
 pub mod student;
 pub mod text;

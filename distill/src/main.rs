@@ -534,7 +534,7 @@ fn train_command(args: TrainArgs) -> Result<()> {
     let (config, student) = model_config_from_any(&args.model)?;
     let defaults = student.as_ref().map(|s| s.training.clone()).unwrap_or_default();
     let gradient_checkpointing = args.gradient_checkpointing || defaults.gradient_checkpointing.unwrap_or(false);
-    let device = if gradient_checkpointing { device.autodiff().gradient_checkpointing() } else { device.autodiff() };
+    let device = device.autodiff();
     // Master weights stay f32; a lower dtype is the compute dtype (mixed precision).
     let compute_dtype = if args.bf16 {
         Some(DType::BF16)
@@ -664,6 +664,7 @@ fn train_command(args: TrainArgs) -> Result<()> {
         gradient_accumulation_steps: args.gradient_accumulation_steps.or(defaults.gradient_accumulation_steps).unwrap_or(1),
         seed,
         compute_dtype,
+        gradient_checkpointing,
     };
     let per_epoch = steps_per_epoch(blocks.len(), &train_config);
     let epochs = args.num_train_epochs.or(defaults.num_train_epochs).unwrap_or(1.0);
@@ -738,9 +739,11 @@ fn train_command(args: TrainArgs) -> Result<()> {
             let (mut sum, mut count) = (0.0, 0);
             let model = model.for_inference();
             for block in &eval_blocks {
-                let (nll, tokens) = distill::train::nll_sum(&model, [block]);
-                sum += nll.into_scalar::<f32>() as f64;
-                count += tokens;
+                let batch = distill::data::batch::Batch::new(&[block]);
+                if let Some(nll) = distill::train::nll_sum(&model, &batch, Default::default()) {
+                    sum += nll.into_scalar::<f32>() as f64;
+                    count += batch.targets.len();
+                }
             }
             let eval_loss = sum / count.max(1) as f64;
             bar.println(format!("step {}: eval loss {eval_loss:.4} ({count} tokens)", step.step));
@@ -848,7 +851,7 @@ fn bench_train(args: BenchTrainArgs) -> Result<()> {
     use distill::train::run::{TrainConfig, train};
     use distill::train::schedule::{Schedule, Scheduler};
     let (device, _) = distill::device::select(args.device.as_deref())?;
-    let device = if args.gradient_checkpointing { device.autodiff().gradient_checkpointing() } else { device.autodiff() };
+    let device = device.autodiff();
     let (config, _) = model_config_from_any(&args.config)?;
     println!(
         "model: {} parameters, batch 1, {} timed steps per length, {}{}",
@@ -864,6 +867,7 @@ fn bench_train(args: BenchTrainArgs) -> Result<()> {
         gradient_accumulation_steps: 1,
         seed: 0,
         compute_dtype: args.bf16.then_some(DType::BF16),
+        gradient_checkpointing: args.gradient_checkpointing,
     };
     let mut table = Vec::new();
     for &seq_len in &args.seq_len {

@@ -86,7 +86,8 @@ fn bad_rows_are_reported_per_row_not_fatal() {
 
 /// Summed NLL of the trained tokens of a block, and how many there are.
 fn block_loss(model: &distill::model::Model, block: &PackedBlock) -> (f64, usize) {
-    let logits = model.net.logits(model.hidden_packed(block)).into_data().convert::<f32>();
+    let batch = distill::data::batch::Batch::new(&[block]);
+    let logits = model.net.logits(model.hidden_batch(&batch, Default::default())).into_data().convert::<f32>();
     let logits = logits.as_slice::<f32>().unwrap();
     let vocab = model.config.vocab_size;
     let (mut sum, mut count) = (0.0, 0);
@@ -121,6 +122,16 @@ fn packed_loss_equals_unpacked_loss() {
     assert_eq!(packed_count, single_count);
     let (packed, single) = (packed_sum / packed_count as f64, single_sum / single_count as f64);
     assert!((packed - single).abs() / single < 1e-5, "packed {packed} vs unpacked {single}");
+
+    // One batched forward pass of the packed blocks (shorter ones padded) gives the same loss
+    // through the chunked cross-entropy.
+    let refs: Vec<&PackedBlock> = blocks.iter().collect();
+    let batch = distill::data::batch::Batch::new(&refs);
+    assert!(batch.input_ids.iter().any(|row| row.len() > refs.iter().map(|b| b.len()).min().unwrap()), "the batch is padded");
+    let batched = distill::train::nll_sum(&pretrained.model, &batch, Default::default()).unwrap().into_scalar::<f32>() as f64;
+    assert_eq!(batch.targets.len(), single_count);
+    let batched = batched / single_count as f64;
+    assert!((batched - single).abs() / single < 1e-5, "batched {batched} vs unpacked {single}");
 }
 
 fn train_on(data: &std::path::Path, extra: &[&str]) -> std::process::Output {

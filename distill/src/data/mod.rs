@@ -1,6 +1,7 @@
-//! Datasets: JSONL / Parquet rows with their provenance, reasoning traces tokenized for SFT,
-//! and packing.
+//! Training and evaluation data: rows of JSONL / Parquet files, tokenized traces, packing and
+//! micro-batches.
 
+pub mod batch;
 pub mod packing;
 pub mod records;
 pub mod traces;

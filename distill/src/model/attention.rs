@@ -1,8 +1,14 @@
 //! Grouped-query self-attention with a KV cache.
 //!
+//! Whole sequences (training, scoring, prefill) go through [`crate::ops::attention`], which
+//! keeps O(seq) per layer; tokens appended to a KV cache attend densely to it, which for
+//! one-token decode steps is linear in the cache.
+//!
 //! GQA is done by viewing the query heads as `[kv_heads, group]` and broadcasting K/V over the
 //! group axis in the matmul, so K and V are never repeated per query head (transformers'
 //! `repeat_kv` copies them `group` times).
+
+use std::sync::Arc;
 
 use burn::module::Module;
 use burn::nn::Linear;
@@ -10,7 +16,8 @@ use burn::tensor::activation::softmax;
 use burn::tensor::{Device, Tensor, TensorData};
 
 use super::lora::{AttentionLora, project};
-use super::rope::RopeTables;
+use super::transformer::Pass;
+use crate::ops::attention::Plan;
 
 #[derive(Module, Debug)]
 pub struct Attention {
@@ -56,82 +63,82 @@ impl LayerCache {
     }
 }
 
-/// Which keys each query may see, as an additive bias `[batch, 1, 1, query_len, key_len]`
-/// (0 = visible, -inf = hidden). `None` means every key is visible (one-token decode steps).
+/// Which keys each query sees in one forward pass.
 #[derive(Debug, Clone)]
-pub struct AttentionMask {
-    pub bias: Option<Tensor<5>>,
+pub enum Visibility {
+    /// Memory-efficient attention over a [`Layout`] (training, scoring, and prefill into an
+    /// empty cache): the queries are the whole sequence.
+    Planned(Arc<Plan>),
+    /// Queries appended to a KV cache (decoding): an additive bias `[batch, 1, 1, queries,
+    /// keys]` (0 = visible, -inf = hidden) on the inner device, or `None` when every query sees
+    /// every key. Its size is queries × keys, linear in the keys for one-token steps.
+    Cached(Option<Tensor<5>>),
 }
 
-impl AttentionMask {
-    /// Causal attention over `past + query_len` keys, with queries restricted to keys of their
-    /// own segment (`segments[b][k]` for every key, past and new): a packed row never attends
-    /// across its documents. Padding is given its own segment id so it never leaks into rows.
-    pub fn causal(segments: &[Vec<u32>], query_len: usize, device: &Device) -> Self {
-        let batch = segments.len();
-        let key_len = segments.first().map_or(0, Vec::len);
-        let past = key_len - query_len;
-        let mut bias = Vec::with_capacity(batch * query_len * key_len);
-        for row in segments {
-            for query in 0..query_len {
-                let query_position = past + query;
-                for (key, segment) in row.iter().enumerate() {
-                    let visible = key <= query_position && *segment == row[query_position];
-                    bias.push(if visible { 0.0f32 } else { f32::NEG_INFINITY });
-                }
-            }
+impl Visibility {
+    /// The bias for `queries` new tokens after what the cache holds: query `i` of row `b` sees
+    /// key `j` when `visible[b][j]` and `j` is not after it.
+    pub fn cached(visible: &[Vec<bool>], queries: usize, device: &Device) -> Self {
+        if queries == 1 && visible.iter().all(|row| row.iter().all(|&v| v)) {
+            return Visibility::Cached(None);
         }
-        let data = TensorData::new(bias, [batch, 1, 1, query_len, key_len]);
-        AttentionMask { bias: Some(Tensor::from_data(data, device)) }
-    }
-
-    pub fn none() -> Self {
-        AttentionMask { bias: None }
+        let keys = visible.first().map_or(0, Vec::len);
+        let past = keys - queries;
+        let bias: Vec<f32> = visible
+            .iter()
+            .flat_map(|row| (0..queries).flat_map(move |i| row.iter().enumerate().map(move |(j, &v)| if v && j <= past + i { 0.0 } else { f32::NEG_INFINITY })))
+            .collect();
+        let data = TensorData::new(bias, [visible.len(), 1, 1, queries, keys]);
+        Visibility::Cached(Some(Tensor::from_data(data, &device.clone().inner())))
     }
 }
 
 impl Attention {
     /// `x`: `[batch, seq, hidden]` → `[batch, seq, hidden]`.
-    pub fn forward(
-        &self,
-        x: Tensor<3>,
-        rope: &RopeTables,
-        mask: &AttentionMask,
-        cache: Option<&mut LayerCache>,
-    ) -> Tensor<3> {
+    pub fn forward(&self, x: Tensor<3>, pass: &Pass, cache: Option<&mut LayerCache>) -> Tensor<3> {
         let [batch, seq, _] = x.dims();
-        let group = self.num_heads / self.num_kv_heads;
         let heads = |t: Tensor<3>, n: usize| t.reshape([batch, seq, n, self.head_dim]).swap_dims(1, 2);
 
         let lora = self.lora.as_ref();
-        let q = project(&self.q_proj, lora.and_then(|l| l.q_proj.as_ref()), x.clone());
-        let k = project(&self.k_proj, lora.and_then(|l| l.k_proj.as_ref()), x.clone());
-        let v = project(&self.v_proj, lora.and_then(|l| l.v_proj.as_ref()), x);
-        let q = rope.apply(heads(q, self.num_heads));
-        let k = rope.apply(heads(k, self.num_kv_heads));
+        let dropout = pass.dropout.is_some();
+        let q = project(&self.q_proj, lora.and_then(|l| l.q_proj.as_ref()), x.clone(), dropout);
+        let k = project(&self.k_proj, lora.and_then(|l| l.k_proj.as_ref()), x.clone(), dropout);
+        let v = project(&self.v_proj, lora.and_then(|l| l.v_proj.as_ref()), x, dropout);
+        let q = pass.rope.apply(heads(q, self.num_heads));
+        let k = pass.rope.apply(heads(k, self.num_kv_heads));
         let v = heads(v, self.num_kv_heads);
         let (k, v) = match cache {
             Some(cache) => cache.append(k, v),
             None => (k, v),
         };
-        let key_len = k.dims()[2];
+        let context = match &pass.visibility {
+            Visibility::Planned(plan) => {
+                assert_eq!(k.dims()[2], seq, "planned attention runs on a whole sequence (an empty cache)");
+                crate::ops::attention::attention(q, k, v, plan)
+            }
+            Visibility::Cached(bias) => self.cached_attention(q, k, v, bias.as_ref()),
+        };
+        project(&self.o_proj, lora.and_then(|l| l.o_proj.as_ref()), context, dropout)
+    }
 
+    /// Attention of a few new queries over the cache: `[batch, queries, heads · head_dim]`.
+    fn cached_attention(&self, q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, bias: Option<&Tensor<5>>) -> Tensor<3> {
+        let [batch, _, seq, _] = q.dims();
+        let group = self.num_heads / self.num_kv_heads;
         // [b, kv, group, seq, d] @ [b, kv, 1, d, keys]: K/V broadcast over the group.
         let q = q.reshape([batch, self.num_kv_heads, group, seq, self.head_dim]);
         let k = k.unsqueeze_dim::<5>(2);
         let v = v.unsqueeze_dim::<5>(2);
         let scale = (self.head_dim as f64).powf(-0.5);
         let mut scores = q.matmul(k.swap_dims(3, 4)) * scale;
-        if let Some(bias) = &mask.bias {
-            scores = scores + bias.clone();
+        if let Some(bias) = bias {
+            let bias = if scores.dtype() == bias.dtype() { bias.clone() } else { bias.clone().cast(scores.dtype()) };
+            scores = scores + bias;
         }
-        let probabilities = softmax(scores, 4);
-        debug_assert_eq!(probabilities.dims()[4], key_len);
-        let context = probabilities.matmul(v); // [b, kv, group, seq, d]
-        let context = context
+        let context = softmax(scores, 4).matmul(v); // [b, kv, group, seq, d]
+        context
             .reshape([batch, self.num_heads, seq, self.head_dim])
             .swap_dims(1, 2)
-            .reshape([batch, seq, self.num_heads * self.head_dim]);
-        project(&self.o_proj, lora.and_then(|l| l.o_proj.as_ref()), context)
+            .reshape([batch, seq, self.num_heads * self.head_dim])
     }
 }

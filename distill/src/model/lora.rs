@@ -8,7 +8,7 @@
 //! is merged into `W` for export.
 
 use burn::module::{Module, Param};
-use burn::nn::{Dropout, DropoutConfig, Linear};
+use burn::nn::Linear;
 use burn::tensor::{Device, Distribution, Tensor};
 
 use super::transformer::CausalLm;
@@ -68,7 +68,8 @@ impl LoraConfig {
 pub struct LoraLinear {
     pub lora_a: Param<Tensor<2>>,
     pub lora_b: Param<Tensor<2>>,
-    pub dropout: Dropout,
+    /// Dropout probability on the adapter's input while training.
+    pub dropout: f64,
     pub scaling: f64,
 }
 
@@ -82,16 +83,23 @@ impl LoraLinear {
         LoraLinear {
             lora_a: Param::from_tensor(lora_a),
             lora_b: Param::from_tensor(lora_b),
-            dropout: DropoutConfig::new(config.dropout).init(),
+            dropout: config.dropout,
             scaling: config.scaling(),
         }
     }
 
-    /// `base(x) + dropout(x) Aᵀ Bᵀ · scaling`.
-    pub fn forward(&self, base: &Linear, x: Tensor<3>) -> Tensor<3> {
-        let update = self
-            .dropout
-            .forward(x.clone())
+    /// `base(x) + dropout(x) Aᵀ Bᵀ · scaling`, with dropout only while `training`. The mask comes
+    /// from the device's generator, which the decoder layer seeds, so a recomputation (layer
+    /// checkpointing) draws the same mask.
+    pub fn forward(&self, base: &Linear, x: Tensor<3>, training: bool) -> Tensor<3> {
+        let input = if training && self.dropout > 0.0 {
+            let keep = 1.0 - self.dropout;
+            let mask = x.random_like(Distribution::Bernoulli(keep));
+            x.clone() * mask * (1.0 / keep)
+        } else {
+            x.clone()
+        };
+        let update = input
             .matmul(self.lora_a.val().transpose().unsqueeze())
             .matmul(self.lora_b.val().transpose().unsqueeze());
         base.forward(x) + update * self.scaling
@@ -105,10 +113,10 @@ impl LoraLinear {
     }
 }
 
-/// A projection's adapter when it has one.
-pub fn project(base: &Linear, lora: Option<&LoraLinear>, x: Tensor<3>) -> Tensor<3> {
+/// A projection's adapter when it has one (`training`: with adapter dropout).
+pub fn project(base: &Linear, lora: Option<&LoraLinear>, x: Tensor<3>, training: bool) -> Tensor<3> {
     match lora {
-        Some(lora) => lora.forward(base, x),
+        Some(lora) => lora.forward(base, x, training),
         None => base.forward(x),
     }
 }

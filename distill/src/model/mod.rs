@@ -12,10 +12,15 @@ use std::path::Path;
 use burn::module::Module;
 use burn::tensor::{DType, Device, Int, Tensor, TensorData};
 
-pub use attention::AttentionMask;
+pub use attention::Visibility;
 pub use config::{Architecture, ConfigError, ModelConfig};
 pub use rope::Rope;
-pub use transformer::{CausalLm, ModelCache};
+pub use transformer::{CausalLm, ModelCache, Pass};
+
+use std::sync::Arc;
+
+use crate::data::batch::Batch;
+use crate::ops::attention::{Layout, Plan};
 pub use weights::{LoadOptions, WeightsError};
 
 #[derive(Debug, thiserror::Error)]
@@ -24,6 +29,15 @@ pub enum ModelError {
     Config(#[from] ConfigError),
     #[error(transparent)]
     Weights(#[from] WeightsError),
+}
+
+/// How a training forward pass runs.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Training {
+    /// Adapter dropout on, with its masks drawn from this seed (per layer).
+    pub dropout_seed: Option<u64>,
+    /// Layer-level activation checkpointing.
+    pub checkpoint: bool,
 }
 
 /// A student on a device: its config, its weights and its RoPE tables.
@@ -107,17 +121,22 @@ impl Model {
         self
     }
 
+    /// RoPE tables for `positions` on the inner device, in the compute dtype.
     fn rope_tables(&self, positions: &[Vec<usize>]) -> rope::RopeTables {
-        let tables = self.rope.tables(positions, &self.device);
+        let tables = self.rope.tables(positions, &self.device.clone().inner());
         if self.dtype == DType::F32 {
             return tables;
         }
         rope::RopeTables { cos: tables.cos.cast(self.dtype), sin: tables.sin.cast(self.dtype) }
     }
 
-    fn causal_mask(&self, segments: &[Vec<u32>], query_len: usize) -> AttentionMask {
-        let mask = AttentionMask::causal(segments, query_len, &self.device);
-        AttentionMask { bias: mask.bias.map(|bias| if self.dtype == DType::F32 { bias } else { bias.cast(self.dtype) }) }
+    fn pass(&self, positions: &[Vec<usize>], visibility: Visibility, training: Training) -> Pass {
+        Pass { rope: self.rope_tables(positions), visibility, dropout: training.dropout_seed, checkpoint: training.checkpoint }
+    }
+
+    /// Memory-efficient attention over `layout` (see [`crate::ops::attention`]).
+    pub fn plan(&self, layout: Layout) -> Arc<Plan> {
+        Arc::new(Plan::new(layout, self.config.num_attention_heads, &self.device))
     }
 
     /// Final hidden states `[rows, seq, hidden]` of equal-length rows, each row starting at
@@ -125,18 +144,18 @@ impl Model {
     pub fn hidden(&self, rows: &[Vec<u32>]) -> Tensor<3> {
         let seq = rows.first().map_or(0, Vec::len);
         let positions: Vec<Vec<usize>> = rows.iter().map(|_| (0..seq).collect()).collect();
-        let segments: Vec<Vec<u32>> = rows.iter().map(|_| vec![0; seq]).collect();
-        let rope = self.rope_tables(&positions);
-        let mask = self.causal_mask(&segments, seq);
-        self.net.forward_hidden(self.input_ids(rows), &rope, &mask, None)
+        let plan = self.plan(Layout::causal(rows.len(), seq));
+        let pass = self.pass(&positions, Visibility::Planned(plan), Training::default());
+        self.net.forward_hidden(self.input_ids(rows), &pass, None)
     }
 
-    /// Final hidden states of one packed block `[1, seq, hidden]`: positions restart and
-    /// attention stays within each row, as if every row ran alone.
-    pub fn hidden_packed(&self, block: &crate::data::packing::PackedBlock) -> Tensor<3> {
-        let rope = self.rope_tables(std::slice::from_ref(&block.positions));
-        let mask = self.causal_mask(std::slice::from_ref(&block.segments), block.len());
-        self.net.forward_hidden(self.input_ids(std::slice::from_ref(&block.input_ids)), &rope, &mask, None)
+    /// Final hidden states `[rows, len, hidden]` of a micro-batch: positions restart and
+    /// attention stays within each packed row, as if every row ran alone; padding sees only
+    /// padding.
+    pub fn hidden_batch(&self, batch: &Batch, training: Training) -> Tensor<3> {
+        let plan = self.plan(batch.layout());
+        let pass = self.pass(&batch.positions, Visibility::Planned(plan), training);
+        self.net.forward_hidden(self.input_ids(&batch.input_ids), &pass, None)
     }
 
     /// Logits `[rows, seq, vocab]` of equal-length rows (see [`Model::hidden`]).
@@ -161,18 +180,18 @@ impl Model {
     /// must not see. Returns the logits of each row's last token `[batch, vocab]`.
     pub fn step_batch(&self, tokens: &[Vec<u32>], positions: &[Vec<usize>], visible: &[Vec<bool>], cache: &mut ModelCache) -> Tensor<2> {
         let (batch, seq) = (tokens.len(), tokens.first().map_or(0, Vec::len));
-        let rope = self.rope_tables(positions);
-        // A single new token in rows without padding may see every cached key.
-        let mask = if seq == 1 && visible.iter().all(|row| row.iter().all(|&v| v)) {
-            AttentionMask::none()
+        let visibility = if cache.is_empty() {
+            // A prefill: left padding is a segment of its own before the row's tokens.
+            let segments: Vec<Vec<u32>> = visible.iter().map(|row| row.iter().map(|&v| u32::from(v)).collect()).collect();
+            Visibility::Planned(self.plan(Layout::from_segments(&segments)))
         } else {
-            // Padding gets a segment of its own, so rows attend only to their own tokens.
-            let segments: Vec<Vec<u32>> = visible.iter().map(|row| row.iter().map(|&v| u32::from(!v)).collect()).collect();
-            self.causal_mask(&segments, seq)
+            Visibility::cached(visible, seq, &self.device)
         };
-        let logits = self.net.forward(self.input_ids(tokens), &rope, &mask, Some(cache));
+        let pass = self.pass(positions, visibility, Training::default());
+        let hidden = self.net.forward_hidden(self.input_ids(tokens), &pass, Some(cache));
+        let logits = self.net.logits(hidden.narrow(1, seq - 1, 1));
         let vocab = logits.dims()[2];
-        logits.narrow(1, seq - 1, 1).reshape([batch, vocab])
+        logits.reshape([batch, vocab])
     }
 
     pub fn input_ids(&self, rows: &[Vec<u32>]) -> Tensor<2, Int> {

@@ -7,10 +7,31 @@ use burn::nn::{Embedding, EmbeddingConfig, Initializer, Linear, LinearConfig, Rm
 use burn::tensor::activation::silu;
 use burn::tensor::{Device, Int, Tensor};
 
-use super::attention::{Attention, AttentionMask, LayerCache};
+use std::sync::Arc;
+
+use super::attention::{Attention, LayerCache, Visibility};
 use super::config::ModelConfig;
 use super::lora::{MlpLora, project};
 use super::rope::RopeTables;
+
+/// What every layer of one forward pass shares.
+#[derive(Debug, Clone)]
+pub struct Pass {
+    /// RoPE tables of the batch's positions, on the inner device (constants of the graph).
+    pub rope: RopeTables,
+    pub visibility: Visibility,
+    /// Training: adapter dropout is on and each layer seeds its draws from this.
+    pub dropout: Option<u64>,
+    /// Layer-level activation checkpointing (training only).
+    pub checkpoint: bool,
+}
+
+impl Pass {
+    /// The seed of layer `index`'s dropout masks.
+    fn layer_seed(seed: u64, index: usize) -> u64 {
+        seed.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(index as u64).rotate_left(17) ^ 0xD1B5_4A32_D192_ED03
+    }
+}
 
 #[derive(Module, Debug)]
 pub struct Mlp {
@@ -22,11 +43,11 @@ pub struct Mlp {
 }
 
 impl Mlp {
-    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+    pub fn forward(&self, x: Tensor<3>, training: bool) -> Tensor<3> {
         let lora = self.lora.as_ref();
-        let gate = project(&self.gate_proj, lora.and_then(|l| l.gate_proj.as_ref()), x.clone());
-        let up = project(&self.up_proj, lora.and_then(|l| l.up_proj.as_ref()), x);
-        project(&self.down_proj, lora.and_then(|l| l.down_proj.as_ref()), silu(gate) * up)
+        let gate = project(&self.gate_proj, lora.and_then(|l| l.gate_proj.as_ref()), x.clone(), training);
+        let up = project(&self.up_proj, lora.and_then(|l| l.up_proj.as_ref()), x, training);
+        project(&self.down_proj, lora.and_then(|l| l.down_proj.as_ref()), silu(gate) * up, training)
     }
 }
 
@@ -39,18 +60,23 @@ pub struct DecoderLayer {
 }
 
 impl DecoderLayer {
-    pub fn forward(
-        &self,
-        x: Tensor<3>,
-        rope: &RopeTables,
-        mask: &AttentionMask,
-        cache: Option<&mut LayerCache>,
-    ) -> Tensor<3> {
-        let x = x.clone()
-            + self
-                .self_attn
-                .forward(self.input_layernorm.forward(x), rope, mask, cache);
-        x.clone() + self.mlp.forward(self.post_attention_layernorm.forward(x))
+    /// Layer `index` of the model. With `pass.checkpoint` (and no cache) only `x` is kept for
+    /// the backward pass, which runs the layer again.
+    pub fn forward(&self, x: Tensor<3>, pass: &Pass, index: usize, cache: Option<&mut LayerCache>) -> Tensor<3> {
+        if pass.checkpoint && cache.is_none() && x.is_autodiff() {
+            let pass = pass.clone();
+            let forward = Arc::new(move |layer: &DecoderLayer, x: Tensor<3>| layer.forward_whole(x, &pass, index, None));
+            return crate::ops::checkpoint::checkpoint(self, x, forward);
+        }
+        self.forward_whole(x, pass, index, cache)
+    }
+
+    fn forward_whole(&self, x: Tensor<3>, pass: &Pass, index: usize, cache: Option<&mut LayerCache>) -> Tensor<3> {
+        if let Some(seed) = pass.dropout {
+            x.device().seed(Pass::layer_seed(seed, index));
+        }
+        let x = x.clone() + self.self_attn.forward(self.input_layernorm.forward(x), pass, cache);
+        x.clone() + self.mlp.forward(self.post_attention_layernorm.forward(x), pass.dropout.is_some())
     }
 }
 
@@ -138,38 +164,30 @@ impl CausalLm {
     }
 
     /// Final hidden states `[batch, seq, hidden]` for `input_ids` `[batch, seq]`.
-    pub fn forward_hidden(
-        &self,
-        input_ids: Tensor<2, Int>,
-        rope: &RopeTables,
-        mask: &AttentionMask,
-        mut cache: Option<&mut ModelCache>,
-    ) -> Tensor<3> {
+    pub fn forward_hidden(&self, input_ids: Tensor<2, Int>, pass: &Pass, mut cache: Option<&mut ModelCache>) -> Tensor<3> {
         let mut x = self.embed_tokens.forward(input_ids);
         for (index, layer) in self.layers.iter().enumerate() {
             let layer_cache = cache.as_deref_mut().map(|cache| &mut cache.layers[index]);
-            x = layer.forward(x, rope, mask, layer_cache);
+            x = layer.forward(x, pass, index, layer_cache);
         }
         self.norm.forward(x)
     }
 
-    /// Logits `[batch, seq, vocab]` from hidden states.
-    pub fn logits(&self, hidden: Tensor<3>) -> Tensor<3> {
-        let head = match &self.lm_head {
+    /// The output layer's weight `[vocab, hidden]` (the embeddings when tied).
+    pub fn output_weight(&self) -> Tensor<2> {
+        match &self.lm_head {
             Some(head) => head.val(),
             None => self.embed_tokens.weight.val(),
-        };
-        burn::tensor::module::linear(hidden, head.transpose(), None)
+        }
     }
 
-    pub fn forward(
-        &self,
-        input_ids: Tensor<2, Int>,
-        rope: &RopeTables,
-        mask: &AttentionMask,
-        cache: Option<&mut ModelCache>,
-    ) -> Tensor<3> {
-        self.logits(self.forward_hidden(input_ids, rope, mask, cache))
+    /// Logits `[batch, seq, vocab]` from hidden states.
+    pub fn logits(&self, hidden: Tensor<3>) -> Tensor<3> {
+        burn::tensor::module::linear(hidden, self.output_weight().transpose(), None)
+    }
+
+    pub fn forward(&self, input_ids: Tensor<2, Int>, pass: &Pass, cache: Option<&mut ModelCache>) -> Tensor<3> {
+        self.logits(self.forward_hidden(input_ids, pass, cache))
     }
 }
 

@@ -12,8 +12,9 @@ use burn::tensor::DType;
 
 use super::optim::{AccumulatedGrads, AdamW, AdamWConfig};
 use super::schedule::Schedule;
+use crate::data::batch::Batch;
 use crate::data::packing::PackedBlock;
-use crate::model::Model;
+use crate::model::{Model, Training};
 
 #[derive(Debug, Clone)]
 pub struct TrainConfig {
@@ -25,6 +26,8 @@ pub struct TrainConfig {
     pub seed: u64,
     /// Mixed precision: forward and backward in this dtype (bf16) over f32 master weights.
     pub compute_dtype: Option<DType>,
+    /// Layer-level activation checkpointing: keep each decoder layer's input only.
+    pub gradient_checkpointing: bool,
 }
 
 /// What one optimizer step did; one JSON line of `metrics.jsonl`.
@@ -81,16 +84,18 @@ pub fn train<E>(
         // The loss is the mean over every trained token of the step, so each micro-batch's
         // summed loss is divided by the step's token count before its backward pass.
         let step_tokens: usize = chosen.iter().map(|b| b.trained[1..].iter().filter(|&&t| t).count()).sum();
-        // Dropout masks (LoRA) depend on the step only, so a resumed run draws the same ones.
-        model.device.seed(config.seed.wrapping_mul(0x9E37_79B9).wrapping_add(step as u64));
         let mut grads = AccumulatedGrads::default();
         let mut loss = 0.0;
-        for micro_batch in chosen.chunks(config.per_device_train_batch_size) {
+        for (index, micro_batch) in chosen.chunks(config.per_device_train_batch_size).enumerate() {
             let compute = match config.compute_dtype {
                 Some(dtype) if dtype != model.dtype => model.compute_copy(dtype),
                 _ => model.clone(),
             };
-            let (sum, _) = super::nll_sum(&compute, micro_batch.iter().copied());
+            // Dropout masks (LoRA) depend on the step and micro-batch only, so a resumed run
+            // draws the same ones.
+            let dropout_seed = config.seed.wrapping_mul(0x9E37_79B9).wrapping_add(step as u64).wrapping_mul(31).wrapping_add(index as u64);
+            let training = Training { dropout_seed: Some(dropout_seed), checkpoint: config.gradient_checkpointing };
+            let Some(sum) = super::nll_sum(&compute, &Batch::new(micro_batch), training) else { continue };
             let scaled = sum / step_tokens.max(1) as f64;
             loss += scaled.clone().into_scalar::<f32>() as f64;
             grads.add(&model.net, &scaled.backward());
