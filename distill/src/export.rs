@@ -4,7 +4,8 @@
 //!
 //! The folder is assembled under a temporary name beside the destination and renamed into
 //! place at the end, so a crash never leaves a half-written checkpoint under the final name.
-//! Tensors are converted one shard at a time: memory holds one shard, not a second model.
+//! Tensors are converted and written one at a time: memory holds one tensor, not a second
+//! model.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -12,11 +13,11 @@ use std::path::{Path, PathBuf};
 
 use burn::tensor::Tensor;
 use safetensors::Dtype;
-use safetensors::tensor::TensorView;
 use serde_json::json;
 
 use crate::model::weights::{INDEX_FILE, SINGLE_FILE, expected_tensors};
 use crate::model::{CausalLm, Model};
+use crate::tensor_file::{self, Entry, TensorFileError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ExportError {
@@ -28,8 +29,8 @@ pub enum ExportError {
         #[source]
         source: std::io::Error,
     },
-    #[error("writing {path}: {message}")]
-    Safetensors { path: PathBuf, message: String },
+    #[error(transparent)]
+    Tensors(#[from] TensorFileError),
     #[error("unknown dtype `{0}` (bf16, f16 or f32)")]
     Dtype(String),
     #[error("bad shard size `{0}` (e.g. 5GB, 500MB)")]
@@ -209,28 +210,16 @@ pub fn export(
     let mut total_size = 0u64;
     for (index, shard) in shards.iter().enumerate() {
         let file_name = if count == 1 { SINGLE_FILE.to_string() } else { format!("model-{:05}-of-{:05}.safetensors", index + 1, count) };
-        let encoded: Vec<(String, Vec<usize>, Vec<u8>)> = shard
-            .iter()
-            .map(|(name, shape)| {
-                let (values, _) = hf_tensor(&model.net, name).expect("every expected tensor exists in the model");
-                (name.clone(), shape.clone(), options.dtype.encode(&values))
-            })
-            .collect();
         let path = staging.join(&file_name);
-        let views = encoded
-            .iter()
-            .map(|(name, shape, bytes)| {
-                TensorView::new(options.dtype.safetensors(), shape.clone(), bytes)
-                    .map(|view| (name.clone(), view))
-                    .map_err(|e| ExportError::Safetensors { path: path.clone(), message: e.to_string() })
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        let metadata = Some([("format".to_string(), "pt".to_string())].into_iter().collect());
-        safetensors::serialize_to_file(views, metadata, &path)
-            .map_err(|e| ExportError::Safetensors { path: path.clone(), message: e.to_string() })?;
-        for (name, _, bytes) in &encoded {
-            weight_map.insert(name.clone(), file_name.clone());
-            total_size += bytes.len() as u64;
+        let entries: Vec<Entry> = shard.iter().map(|(name, shape)| Entry::new(name.clone(), options.dtype.safetensors(), shape.clone())).collect();
+        let metadata = [("format".to_string(), "pt".to_string())].into_iter().collect();
+        // One tensor at a time: memory holds one tensor's values, never a shard.
+        total_size += tensor_file::write(&path, &entries, Some(&metadata), |i| {
+            let (values, _) = hf_tensor(&model.net, &entries[i].name).expect("every expected tensor exists in the model");
+            Ok(options.dtype.encode(&values))
+        })?;
+        for entry in &entries {
+            weight_map.insert(entry.name.clone(), file_name.clone());
         }
     }
     let write_json = |file: &str, value: serde_json::Value| -> Result<(), ExportError> {

@@ -19,5 +19,6 @@ pub mod model;
 pub mod ops;
 pub mod pretrained;
 pub mod student;
+pub mod tensor_file;
 pub mod text;
 pub mod train;

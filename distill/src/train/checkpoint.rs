@@ -1,22 +1,26 @@
-//! Training checkpoints: `RUN_DIR/checkpoint-STEP/` holds the model as an HF checkpoint
-//! (`model/`; LoRA adapters merged, with the adapters themselves in PEFT's
-//! `adapter_model.safetensors` + `adapter_config.json`), the AdamW moments
-//! (`optimizer.safetensors`) and `trainer_state.json`. The
-//! folder is assembled under a temporary name and renamed into place, so a kill at any moment
-//! leaves either a whole checkpoint or none. The data order is a function of the seed and the
-//! step, so the step is the whole data cursor.
+//! Training checkpoints: `RUN_DIR/checkpoint-STEP/` holds `trainer_state.json`, the AdamW
+//! moments of the trained parameters (`optimizer.safetensors`) and the trained weights: the
+//! whole model as an HF checkpoint (`model/`) for full fine-tuning, or only the adapters as PEFT
+//! writes them (`adapter_model.safetensors` + `adapter_config.json`) for LoRA, whose frozen base
+//! is rebuilt from the run's settings when the checkpoint is read.
+//!
+//! Tensors stream to disk one at a time and are read back through a memory map one at a time:
+//! neither the model nor the optimizer state is ever encoded in host memory whole. The folder is
+//! assembled under a temporary name and renamed into place, so a kill at any moment leaves
+//! either a whole checkpoint or none. The data order is a function of the seed and the step,
+//! so the step is the whole data cursor.
 
 use std::fs;
 use std::path::{Path, PathBuf};
 
 use burn::tensor::Device;
-use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
 use serde::{Deserialize, Serialize};
 
 use super::optim::{AdamW, SavedMoments};
 use crate::export::{ExportDtype, ExportError, ExportOptions, export};
 use crate::model::{LoadOptions, Model, ModelError};
+use crate::tensor_file::{self, Entry, TensorFileError, f32_bytes};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CheckpointError {
@@ -24,6 +28,8 @@ pub enum CheckpointError {
     Export(#[from] ExportError),
     #[error(transparent)]
     Model(#[from] ModelError),
+    #[error(transparent)]
+    Tensors(#[from] TensorFileError),
     #[error("{path}: {message}")]
     File { path: PathBuf, message: String },
 }
@@ -60,52 +66,64 @@ pub fn save(
         fs::remove_dir_all(&staging).map_err(|e| file_error(&staging, e))?;
     }
     fs::create_dir_all(&staging).map_err(|e| file_error(&staging, e))?;
-    // f32 weights: resuming must continue from exactly these values.
-    let options = ExportOptions { dtype: ExportDtype::F32, max_shard_bytes: u64::MAX };
     if model.has_lora() {
-        // The adapters as PEFT writes them (what a resume reads), and the merged model, so that
-        // `distill export` of any checkpoint needs nothing else.
         write_adapters(model, &state.settings["lora"], &staging)?;
-        let (merged, _) = model.merge_lora().map_err(|e| file_error(&staging, e))?;
-        export(&merged, tokenizer_dir, eos_token_ids, &staging.join("model"), &options)?;
     } else {
+        // f32 weights: resuming must continue from exactly these values.
+        let options = ExportOptions { dtype: ExportDtype::F32, max_shard_bytes: u64::MAX };
         export(model, tokenizer_dir, eos_token_ids, &staging.join("model"), &options)?;
     }
-
-    let moments: Vec<(String, Vec<usize>, Vec<f32>)> = optimizer
-        .save_state(&model.net)
-        .into_iter()
-        .flat_map(|m| [(format!("{}.exp_avg", m.name), vec![m.first.len()], m.first), (format!("{}.exp_avg_sq", m.name), vec![m.second.len()], m.second)])
+    let parameters = optimizer.state_entries(&model.net);
+    let entries: Vec<Entry> = parameters
+        .iter()
+        .flat_map(|(name, _, len)| {
+            [Entry::new(format!("{name}.exp_avg"), Dtype::F32, vec![*len]), Entry::new(format!("{name}.exp_avg_sq"), Dtype::F32, vec![*len])]
+        })
         .collect();
-    write_f32_tensors(&staging.join("optimizer.safetensors"), &moments)?;
+    tensor_file::write(&staging.join("optimizer.safetensors"), &entries, None, |i| {
+        let (name, id, _) = &parameters[i / 2];
+        let values = optimizer.moment_values(*id, i % 2 == 1).ok_or_else(|| format!("no optimizer state for {name}"))?;
+        Ok(f32_bytes(&values))
+    })?;
     write_synced(&staging.join("trainer_state.json"), &serde_json::to_string_pretty(state).expect("plain struct"))?;
     fs::rename(&staging, &target).map_err(|e| file_error(&target, e))?;
     Ok(target)
 }
 
-/// The newest complete checkpoint of a run.
-pub fn latest(run_dir: &Path) -> Option<(usize, PathBuf)> {
-    fs::read_dir(run_dir)
-        .ok()?
+/// Every complete checkpoint of a run, oldest first.
+pub fn all(run_dir: &Path) -> Vec<(usize, PathBuf)> {
+    let mut found: Vec<(usize, PathBuf)> = fs::read_dir(run_dir)
+        .into_iter()
+        .flatten()
         .filter_map(|entry| {
             let path = entry.ok()?.path();
             let step = path.file_name()?.to_str()?.strip_prefix("checkpoint-")?.parse::<usize>().ok()?;
             Some((step, path))
         })
-        .max_by_key(|(step, _)| *step)
+        .collect();
+    found.sort();
+    found
 }
 
-/// Writes f32 tensors `(name, shape, values)` as a safetensors file, fsynced.
-fn write_f32_tensors(path: &Path, tensors: &[(String, Vec<usize>, Vec<f32>)]) -> Result<(), CheckpointError> {
-    let bytes: Vec<Vec<u8>> = tensors.iter().map(|(_, _, values)| values.iter().flat_map(|v| v.to_le_bytes()).collect()).collect();
-    let views = tensors
-        .iter()
-        .zip(&bytes)
-        .map(|((name, shape, _), data)| TensorView::new(Dtype::F32, shape.clone(), data).map(|view| (name.clone(), view)))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| file_error(path, e))?;
-    safetensors::serialize_to_file(views, None, path).map_err(|e| file_error(path, e))?;
-    fs::File::open(path).and_then(|f| f.sync_all()).map_err(|e| file_error(path, e))
+/// The newest complete checkpoint of a run.
+pub fn latest(run_dir: &Path) -> Option<(usize, PathBuf)> {
+    all(run_dir).pop()
+}
+
+/// Deletes all but the newest `keep` checkpoints (TRL's `save_total_limit`); returns the steps
+/// removed. A checkpoint is renamed out of its final name before it is deleted, so a kill
+/// half-way leaves no half-deleted checkpoint that `latest` would pick.
+pub fn prune(run_dir: &Path, keep: usize) -> Result<Vec<usize>, CheckpointError> {
+    let checkpoints = all(run_dir);
+    let excess = checkpoints.len().saturating_sub(keep.max(1));
+    let mut removed = Vec::new();
+    for (step, path) in checkpoints.into_iter().take(excess) {
+        let doomed = run_dir.join(format!(".checkpoint-{step}.deleting"));
+        fs::rename(&path, &doomed).map_err(|e| file_error(&path, e))?;
+        fs::remove_dir_all(&doomed).map_err(|e| file_error(&doomed, e))?;
+        removed.push(step);
+    }
+    Ok(removed)
 }
 
 fn write_synced(path: &Path, text: &str) -> Result<(), CheckpointError> {
@@ -113,21 +131,38 @@ fn write_synced(path: &Path, text: &str) -> Result<(), CheckpointError> {
 }
 
 /// The values of an f32 safetensors view.
-fn f32_values(view: &TensorView) -> Vec<f32> {
+fn f32_values(view: &safetensors::tensor::TensorView) -> Vec<f32> {
     view.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()
+}
+
+/// A safetensors file mapped into memory: tensors are read from it one at a time.
+struct Mapped {
+    path: PathBuf,
+    map: memmap2::Mmap,
+}
+
+impl Mapped {
+    fn open(path: &Path) -> Result<Self, CheckpointError> {
+        let file = fs::File::open(path).map_err(|e| file_error(path, e))?;
+        // SAFETY: checkpoint files are written once under a temporary name and never modified
+        // after the rename that publishes them.
+        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| file_error(path, e))?;
+        Ok(Mapped { path: path.to_path_buf(), map })
+    }
+
+    fn tensors(&self) -> Result<SafeTensors<'_>, CheckpointError> {
+        SafeTensors::deserialize(&self.map).map_err(|e| file_error(&self.path, e))
+    }
 }
 
 /// `adapter_model.safetensors` (PEFT tensor names, f32) and `adapter_config.json`.
 fn write_adapters(model: &Model, lora: &serde_json::Value, dir: &Path) -> Result<(), CheckpointError> {
-    let tensors: Vec<(String, Vec<usize>, Vec<f32>)> = crate::model::lora::adapter_tensors(&model.net)
-        .into_iter()
-        .map(|(name, tensor)| {
-            let shape = tensor.dims().to_vec();
-            let data = tensor.into_data().convert::<f32>();
-            (name, shape, data.as_slice::<f32>().unwrap_or_default().to_vec())
-        })
-        .collect();
-    write_f32_tensors(&dir.join("adapter_model.safetensors"), &tensors)?;
+    let adapters = crate::model::lora::adapter_tensors(&model.net);
+    let entries: Vec<Entry> = adapters.iter().map(|(name, t)| Entry::new(name.clone(), Dtype::F32, t.dims().to_vec())).collect();
+    tensor_file::write(&dir.join("adapter_model.safetensors"), &entries, None, |i| {
+        let data = adapters[i].1.clone().into_data().convert::<f32>();
+        Ok(f32_bytes(data.as_slice::<f32>().unwrap_or_default()))
+    })?;
     let config = serde_json::json!({
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": lora["rank"], "lora_alpha": lora["alpha"],
         "lora_dropout": lora["dropout"], "target_modules": lora["targets"], "bias": "none",
@@ -137,10 +172,10 @@ fn write_adapters(model: &Model, lora: &serde_json::Value, dir: &Path) -> Result
 }
 
 /// Reads a checkpoint's adapters into `base` (the frozen base with adapters attached).
-fn read_adapters(dir: &Path, base: Model) -> Result<Model, CheckpointError> {
+pub fn read_adapters(dir: &Path, base: Model) -> Result<Model, CheckpointError> {
     let path = dir.join("adapter_model.safetensors");
-    let bytes = fs::read(&path).map_err(|e| file_error(&path, e))?;
-    let tensors = SafeTensors::deserialize(&bytes).map_err(|e| file_error(&path, e))?;
+    let mapped = Mapped::open(&path)?;
+    let tensors = mapped.tensors()?;
     let device = base.device.clone();
     let net = crate::model::lora::load_adapter_tensors(base.net, |name, shape| {
         let view = tensors.tensor(name).map_err(|e| format!("{name}: {e}"))?;
@@ -153,36 +188,31 @@ fn read_adapters(dir: &Path, base: Model) -> Result<Model, CheckpointError> {
     Ok(Model { net, ..base })
 }
 
+/// Reads `trainer_state.json`.
+pub fn read_state(dir: &Path) -> Result<TrainerState, CheckpointError> {
+    let state_path = dir.join("trainer_state.json");
+    let text = fs::read_to_string(&state_path).map_err(|e| file_error(&state_path, e))?;
+    serde_json::from_str(&text).map_err(|e| file_error(&state_path, e))
+}
+
 /// Loads a checkpoint: the model on `device` and the optimizer state. For a LoRA run, `base`
 /// is the frozen base model with adapters attached, and the checkpoint's adapters are read
 /// into it.
 pub fn load(dir: &Path, device: &Device, optimizer: &mut AdamW, base: Option<Model>) -> Result<(Model, TrainerState), CheckpointError> {
-    let state_path = dir.join("trainer_state.json");
-    let text = fs::read_to_string(&state_path).map_err(|e| file_error(&state_path, e))?;
-    let state: TrainerState = serde_json::from_str(&text).map_err(|e| file_error(&state_path, e))?;
+    let state = read_state(dir)?;
     let model = match base {
         Some(base) => read_adapters(dir, base)?,
         None => Model::load(&dir.join("model"), device, LoadOptions::default())?,
     };
     let optimizer_path = dir.join("optimizer.safetensors");
-    let bytes = fs::read(&optimizer_path).map_err(|e| file_error(&optimizer_path, e))?;
-    let tensors = SafeTensors::deserialize(&bytes).map_err(|e| file_error(&optimizer_path, e))?;
-    let values = |name: &str| -> Result<Vec<f32>, CheckpointError> {
-        let view = tensors.tensor(name).map_err(|e| file_error(&optimizer_path, e))?;
-        Ok(f32_values(&view))
-    };
-    let mut names: Vec<String> = tensors
-        .names()
-        .into_iter()
-        .filter_map(|n| n.strip_suffix(".exp_avg").map(String::from))
-        .collect();
+    let mapped = Mapped::open(&optimizer_path)?;
+    let tensors = mapped.tensors()?;
+    let mut names: Vec<String> = tensors.names().into_iter().filter_map(|n| n.strip_suffix(".exp_avg").map(String::from)).collect();
     names.sort();
-    let saved = names
-        .into_iter()
-        .map(|name| {
-            Ok(SavedMoments { first: values(&format!("{name}.exp_avg"))?, second: values(&format!("{name}.exp_avg_sq"))?, name })
-        })
-        .collect::<Result<Vec<_>, CheckpointError>>()?;
+    let values = |name: &str| -> Result<Vec<f32>, String> { Ok(f32_values(&tensors.tensor(name).map_err(|e| format!("{name}: {e}"))?)) };
+    let saved = names.into_iter().map(|name| {
+        Ok(SavedMoments { first: values(&format!("{name}.exp_avg"))?, second: values(&format!("{name}.exp_avg_sq"))?, name })
+    });
     optimizer.load_state(&model.net, state.optimizer_steps, saved).map_err(|e| file_error(&optimizer_path, e))?;
     Ok((model, state))
 }

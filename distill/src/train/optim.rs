@@ -200,25 +200,37 @@ pub struct SavedMoments {
 }
 
 impl AdamW {
-    /// The moments of every parameter of `model` that has any, named by visiting order + path.
-    pub fn save_state(&self, model: &CausalLm) -> Vec<SavedMoments> {
-        let host = |t: &Tensor<1>| t.clone().into_data().convert::<f32>().as_slice::<f32>().map(<[f32]>::to_vec).unwrap_or_default();
+    /// The parameters of `model` that have moments: their names (visiting order + path) and
+    /// sizes, so a checkpoint can lay out its file before reading any values.
+    pub fn state_entries(&self, model: &CausalLm) -> Vec<(String, ParamId, usize)> {
         ordered_params(model)
             .into_iter()
-            .filter_map(|(name, id)| {
-                self.moments.get(&id).map(|m| SavedMoments { name, first: host(&m.first), second: host(&m.second) })
-            })
+            .filter_map(|(name, id)| self.moments.get(&id).map(|m| (name, id, m.first.dims()[0])))
             .collect()
     }
 
-    /// Restores moments saved by [`AdamW::save_state`] onto `model`'s parameters.
-    pub fn load_state(&mut self, model: &CausalLm, steps: u64, saved: Vec<SavedMoments>) -> Result<(), String> {
+    /// One moment of one parameter on the host (`second`: the squared-gradient average).
+    pub fn moment_values(&self, id: ParamId, second: bool) -> Option<Vec<f32>> {
+        let moments = self.moments.get(&id)?;
+        let tensor = if second { &moments.second } else { &moments.first };
+        tensor.clone().into_data().convert::<f32>().as_slice::<f32>().ok().map(<[f32]>::to_vec)
+    }
+
+    /// Restores moments saved under [`AdamW::state_entries`]' names onto `model`'s parameters,
+    /// one parameter at a time as `saved` reads them.
+    pub fn load_state(
+        &mut self,
+        model: &CausalLm,
+        steps: u64,
+        saved: impl IntoIterator<Item = Result<SavedMoments, String>>,
+    ) -> Result<(), String> {
         let params: HashMap<String, ParamId> = ordered_params(model).into_iter().collect();
         let device = model.embed_tokens.weight.val().device();
         // Moments live off the autodiff graph, like the gradients they are made from.
         let device = device.inner();
         self.moments.clear();
         for entry in saved {
+            let entry = entry?;
             let id = params.get(&entry.name).ok_or_else(|| format!("optimizer state for `{}` matches no parameter", entry.name))?;
             let tensor = |values: Vec<f32>| {
                 let len = values.len();
