@@ -16,14 +16,19 @@ pub enum DeviceError {
     NoDtype { device: String, dtype: DType },
 }
 
+/// `f32`, `bf16` or `f16` as a dtype.
+pub fn dtype_named(name: &str) -> Result<DType, DeviceError> {
+    match name {
+        "f32" => Ok(DType::F32),
+        "bf16" => Ok(DType::BF16),
+        "f16" => Ok(DType::F16),
+        other => Err(DeviceError::UnknownDtype(other.to_string())),
+    }
+}
+
 /// `--dtype f32|bf16|f16`, refused where `device` (named `name`) cannot compute it.
 pub fn dtype(name: &str, device: &Device, device_name: &str) -> Result<DType, DeviceError> {
-    let dtype = match name {
-        "f32" => DType::F32,
-        "bf16" => DType::BF16,
-        "f16" => DType::F16,
-        other => return Err(DeviceError::UnknownDtype(other.to_string())),
-    };
+    let dtype = dtype_named(name)?;
     if !device.supports_dtype(dtype) {
         return Err(DeviceError::NoDtype { device: device_name.to_string(), dtype });
     }

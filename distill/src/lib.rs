@@ -14,6 +14,7 @@ pub mod export;
 pub mod generate;
 pub mod info;
 pub mod memory;
+pub mod plan;
 pub mod plot;
 pub mod model;
 pub mod ops;

@@ -12,7 +12,10 @@ use distill::burn::tensor::DType;
 use distill::data::records::read_records;
 use distill::eval::{Example, evaluate};
 use distill::generate::{FinishReason, SamplingParams, TextStream, generate};
-use distill::info::{estimate, gib, human_count};
+use distill::data::traces::TraceFormat;
+use distill::info::{gib, human_count};
+use distill::train::job::Reporter;
+use distill::train::options::TrainingOptions;
 use distill::model::LoadOptions;
 use distill::pretrained::Pretrained;
 use distill::student::model_config_from_any;
@@ -27,7 +30,7 @@ use distill::text::Message;
         Checkpoints are Hugging Face folders (config.json, *.safetensors, tokenizer.json,\n\
         tokenizer_config.json); student_configs/ holds one config per R1 student.\n\n\
         Examples:\n  \
-        distill info student_configs/qwen2.5-math-1.5b.toml --seq-len 32768\n  \
+        distill info student_configs/qwen2.5-math-1.5b.toml --max-length 32768 --gpu-memory 80GB\n  \
         distill eval --model tests/fixtures/tiny-qwen2 --data tests/fixtures/eval_rows.jsonl\n  \
         distill generate --model tests/fixtures/tiny-qwen2 --prompt 'What is 7 times 6?' --temperature 0"
 )]
@@ -78,15 +81,28 @@ impl DeviceArgs {
 struct InfoArgs {
     /// A student config (student_configs/*.toml), an HF checkpoint folder, or a config.json.
     config: PathBuf,
-    /// Sequence length for the memory estimates.
-    #[arg(long, default_value_t = 4096)]
-    seq_len: usize,
-    /// Sequences per device for the memory estimates.
-    #[arg(long, default_value_t = 1)]
-    batch_size: usize,
-    /// LoRA rank for the LoRA estimate (adapters on every linear layer).
-    #[arg(long, default_value_t = 16)]
-    lora_rank: usize,
+    /// Tokens per row; default: the student config's max_length, else 4096.
+    #[arg(long, visible_alias = "seq-len")]
+    max_length: Option<usize>,
+    /// Rows per forward pass; default: the student config's, else 1.
+    #[arg(long, visible_alias = "batch-size")]
+    per_device_train_batch_size: Option<usize>,
+    #[arg(long)]
+    gradient_accumulation_steps: Option<usize>,
+    /// Plan LoRA adapters of this rank (on every linear layer unless --lora-targets).
+    #[arg(long)]
+    lora_rank: Option<usize>,
+    #[arg(long)]
+    lora_targets: Option<String>,
+    /// Compute dtype: f32, or bf16 / f16 over f32 master weights; default: the student config's.
+    #[arg(long, value_parser = ["f32", "bf16", "f16"])]
+    dtype: Option<String>,
+    /// Layer-level activation checkpointing; default: the student config's.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    gradient_checkpointing: Option<bool>,
+    /// Say whether the plan fits this much device memory (80GB, 24GiB).
+    #[arg(long)]
+    gpu_memory: Option<String>,
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
@@ -139,16 +155,18 @@ struct GenerateArgs {
 }
 
 #[derive(Args)]
+#[command(after_long_help = TrainingOptions::defaults_help())]
 struct TrainArgs {
     /// An HF checkpoint folder, or a student config (student_configs/*.toml) whose `checkpoint`
-    /// names the downloaded base model; its [training] table gives the defaults below.
+    /// names the downloaded base model; its [training] table sets options not given here.
     #[arg(long)]
     model: PathBuf,
     /// Traces: JSONL or Parquet (file, folder of shards or glob) with a `messages` column, or
     /// the columns named by --prompt-field / --response-field.
     #[arg(long)]
     data: PathBuf,
-    /// Run folder: metrics.jsonl and the exported model in final/. Must not exist yet.
+    /// Run folder: metrics.jsonl, checkpoints and the exported model in final/. Must not exist
+    /// yet (or hold a run to --resume).
     #[arg(long)]
     out: PathBuf,
     /// `pretrained` starts from the checkpoint's weights; `random` builds the architecture from
@@ -164,71 +182,11 @@ struct TrainArgs {
     /// Response column, e.g. `generated_solution` (kept whole, `<think>` included).
     #[arg(long, requires = "prompt_field")]
     response_field: Option<String>,
-    #[arg(long)]
-    learning_rate: Option<f64>,
-    /// cosine (to --min-lr-ratio), linear or constant, after the warmup.
-    #[arg(long)]
-    lr_scheduler: Option<String>,
-    #[arg(long)]
-    min_lr_ratio: Option<f64>,
-    #[arg(long)]
-    warmup_ratio: Option<f64>,
-    #[arg(long)]
-    num_train_epochs: Option<f64>,
-    /// Optimizer steps; overrides --num-train-epochs.
-    #[arg(long)]
-    max_steps: Option<usize>,
-    /// Longest row in tokens; longer rows are dropped (or cut with --truncate), and counted.
-    #[arg(long)]
-    max_length: Option<usize>,
-    #[arg(long)]
-    truncate: bool,
-    #[arg(long)]
-    per_device_train_batch_size: Option<usize>,
-    #[arg(long)]
-    gradient_accumulation_steps: Option<usize>,
-    /// Global gradient-norm clipping (0 disables).
-    #[arg(long)]
-    max_grad_norm: Option<f64>,
-    #[arg(long)]
-    weight_decay: Option<f64>,
-    #[arg(long)]
-    seed: Option<u64>,
-    /// Pack rows into max_length blocks (attention never crosses rows).
-    #[arg(long)]
-    packing: bool,
-    /// Also train on prompt tokens (default: completion-only loss).
-    #[arg(long)]
-    train_on_prompt: bool,
-    /// Mixed precision: forward and backward in bf16 over f32 master weights (cuda, metal,
-    /// flex). `--dtype bf16|f16` does the same; `dtype = "bf16"` in a student config turns it on
-    /// where the device has bf16.
-    #[arg(long)]
+    #[command(flatten)]
+    options: TrainingOptions,
+    /// Shorthand for --dtype bf16.
+    #[arg(long, conflicts_with = "dtype")]
     bf16: bool,
-    /// Recompute cheap activations in the backward pass instead of storing them (burn's
-    /// balanced checkpointing): less memory, more compute.
-    #[arg(long)]
-    gradient_checkpointing: bool,
-    /// Train LoRA adapters of this rank instead of every weight (the base stays frozen; the
-    /// adapters are merged into the weights on export).
-    #[arg(long)]
-    lora_rank: Option<usize>,
-    /// LoRA scaling numerator (update × alpha / rank); default 2 × rank.
-    #[arg(long)]
-    lora_alpha: Option<f64>,
-    /// Dropout on the adapters' input (PEFT's lora_dropout).
-    #[arg(long)]
-    lora_dropout: Option<f64>,
-    /// Projections to adapt: comma-separated q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,
-    /// down_proj, or all-linear.
-    #[arg(long)]
-    lora_targets: Option<String>,
-    /// dtype of the exported weights.
-    #[arg(long, default_value = "f32", value_parser = ["f32", "bf16", "f16"])]
-    export_dtype: String,
-    /// Write a checkpoint (weights, optimizer state, step) every N optimizer steps; 0: only at the end.
-    #[arg(long, default_value_t = 0)]
-    save_steps: usize,
     /// Continue the run in --out from its newest checkpoint, with the same settings.
     #[arg(long)]
     resume: bool,
@@ -238,11 +196,18 @@ struct TrainArgs {
     /// Separate eval rows (same format as --data).
     #[arg(long)]
     eval_data: Option<PathBuf>,
-    /// Evaluate every N optimizer steps (and at the end); default: five times over the run.
+    /// flex (pure-Rust CPU), wgpu, vulkan, metal, webgpu, cuda[:N] or rocm[:N]; default: the
+    /// best compiled-in GPU backend, else flex.
     #[arg(long)]
-    eval_steps: Option<usize>,
-    #[command(flatten)]
-    device: DeviceArgs,
+    device: Option<String>,
+    /// The device's memory (80GB, 24GiB; both read as GiB) to check the memory plan against;
+    /// default: the system's available memory on flex, no check on GPUs (burn does not report
+    /// their memory).
+    #[arg(long, visible_alias = "device-memory")]
+    gpu_memory: Option<String>,
+    /// Where tokenized data is cached (default: $DISTILL_CACHE, else ~/.cache/r1-distill).
+    #[arg(long)]
+    dataset_cache: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -394,10 +359,49 @@ fn main() -> Result<()> {
 }
 
 fn info(args: InfoArgs) -> Result<()> {
+    use distill::plan::{MemoryPlan, PlanOptions};
     let (config, student) = model_config_from_any(&args.config)?;
-    let estimate = estimate(&config, args.seq_len, args.batch_size, args.lora_rank);
+    let from_config = student.as_ref().map(|s| s.training.clone()).unwrap_or_default();
+    let given = TrainingOptions {
+        max_length: args.max_length,
+        per_device_train_batch_size: args.per_device_train_batch_size,
+        gradient_accumulation_steps: args.gradient_accumulation_steps,
+        lora_rank: args.lora_rank,
+        lora_targets: args.lora_targets.clone(),
+        dtype: args.dtype.clone(),
+        gradient_checkpointing: args.gradient_checkpointing,
+        ..Default::default()
+    };
+    let options = given.or(&from_config).or(&TrainingOptions::defaults());
+    let lora_targets = match (&options.lora_rank, &options.lora_targets) {
+        (Some(_), Some(targets)) => Some(distill::model::lora::LoraConfig::parse_targets(targets).map_err(anyhow::Error::msg)?),
+        _ => None,
+    };
+    let plan_options = PlanOptions {
+        seq_len: options.max_length.unwrap_or(4096),
+        batch_size: options.per_device_train_batch_size.unwrap_or(1),
+        gradient_accumulation_steps: options.gradient_accumulation_steps.unwrap_or(1),
+        compute_dtype: distill::device::dtype_named(options.dtype.as_deref().unwrap_or("f32"))?,
+        gradient_checkpointing: options.gradient_checkpointing.unwrap_or(false),
+        lora_rank: options.lora_rank,
+        lora_targets,
+        runtime_bytes: None,
+    };
+    let plan = MemoryPlan::new(&config, &plan_options);
+    let memory = args.gpu_memory.as_deref().map(distill::info::parse_memory).transpose().map_err(anyhow::Error::msg)?;
+    let inference = distill::info::inference(&config, plan_options.seq_len, plan_options.batch_size);
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&estimate)?);
+        let report = serde_json::json!({
+            "parameters": config.num_parameters(),
+            "seq_len": plan_options.seq_len,
+            "batch_size": plan_options.batch_size,
+            "inference": inference,
+            "training": plan,
+            "training_bytes": plan.total(),
+            "device_memory_bytes": memory,
+            "fits": memory.map(|m| plan.total() <= m),
+        });
+        println!("{}", serde_json::to_string_pretty(&report)?);
         return Ok(());
     }
     if let Some(student) = &student {
@@ -409,12 +413,25 @@ fn info(args: InfoArgs) -> Result<()> {
     println!("  architecture      {} ({} layers, hidden {}, {} heads / {} kv heads, head_dim {}, vocab {})",
         config.architecture.hf_name(), config.num_hidden_layers, config.hidden_size,
         config.num_attention_heads, config.num_key_value_heads, config.head_dim, config.vocab_size);
-    println!("  parameters        {} ({})", human_count(estimate.parameters), estimate.parameters);
-    println!("memory at seq_len {} × batch {} (estimates; see README):", args.seq_len, args.batch_size);
-    println!("  inference bf16                 {:>9.2} GiB  (KV cache {:.2} GiB)", gib(estimate.inference_bytes), gib(estimate.kv_cache_bytes));
-    println!("  full training                  {:>9.2} GiB", gib(estimate.full_training_bytes));
-    println!("  full training + checkpointing  {:>9.2} GiB", gib(estimate.full_training_checkpointed_bytes));
-    println!("  LoRA r={} training             {:>9.2} GiB  ({} trainable)", estimate.lora_rank, gib(estimate.lora_training_bytes), human_count(estimate.lora_parameters));
+    println!("  parameters        {} ({})", human_count(config.num_parameters()), config.num_parameters());
+    println!("  context           max_position_embeddings {}, rope_theta {}", config.max_position_embeddings, config.rope_theta);
+    println!("inference in bf16 at {} tokens × {}: weights {:.2} GiB, KV cache {:.2} GiB",
+        plan_options.seq_len, plan_options.batch_size, gib(inference.weights_bytes), gib(inference.kv_cache_bytes));
+    println!(
+        "training at {} tokens × {} rows ({}{}{}), as `distill train` allocates it:",
+        plan_options.seq_len,
+        plan_options.batch_size,
+        match plan_options.lora_rank { Some(rank) => format!("LoRA rank {rank}"), None => "full fine-tuning".into() },
+        if plan_options.compute_dtype == DType::F32 { ", f32".to_string() } else { format!(", {:?} compute", plan_options.compute_dtype) },
+        if plan_options.gradient_checkpointing { ", gradient checkpointing" } else { "" },
+    );
+    for line in plan.table().lines() {
+        println!("  {line}");
+    }
+    if let Some(memory) = memory {
+        let verdict = if plan.total() <= memory { "fits" } else { "does NOT fit" };
+        println!("  {verdict} in {:.2} GiB", gib(memory));
+    }
     Ok(())
 }
 
@@ -518,272 +535,101 @@ fn catch_ctrl_c() {
 #[cfg(not(unix))]
 fn catch_ctrl_c() {}
 
+/// Progress of `distill train` on stderr: a bar while tokenizing and one while training.
+struct TrainProgress {
+    bar: std::sync::Mutex<Option<ProgressBar>>,
+}
+
+impl TrainProgress {
+    fn with_bar(&self, f: impl FnOnce(&ProgressBar)) {
+        if let Some(bar) = self.bar.lock().expect("not poisoned").as_ref() {
+            f(bar);
+        }
+    }
+
+    fn replace(&self, bar: Option<ProgressBar>) {
+        if let Some(old) = std::mem::replace(&mut *self.bar.lock().expect("not poisoned"), bar) {
+            old.finish_and_clear();
+        }
+    }
+}
+
+impl Reporter for TrainProgress {
+    fn note(&self, line: &str) {
+        match self.bar.lock().expect("not poisoned").as_ref() {
+            // A hidden bar (stderr is not a terminal) would swallow the line.
+            Some(bar) if !bar.is_hidden() => bar.println(line),
+            _ => eprintln!("{line}"),
+        }
+    }
+
+    fn tokenizing(&self, rows: usize) {
+        if self.bar.lock().expect("not poisoned").is_none() {
+            let bar = ProgressBar::new_spinner();
+            bar.set_style(ProgressStyle::with_template("tokenizing {pos} rows [{elapsed}, {per_sec}]").expect("static template"));
+            self.replace(Some(bar));
+        }
+        self.with_bar(|bar| bar.set_position(rows as u64));
+    }
+
+    fn training_started(&self, total_steps: usize, first_step: usize) {
+        let bar = ProgressBar::new(total_steps as u64);
+        bar.set_style(ProgressStyle::with_template("train {bar:30} {pos}/{len} {msg} [{elapsed} < {eta}]").expect("static template"));
+        bar.set_position(first_step as u64);
+        self.replace(Some(bar));
+    }
+
+    fn step(&self, step: &distill::train::run::StepMetrics) {
+        self.with_bar(|bar| {
+            bar.set_message(format!("loss {:.4} lr {:.2e} {:.0} tok/s", step.loss, step.learning_rate, step.tokens_per_second));
+            bar.inc(1);
+        });
+    }
+
+    fn training_finished(&self) {
+        self.with_bar(ProgressBar::finish);
+        *self.bar.lock().expect("not poisoned") = None;
+    }
+}
+
 fn train_command(args: TrainArgs) -> Result<()> {
-    use distill::data::packing::{PackedBlock, pack};
-    use distill::data::traces::{LengthPolicy, TraceFormat, TraceOptions, tokenize_records};
-    use distill::train::optim::AdamWConfig;
-    use distill::train::run::{TrainConfig, steps_per_epoch, train};
-    use distill::train::schedule::{Schedule, Scheduler};
-
-    use distill::train::checkpoint::{self, TrainerState};
-    if !args.resume && args.out.exists() && std::fs::read_dir(&args.out)?.next().is_some() {
-        bail!("{} already exists and is not empty; continue it with --resume, or choose a new --out", args.out.display());
+    use distill::train::job::{EvalSource, Init, Job, JobSpec};
+    let (device, device_name) = distill::device::select(args.device.as_deref())?;
+    let mut options = args.options;
+    if args.bf16 {
+        options.dtype = Some("bf16".into());
     }
-    let (device, options) = args.device.resolve()?;
-    // Where the architecture, weights, tokenizer and defaults come from.
-    let (config, student) = model_config_from_any(&args.model)?;
-    let defaults = student.as_ref().map(|s| s.training.clone()).unwrap_or_default();
-    let gradient_checkpointing = args.gradient_checkpointing || defaults.gradient_checkpointing.unwrap_or(false);
-    let device = device.autodiff();
-    // Master weights stay f32; a lower dtype is the compute dtype (mixed precision).
-    let compute_dtype = if args.bf16 {
-        Some(DType::BF16)
-    } else if options.dtype != DType::F32 {
-        Some(options.dtype)
-    } else if defaults.dtype.as_deref() == Some("bf16") {
-        if device.supports_dtype(DType::BF16) {
-            Some(DType::BF16)
-        } else {
-            eprintln!("note: the student config asks for bf16, which this device cannot compute; training in f32");
-            None
-        }
-    } else {
-        None
-    };
-    if let Some(dtype) = compute_dtype
-        && !device.supports_dtype(dtype)
-    {
-        bail!("this device has no {dtype:?} compute (Vulkan and WGSL have none for bf16); drop --bf16 / --dtype");
-    }
-    let options = LoadOptions { dtype: DType::F32 };
-    let lora = match args.lora_rank.or(defaults.lora_rank) {
-        Some(rank) => {
-            let lora = distill::model::lora::LoraConfig {
-                rank,
-                alpha: args.lora_alpha.or(defaults.lora_alpha).unwrap_or(2.0 * rank as f64),
-                dropout: args.lora_dropout.or(defaults.lora_dropout).unwrap_or(0.05),
-                targets: distill::model::lora::LoraConfig::parse_targets(
-                    args.lora_targets.as_deref().or(defaults.lora_targets.as_deref()).unwrap_or("all-linear"),
-                )
-                .map_err(anyhow::Error::msg)?,
-            };
-            lora.validate().map_err(anyhow::Error::msg)?;
-            Some(lora)
-        }
-        None => None,
-    };
-    let checkpoint_dir = match &student {
-        Some(student) => student.checkpoint.clone(),
-        None => Some(args.model.clone()),
-    };
-    let tokenizer_dir = student
-        .as_ref()
-        .and_then(|s| s.tokenizer.clone())
-        .or_else(|| checkpoint_dir.clone())
-        .context("the student config names neither `tokenizer` nor `checkpoint`")?;
-    let tokenizer = distill::text::Tokenizer::from_dir(&tokenizer_dir)?;
-    let seed = args.seed.or(defaults.seed).unwrap_or(42);
-    let model = if args.init == "random" {
-        // The initial weights follow --seed too, so a run (and its resume) is reproducible.
-        device.seed(seed);
-        distill::model::Model::random(config.clone(), &device)
-    } else {
-        let dir = checkpoint_dir.context("--init pretrained needs a checkpoint folder (or `checkpoint` in the student config)")?;
-        distill::model::Model::load(&dir, &device, options).with_context(|| format!("loading {}", dir.display()))?
-    };
-    let model = match &lora {
-        // Adapters are drawn from the seed as well, after the base weights.
-        Some(lora) => model.with_lora(lora),
-        None => model,
-    };
-    let eos_token_ids = distill::pretrained::eos_token_ids(&tokenizer_dir, &config.eos_token_ids)?;
-
-    let max_length = args.max_length.or(defaults.max_length).unwrap_or(4096);
-    let trace_options = TraceOptions {
-        format: match (&args.prompt_field, &args.response_field) {
-            (Some(prompt_field), Some(response_field)) => {
-                TraceFormat::PromptResponse { prompt_field: prompt_field.clone(), response_field: response_field.clone() }
-            }
-            _ => TraceFormat::Messages { field: args.messages_field.clone() },
+    let spec = JobSpec {
+        model: args.model,
+        data: args.data,
+        out: args.out,
+        init: if args.init == "random" { Init::Random } else { Init::Pretrained },
+        format: match (args.prompt_field, args.response_field) {
+            (Some(prompt_field), Some(response_field)) => TraceFormat::PromptResponse { prompt_field, response_field },
+            _ => TraceFormat::Messages { field: args.messages_field },
         },
-        max_length,
-        length_policy: if args.truncate { LengthPolicy::Truncate } else { LengthPolicy::Drop },
-        train_on_prompt: args.train_on_prompt,
-    };
-    let records = read_records(&args.data)?;
-    let (examples, skipped) = tokenize_records(&records, &tokenizer, &trace_options)?;
-    eprintln!("data: {} rows → {} examples ({})", records.len(), examples.len(), skipped.summary());
-    for (location, reason) in skipped.invalid.iter().take(5) {
-        eprintln!("  skipped {location}: {reason}");
-    }
-    if examples.is_empty() {
-        bail!("{}: no row can be trained on ({})", args.data.display(), skipped.summary());
-    }
-    let packing = args.packing || defaults.packing.unwrap_or(false);
-    // Held-out rows: a seeded split of --data, or --eval-data.
-    let (examples, eval_examples) = match (&args.eval_data, args.eval_split) {
-        (Some(path), _) => {
-            let (eval, skipped) = tokenize_records(&read_records(path)?, &tokenizer, &trace_options)?;
-            eprintln!("eval data: {} examples ({})", eval.len(), skipped.summary());
-            (examples, eval)
-        }
-        (None, Some(fraction)) if fraction > 0.0 => {
-            if fraction >= 1.0 {
-                bail!("--eval-split must be below 1 (got {fraction})");
-            }
-            use rand::SeedableRng;
-            use rand::seq::SliceRandom;
-            let mut order: Vec<usize> = (0..examples.len()).collect();
-            order.shuffle(&mut rand::rngs::StdRng::seed_from_u64(seed ^ 0xE7A1));
-            let held = ((fraction * examples.len() as f64).ceil() as usize).min(examples.len() - 1);
-            let (eval_idx, train_idx) = order.split_at(held);
-            (train_idx.iter().map(|&i| examples[i].clone()).collect(), eval_idx.iter().map(|&i| examples[i].clone()).collect())
-        }
-        _ => (examples, Vec::new()),
-    };
-    let eval_blocks: Vec<PackedBlock> = eval_examples.iter().map(PackedBlock::single).collect();
-    let blocks: Vec<PackedBlock> =
-        if packing { pack(&examples, max_length, seed) } else { examples.iter().map(PackedBlock::single).collect() };
-
-    let mut train_config = TrainConfig {
-        schedule: Schedule {
-            learning_rate: args.learning_rate.or(defaults.learning_rate).unwrap_or(2e-5),
-            scheduler: args.lr_scheduler.clone().or(defaults.lr_scheduler.clone()).unwrap_or_else(|| "cosine".into()).parse::<Scheduler>().map_err(anyhow::Error::msg)?,
-            warmup_steps: 0,
-            total_steps: 0,
-            min_lr_ratio: args.min_lr_ratio.or(defaults.min_lr_ratio).unwrap_or(0.0),
+        options,
+        eval: match (args.eval_data, args.eval_split) {
+            (Some(path), _) => EvalSource::Data(path),
+            (None, Some(fraction)) => EvalSource::Split(fraction),
+            _ => EvalSource::None,
         },
-        adamw: AdamWConfig {
-            beta1: defaults.adam_beta1.unwrap_or(0.9),
-            beta2: defaults.adam_beta2.unwrap_or(0.999),
-            epsilon: defaults.adam_epsilon.unwrap_or(1e-8),
-            weight_decay: args.weight_decay.or(defaults.weight_decay).unwrap_or(0.0),
-        },
-        max_grad_norm: Some(args.max_grad_norm.or(defaults.max_grad_norm).unwrap_or(1.0)).filter(|&n| n > 0.0),
-        per_device_train_batch_size: args.per_device_train_batch_size.or(defaults.per_device_train_batch_size).unwrap_or(1),
-        gradient_accumulation_steps: args.gradient_accumulation_steps.or(defaults.gradient_accumulation_steps).unwrap_or(1),
-        seed,
-        compute_dtype,
-        gradient_checkpointing,
+        resume: args.resume,
+        device,
+        device_name,
+        device_memory: args.gpu_memory.as_deref().map(distill::info::parse_memory).transpose().map_err(anyhow::Error::msg)?,
+        dataset_cache: args.dataset_cache,
     };
-    let per_epoch = steps_per_epoch(blocks.len(), &train_config);
-    let epochs = args.num_train_epochs.or(defaults.num_train_epochs).unwrap_or(1.0);
-    let total_steps = args.max_steps.or(defaults.max_steps).unwrap_or((epochs * per_epoch as f64).ceil() as usize).max(1);
-    train_config.schedule.total_steps = total_steps;
-    train_config.schedule.warmup_steps = Schedule::warmup_from_ratio(args.warmup_ratio.or(defaults.warmup_ratio).unwrap_or(0.0), total_steps);
-    let (trainable, total) = distill::model::lora::trainable_parameters(&model.net);
-    eprintln!(
-        "training {} of {} parameters{} for {total_steps} steps ({} blocks, {per_epoch} steps per epoch, batch {} × accumulation {}){}{}",
-        human_count(trainable as u64), human_count(total as u64),
-        lora.as_ref().map(|l| format!(" (LoRA rank {}, alpha {}, dropout {}, {})", l.rank, l.alpha, l.dropout, l.targets.join(","))).unwrap_or_default(),
-        blocks.len(), train_config.per_device_train_batch_size, train_config.gradient_accumulation_steps,
-        compute_dtype.map(|d| format!(", {d:?} compute over f32 weights")).unwrap_or_default(),
-        if gradient_checkpointing { ", gradient checkpointing" } else { "" },
-    );
-
-    // Everything that decides the run's trajectory; a resume must match it.
-    let settings = serde_json::json!({
-        "model": args.model, "data": args.data, "init": args.init, "format": format!("{:?}", trace_options.format),
-        "max_length": max_length, "truncate": args.truncate, "train_on_prompt": args.train_on_prompt, "packing": packing,
-        "seed": seed, "total_steps": total_steps, "warmup_steps": train_config.schedule.warmup_steps,
-        "learning_rate": train_config.schedule.learning_rate, "scheduler": format!("{:?}", train_config.schedule.scheduler),
-        "min_lr_ratio": train_config.schedule.min_lr_ratio, "adamw": format!("{:?}", train_config.adamw),
-        "max_grad_norm": train_config.max_grad_norm, "batch": train_config.per_device_train_batch_size,
-        "accumulation": train_config.gradient_accumulation_steps,
-        "eval_split": args.eval_split, "eval_data": args.eval_data,
-        "lora": lora, "compute_dtype": compute_dtype.map(|d| format!("{d:?}")),
-    });
-    std::fs::create_dir_all(&args.out)?;
-    let metrics_path = args.out.join("metrics.jsonl");
-    let mut optimizer = distill::train::optim::AdamW::new(train_config.adamw.clone());
-    let (model, start_step) = match checkpoint::latest(&args.out).filter(|_| args.resume) {
-        Some((_, dir)) => {
-            // A LoRA checkpoint holds the adapters; the frozen base is rebuilt as above.
-            let base = lora.is_some().then(|| model.clone());
-            let (model, state) = checkpoint::load(&dir, &device, &mut optimizer, base)?;
-            if state.settings != settings {
-                bail!("{}: the run was started with other settings; resume it with the same command", dir.display());
-            }
-            eprintln!("resuming from {} (step {})", dir.display(), state.global_step);
-            (model, state.global_step)
-        }
-        None => (model, 0),
-    };
-    // Metrics logged after the checkpoint (by a run that was then killed) are replayed.
-    let kept: Vec<String> = std::fs::read_to_string(&metrics_path)
-        .unwrap_or_default()
-        .lines()
-        .filter(|line| serde_json::from_str::<serde_json::Value>(line).ok().and_then(|v| v["step"].as_u64()).is_some_and(|s| s as usize <= start_step))
-        .map(String::from)
-        .collect();
-    let mut metrics = std::io::BufWriter::new(std::fs::File::create(&metrics_path)?);
-    for line in &kept {
-        writeln!(metrics, "{line}")?;
-    }
-    metrics.flush()?;
-    let bar = ProgressBar::new(total_steps as u64);
-    bar.set_style(ProgressStyle::with_template("train {bar:30} {pos}/{len} {msg} [{elapsed} < {eta}]").expect("static template"));
-    bar.set_position(start_step as u64);
-    let save_every = if args.save_steps == 0 { total_steps } else { args.save_steps };
+    let progress = TrainProgress { bar: std::sync::Mutex::new(None) };
+    let job = Job::prepare(spec, &progress)?;
+    progress.replace(None);
     // Ctrl-C finishes the step under way, checkpoints it and stops: no finished step is lost.
-    let interrupted = &INTERRUPTED;
     catch_ctrl_c();
-    // Five evaluations over the run unless told otherwise: enough to see the trend.
-    let eval_every = args.eval_steps.unwrap_or(total_steps.div_ceil(5)).max(1);
-    let model = train(model, &mut optimizer, &blocks, &train_config, start_step, |step, model, optimizer| -> Result<()> {
-        bar.set_message(format!("loss {:.4} lr {:.2e} {:.0} tok/s", step.loss, step.learning_rate, step.tokens_per_second));
-        bar.inc(1);
-        writeln!(metrics, "{}", serde_json::to_string(step)?)?;
-        if !eval_blocks.is_empty() && (step.step % eval_every == 0 || step.step == total_steps) {
-            // Forward passes only; their graphs are dropped unused.
-            let (mut sum, mut count) = (0.0, 0);
-            let model = model.for_inference();
-            for block in &eval_blocks {
-                let batch = distill::data::batch::Batch::new(&[block]);
-                if let Some(nll) = distill::train::nll_sum(&model, &batch, Default::default()) {
-                    sum += nll.into_scalar::<f32>() as f64;
-                    count += batch.targets.len();
-                }
-            }
-            let eval_loss = sum / count.max(1) as f64;
-            bar.println(format!("step {}: eval loss {eval_loss:.4} ({count} tokens)", step.step));
-            writeln!(metrics, "{}", serde_json::json!({"step": step.step, "eval_loss": eval_loss, "eval_tokens": count}))?;
-        }
-        metrics.flush().with_context(|| format!("writing {}", metrics_path.display()))?;
-        let interrupted = interrupted.load(std::sync::atomic::Ordering::SeqCst);
-        if step.step % save_every == 0 || step.step == total_steps || interrupted {
-            let state = TrainerState { global_step: step.step, optimizer_steps: optimizer.steps, settings: settings.clone() };
-            checkpoint::save(&args.out, model, optimizer, &state, &tokenizer_dir, &eos_token_ids)?;
-        }
-        if interrupted {
-            bar.abandon();
-            bail!(
-                "interrupted: checkpoint-{} saved in {}; continue with the same command and --resume",
-                step.step,
-                args.out.display()
-            );
-        }
-        Ok(())
-    })?;
-    bar.finish();
-    let final_dir = args.out.join("final");
-    if final_dir.exists() {
-        std::fs::remove_dir_all(&final_dir)?;
-    }
-    let export_options = distill::export::ExportOptions {
-        dtype: distill::export::ExportDtype::parse(&args.export_dtype)?,
-        ..Default::default()
-    };
-    let model = if model.has_lora() {
-        let (merged, difference) = model.merge_lora().map_err(anyhow::Error::msg)?;
-        eprintln!("merged the LoRA adapters into the weights (logits of merged vs adapted model: max |Δ| {difference:.1e})");
-        merged
-    } else {
-        model
-    };
-    distill::export::export(&model, &tokenizer_dir, &eos_token_ids, &final_dir, &export_options)?;
+    let final_dir = job.out().join("final");
+    let run_dir = job.out().to_path_buf();
+    let metrics_path = job.run(&progress, &INTERRUPTED)?;
     summarize_run(&metrics_path)?;
-    eprintln!("exported {} (metrics in {}; chart: distill plot {})", final_dir.display(), metrics_path.display(), args.out.display());
+    eprintln!("exported {} (metrics in {}; chart: distill plot {})", final_dir.display(), metrics_path.display(), run_dir.display());
     Ok(())
 }
 
@@ -815,17 +661,17 @@ fn export_command(args: ExportArgs) -> Result<()> {
         Some(step) => checkpoint::checkpoint_dir(&args.run, step),
         None => checkpoint::latest(&args.run).map(|(_, dir)| dir).with_context(|| format!("{}: no checkpoint-* folder", args.run.display()))?,
     };
-    let model_dir = dir.join("model");
-    if !model_dir.is_dir() {
+    if !dir.is_dir() {
         bail!("{}: no such checkpoint", dir.display());
     }
     let (device, _) = distill::device::select(Some(args.device.as_deref().unwrap_or("flex")))?;
-    let pretrained = Pretrained::load(&model_dir, &device, LoadOptions::default())?;
+    // A LoRA checkpoint's adapters are merged into the base the run's settings name.
+    let (model, tokenizer_dir, eos_token_ids) = distill::train::job::checkpoint_model(&dir, &device)?;
     let options = distill::export::ExportOptions {
         dtype: distill::export::ExportDtype::parse(&args.dtype)?,
         max_shard_bytes: distill::export::parse_shard_size(&args.max_shard_size)?,
     };
-    distill::export::export(&pretrained.model, &model_dir, &pretrained.eos_token_ids, &args.out, &options)?;
+    distill::export::export(&model, &tokenizer_dir, &eos_token_ids, &args.out, &options)?;
     eprintln!("exported {} → {}", dir.display(), args.out.display());
     Ok(())
 }

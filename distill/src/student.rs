@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use crate::model::{ConfigError, ModelConfig};
+pub use crate::train::options::TrainingOptions;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StudentError {
@@ -21,34 +22,6 @@ pub enum StudentError {
     Model(#[from] ConfigError),
 }
 
-/// Training options with TRL's names; every one is optional here and on the command line.
-#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct TrainingDefaults {
-    pub learning_rate: Option<f64>,
-    pub lr_scheduler: Option<String>,
-    pub min_lr_ratio: Option<f64>,
-    pub warmup_ratio: Option<f64>,
-    pub num_train_epochs: Option<f64>,
-    pub max_steps: Option<usize>,
-    pub max_length: Option<usize>,
-    pub per_device_train_batch_size: Option<usize>,
-    pub gradient_accumulation_steps: Option<usize>,
-    pub max_grad_norm: Option<f64>,
-    pub weight_decay: Option<f64>,
-    pub adam_beta1: Option<f64>,
-    pub adam_beta2: Option<f64>,
-    pub adam_epsilon: Option<f64>,
-    pub dtype: Option<String>,
-    pub gradient_checkpointing: Option<bool>,
-    pub lora_rank: Option<usize>,
-    pub lora_alpha: Option<f64>,
-    pub lora_dropout: Option<f64>,
-    pub lora_targets: Option<String>,
-    pub packing: Option<bool>,
-    pub seed: Option<u64>,
-}
-
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct StudentFile {
@@ -59,7 +32,7 @@ struct StudentFile {
     source: Option<String>,
     model: toml::Table,
     #[serde(default)]
-    training: TrainingDefaults,
+    training: TrainingOptions,
 }
 
 #[derive(Debug, Clone)]
@@ -74,7 +47,7 @@ pub struct StudentConfig {
     pub tokenizer: Option<PathBuf>,
     pub source: Option<String>,
     pub model: ModelConfig,
-    pub training: TrainingDefaults,
+    pub training: TrainingOptions,
 }
 
 impl StudentConfig {

@@ -25,10 +25,10 @@ fn student_parameter_counts_match_the_real_models() {
         let global_batch = training.per_device_train_batch_size.unwrap() * training.gradient_accumulation_steps.unwrap();
         assert_eq!(global_batch, 128, "{file}");
 
-        let output = common::distill(&["info", path.to_str().unwrap(), "--seq-len", "32768"]);
+        let output = common::distill(&["info", path.to_str().unwrap(), "--max-length", "32768", "--gpu-memory", "80GB"]);
         assert!(output.status.success(), "{}", common::stderr(&output));
         let text = String::from_utf8(output.stdout).unwrap();
-        assert!(text.contains(count) && text.contains("LoRA") && text.contains("GiB"), "{text}");
+        assert!(text.contains(count) && text.contains("activations") && text.contains("total") && text.contains("fit"), "{text}");
     }
 }
 
@@ -44,15 +44,24 @@ fn tiny_configs_match_their_fixtures() {
 
 #[test]
 fn info_json_and_memory_grows_with_length() {
-    let run = |seq: &str| {
-        let output = common::distill(&["info", "student_configs/llama-3.1-8b.toml", "--seq-len", seq, "--json"]);
+    let run = |extra: &[&str]| {
+        let mut args = vec!["info", "student_configs/llama-3.1-8b.toml", "--json", "--gpu-memory", "80GB"];
+        args.extend_from_slice(extra);
+        let output = common::distill(&args);
         assert!(output.status.success(), "{}", common::stderr(&output));
         serde_json::from_slice::<serde_json::Value>(&output.stdout).unwrap()
     };
-    let (short, long) = (run("1024"), run("32768"));
+    let bytes = |report: &serde_json::Value| report["training_bytes"].as_u64().unwrap();
+    let (short, long) = (run(&["--max-length", "1024"]), run(&["--max-length", "32768"]));
     assert_eq!(short["parameters"], 8_030_261_248u64);
-    for key in ["inference_bytes", "full_training_bytes", "lora_training_bytes"] {
-        assert!(long[key].as_u64() > short[key].as_u64(), "{key}");
+    assert!(bytes(&long) > bytes(&short));
+    assert!(long["inference"]["kv_cache_bytes"].as_u64() > short["inference"]["kv_cache_bytes"].as_u64());
+    // Full fine-tuning of an 8B model does not fit one 80 GB GPU; LoRA with checkpointing does.
+    assert_eq!(short["fits"], false);
+    let lora = run(&["--max-length", "4096", "--lora-rank", "16", "--gradient-checkpointing"]);
+    assert!(bytes(&lora) < bytes(&short));
+    let items: Vec<&str> = short["training"]["items"].as_array().unwrap().iter().map(|i| i["name"].as_str().unwrap()).collect();
+    for name in ["weights", "gradients", "optimizer moments", "activations", "loss", "workspace"] {
+        assert!(items.contains(&name), "{name} missing from {items:?}");
     }
-    assert!(short["lora_training_bytes"].as_u64() < short["full_training_checkpointed_bytes"].as_u64());
 }

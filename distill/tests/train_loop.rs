@@ -215,9 +215,8 @@ fn kill_and_resume(extra: &[&str]) {
         if kill_after != 2 {
             resume.push("--resume".into());
         }
-        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_distill"))
+        let mut child = common::command()
             .args(&resume)
-            .current_dir(common::repo_root())
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()
@@ -325,9 +324,8 @@ fn ctrl_c_checkpoints_the_last_step_and_resume_finishes() {
 
     let interrupted = dir.path().join("interrupted");
     let args = train_args(&interrupted, "0", &[]);
-    let child = std::process::Command::new(env!("CARGO_BIN_EXE_distill"))
+    let child = common::command()
         .args(&args)
-        .current_dir(common::repo_root())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .spawn()

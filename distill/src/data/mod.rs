@@ -2,6 +2,7 @@
 //! micro-batches.
 
 pub mod batch;
+pub mod cache;
 pub mod packing;
 pub mod records;
 pub mod traces;

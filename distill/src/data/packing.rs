@@ -7,8 +7,39 @@
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
+use std::collections::BTreeSet;
 
 use super::traces::SftExample;
+
+/// The blocks a run trains on, made one step at a time (a dataset of 800k traces is not held
+/// in memory as blocks).
+pub trait BlockSource: Sync {
+    fn len(&self) -> usize;
+    fn block(&self, index: usize) -> PackedBlock;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl BlockSource for [PackedBlock] {
+    fn len(&self) -> usize {
+        <[PackedBlock]>::len(self)
+    }
+
+    fn block(&self, index: usize) -> PackedBlock {
+        self[index].clone()
+    }
+}
+
+impl BlockSource for Vec<PackedBlock> {
+    fn len(&self) -> usize {
+        self.as_slice().len()
+    }
+
+    fn block(&self, index: usize) -> PackedBlock {
+        self[index].clone()
+    }
+}
 
 /// Several examples laid end to end.
 #[derive(Debug, Clone, PartialEq)]
@@ -44,6 +75,20 @@ impl PackedBlock {
         }
     }
 
+    /// Examples laid end to end, each a row of its own.
+    pub fn from_examples<'a>(examples: impl IntoIterator<Item = &'a SftExample>) -> Self {
+        let mut block = PackedBlock { input_ids: Vec::new(), trained: Vec::new(), positions: Vec::new(), segments: Vec::new() };
+        for example in examples {
+            block.push(example);
+        }
+        block
+    }
+
+    /// Tokens the loss is computed on.
+    pub fn trained_tokens(&self) -> usize {
+        self.trained.iter().skip(1).filter(|&&t| t).count()
+    }
+
     fn push(&mut self, example: &SftExample) {
         let segment = self.segments.last().map_or(0, |&s| s + 1);
         self.input_ids.extend_from_slice(&example.input_ids);
@@ -58,39 +103,43 @@ impl PackedBlock {
     }
 }
 
-/// Packs `examples` (each at most `max_length` long) with best-fit decreasing: rows are
-/// shuffled with `seed` (so ties break the same way every run), sorted longest first, and
-/// each goes into the fullest block it still fits in.
-pub fn pack(examples: &[SftExample], max_length: usize, seed: u64) -> Vec<PackedBlock> {
-    let mut order: Vec<usize> = (0..examples.len()).collect();
+/// Packs rows of the given lengths (each at most `max_length`) with best-fit decreasing: rows
+/// are shuffled with `seed` (so ties break the same way every run), sorted longest first, and
+/// each goes into the fullest block it still fits in. Returns each block's rows, by index.
+/// O(n log n): 800k traces pack in well under a second.
+pub fn pack_indices(lengths: &[usize], max_length: usize, seed: u64) -> Vec<Vec<usize>> {
+    let mut order: Vec<usize> = (0..lengths.len()).collect();
     order.shuffle(&mut StdRng::seed_from_u64(seed));
-    order.sort_by_key(|&i| std::cmp::Reverse(examples[i].len()));
-    let mut blocks: Vec<PackedBlock> = Vec::new();
-    // Free space of each block, kept alongside for the best-fit search.
-    let mut free: Vec<usize> = Vec::new();
+    order.sort_by_key(|&i| std::cmp::Reverse(lengths[i]));
+    let mut blocks: Vec<Vec<usize>> = Vec::new();
+    // (free space, block): the fullest block that fits is the first entry with space >= len;
+    // among equally full blocks, the oldest.
+    let mut free: BTreeSet<(usize, usize)> = BTreeSet::new();
     for index in order {
-        let example = &examples[index];
-        debug_assert!(example.len() <= max_length);
-        let best = free
-            .iter()
-            .enumerate()
-            .filter(|&(_, &space)| space >= example.len())
-            .min_by_key(|&(_, &space)| space)
-            .map(|(block, _)| block);
-        match best {
-            Some(block) => {
-                blocks[block].push(example);
-                free[block] -= example.len();
+        let len = lengths[index];
+        debug_assert!(len <= max_length);
+        match free.range((len, 0)..).next().copied() {
+            Some((space, block)) => {
+                free.remove(&(space, block));
+                free.insert((space - len, block));
+                blocks[block].push(index);
             }
             None => {
-                let mut block = PackedBlock { input_ids: Vec::new(), trained: Vec::new(), positions: Vec::new(), segments: Vec::new() };
-                block.push(example);
-                free.push(max_length - example.len());
-                blocks.push(block);
+                free.insert((max_length - len, blocks.len()));
+                blocks.push(vec![index]);
             }
         }
     }
     blocks
+}
+
+/// Packs `examples` (each at most `max_length` long); see [`pack_indices`].
+pub fn pack(examples: &[SftExample], max_length: usize, seed: u64) -> Vec<PackedBlock> {
+    let lengths: Vec<usize> = examples.iter().map(SftExample::len).collect();
+    pack_indices(&lengths, max_length, seed)
+        .into_iter()
+        .map(|rows| PackedBlock::from_examples(rows.into_iter().map(|i| &examples[i])))
+        .collect()
 }
 
 #[cfg(test)]

@@ -109,20 +109,36 @@ pub fn data_files(spec: &Path) -> Result<Vec<PathBuf>, DataError> {
 /// Every row of every file named by `spec`, in order. An empty dataset is an error.
 pub fn read_records(spec: &Path) -> Result<Vec<Record>, DataError> {
     let mut records = Vec::new();
-    for file in data_files(spec)? {
-        if is_parquet(&file) {
-            read_parquet(&file, &mut records)?;
-        } else {
-            read_jsonl(&file, &mut records)?;
-        }
-    }
-    if records.is_empty() {
-        return Err(DataError::Empty { path: spec.into() });
-    }
+    stream_records(spec, |record| {
+        records.push(record);
+        Ok(())
+    })?;
     Ok(records)
 }
 
-fn read_jsonl(path: &Path, records: &mut Vec<Record>) -> Result<(), DataError> {
+/// Calls `each` with every row of every file named by `spec`, in order, holding one Parquet
+/// record batch (or one JSONL line) in memory at a time. Returns the number of rows; an empty
+/// dataset is an error.
+pub fn stream_records(spec: &Path, mut each: impl FnMut(Record) -> Result<(), DataError>) -> Result<usize, DataError> {
+    let mut count = 0;
+    for file in data_files(spec)? {
+        let mut counted = |record: Record| {
+            count += 1;
+            each(record)
+        };
+        if is_parquet(&file) {
+            read_parquet(&file, &mut counted)?;
+        } else {
+            read_jsonl(&file, &mut counted)?;
+        }
+    }
+    if count == 0 {
+        return Err(DataError::Empty { path: spec.into() });
+    }
+    Ok(count)
+}
+
+fn read_jsonl(path: &Path, each: &mut impl FnMut(Record) -> Result<(), DataError>) -> Result<(), DataError> {
     let file = File::open(path).map_err(|source| DataError::Io { path: path.into(), source })?;
     for (index, line) in BufReader::new(file).split(b'\n').enumerate() {
         let line = line.map_err(|source| DataError::Io { path: path.into(), source })?;
@@ -136,7 +152,7 @@ fn read_jsonl(path: &Path, records: &mut Vec<Record>) -> Result<(), DataError> {
             continue;
         }
         match serde_json::from_str::<Value>(text) {
-            Ok(Value::Object(fields)) => records.push(Record { file: path.into(), row: number, fields }),
+            Ok(Value::Object(fields)) => each(Record { file: path.into(), row: number, fields })?,
             Ok(other) => {
                 return Err(DataError::Json {
                     path: path.into(),
@@ -150,12 +166,14 @@ fn read_jsonl(path: &Path, records: &mut Vec<Record>) -> Result<(), DataError> {
     Ok(())
 }
 
-fn read_parquet(path: &Path, records: &mut Vec<Record>) -> Result<(), DataError> {
+fn read_parquet(path: &Path, each: &mut impl FnMut(Record) -> Result<(), DataError>) -> Result<(), DataError> {
     use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
     let parquet_error = |message: String| DataError::Parquet { path: path.into(), message };
     let file = File::open(path).map_err(|source| DataError::Io { path: path.into(), source })?;
+    // Small batches: long traces make a default-sized batch hundreds of megabytes of text.
     let reader = ParquetRecordBatchReaderBuilder::try_new(file)
         .map_err(|e| parquet_error(e.to_string()))?
+        .with_batch_size(256)
         .build()
         .map_err(|e| parquet_error(e.to_string()))?;
     let mut row = 0;
@@ -169,7 +187,7 @@ fn read_parquet(path: &Path, records: &mut Vec<Record>) -> Result<(), DataError>
         let rows: Vec<Map<String, Value>> =
             serde_json::from_slice(&writer.into_inner()).map_err(|e| parquet_error(e.to_string()))?;
         for fields in rows {
-            records.push(Record { file: path.into(), row, fields });
+            each(Record { file: path.into(), row, fields })?;
             row += 1;
         }
     }

@@ -66,26 +66,61 @@ impl SftExample {
 }
 
 /// Rows that were not used, and why, so nothing is lost silently.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Skipped {
     /// Rows datagen marked `accepted: false` (rejection sampling).
     pub not_accepted: usize,
     pub too_long_dropped: usize,
     pub truncated: usize,
-    /// `(location, reason)` of rows that cannot be trained on.
+    /// Rows that cannot be trained on.
+    pub invalid_rows: usize,
+    /// `(location, reason)` of the first [`Skipped::KEPT_REASONS`] of them.
     pub invalid: Vec<(String, String)>,
 }
 
 impl Skipped {
+    /// Reasons kept for invalid rows; the rest are counted.
+    pub const KEPT_REASONS: usize = 100;
+
     pub fn summary(&self) -> String {
         format!(
             "{} not accepted by datagen, {} dropped as longer than max_length, {} truncated, {} invalid",
-            self.not_accepted,
-            self.too_long_dropped,
-            self.truncated,
-            self.invalid.len()
+            self.not_accepted, self.too_long_dropped, self.truncated, self.invalid_rows
         )
     }
+
+    fn invalid(&mut self, location: String, reason: String) {
+        self.invalid_rows += 1;
+        if self.invalid.len() < Self::KEPT_REASONS {
+            self.invalid.push((location, reason));
+        }
+    }
+
+    /// Counts what became of one row; returns its example, if any.
+    pub fn count(&mut self, outcome: RowOutcome) -> Option<SftExample> {
+        match outcome {
+            RowOutcome::Example { example, truncated } => {
+                self.truncated += usize::from(truncated);
+                return Some(example);
+            }
+            RowOutcome::NotAccepted => self.not_accepted += 1,
+            RowOutcome::TooLong => self.too_long_dropped += 1,
+            RowOutcome::Invalid { location, reason } => self.invalid(location, reason),
+        }
+        None
+    }
+}
+
+/// What became of one row of a dataset.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RowOutcome {
+    Example { example: SftExample, truncated: bool },
+    /// datagen marked it `accepted: false`.
+    NotAccepted,
+    /// Longer than `max_length` under [`LengthPolicy::Drop`].
+    TooLong,
+    /// It cannot be trained on: where, and why.
+    Invalid { location: String, reason: String },
 }
 
 const ROLES: [&str; 4] = ["system", "user", "assistant", "tool"];
@@ -179,6 +214,30 @@ pub fn tokenize_conversation(messages: &[Message], tokenizer: &Tokenizer, option
     Ok(Tokenized::Example { example: SftExample { input_ids, trained }, truncated })
 }
 
+/// Tokenizes one row. Only failures that stop the whole dataset (a broken chat template or
+/// tokenizer) are errors; a row that cannot be used is an outcome.
+pub fn tokenize_record(record: &Record, tokenizer: &Tokenizer, options: &TraceOptions) -> Result<RowOutcome, DataError> {
+    // datagen writes every sample and marks the ones rejection sampling keeps.
+    if record.fields.get("accepted") == Some(&serde_json::Value::Bool(false)) {
+        return Ok(RowOutcome::NotAccepted);
+    }
+    let messages = match conversation(record, &options.format) {
+        Ok(messages) => messages,
+        Err(DataError::Field { location, field, message }) => {
+            return Ok(RowOutcome::Invalid { location, reason: format!("field `{field}`: {message}") });
+        }
+        Err(other) => return Err(other),
+    };
+    Ok(match tokenize_conversation(&messages, tokenizer, options)? {
+        Tokenized::Example { example, truncated } => RowOutcome::Example { example, truncated },
+        Tokenized::TooLong { .. } => RowOutcome::TooLong,
+        Tokenized::PromptTooLong { tokens } => RowOutcome::Invalid {
+            location: record.location(),
+            reason: format!("the prompt alone has {tokens} tokens; max_length is {}", options.max_length),
+        },
+    })
+}
+
 /// Tokenizes every record; rows that cannot be used are counted in [`Skipped`], never
 /// silently lost. Only structural problems of the whole dataset are errors.
 pub fn tokenize_records(
@@ -189,31 +248,9 @@ pub fn tokenize_records(
     let mut examples = Vec::with_capacity(records.len());
     let mut skipped = Skipped::default();
     for record in records {
-        // datagen writes every sample and marks the ones rejection sampling keeps.
-        if record.fields.get("accepted") == Some(&serde_json::Value::Bool(false)) {
-            skipped.not_accepted += 1;
-            continue;
-        }
-        let messages = match conversation(record, &options.format) {
-            Ok(messages) => messages,
-            Err(DataError::Field { location, field, message }) => {
-                skipped.invalid.push((location, format!("field `{field}`: {message}")));
-                continue;
-            }
-            Err(other) => return Err(other),
-        };
-        match tokenize_conversation(&messages, tokenizer, options)? {
-            Tokenized::Example { example, truncated } => {
-                skipped.truncated += usize::from(truncated);
-                examples.push(example);
-            }
-            Tokenized::TooLong { .. } => skipped.too_long_dropped += 1,
-            Tokenized::PromptTooLong { tokens } => skipped.invalid.push((
-                record.location(),
-                format!("the prompt alone has {tokens} tokens; max_length is {}", options.max_length),
-            )),
+        if let Some(example) = skipped.count(tokenize_record(record, tokenizer, options)?) {
+            examples.push(example);
         }
     }
     Ok((examples, skipped))
 }
-

@@ -83,6 +83,15 @@ impl Model {
         self.clone().with_dtype(dtype)
     }
 
+    /// The same weights at another RoPE base and declared context (`--rope-theta`,
+    /// `--max-position-embeddings`), which an export then writes into config.json.
+    pub fn with_context(mut self, rope_theta: f64, max_position_embeddings: usize) -> Self {
+        self.config.rope_theta = rope_theta;
+        self.config.max_position_embeddings = max_position_embeddings;
+        self.rope = Rope::new(&self.config);
+        self
+    }
+
     /// Freezes the weights and attaches LoRA adapters (see [`lora`]).
     pub fn with_lora(mut self, config: &lora::LoraConfig) -> Model {
         self.net = lora::attach(self.net, config, &self.device);

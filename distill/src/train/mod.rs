@@ -1,7 +1,9 @@
 //! Training: the loss, the optimizer, the learning-rate schedule and the loop that drives them.
 
 pub mod checkpoint;
+pub mod job;
 pub mod optim;
+pub mod options;
 pub mod run;
 pub mod schedule;
 

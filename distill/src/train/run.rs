@@ -13,7 +13,7 @@ use burn::tensor::DType;
 use super::optim::{AccumulatedGrads, AdamW, AdamWConfig};
 use super::schedule::Schedule;
 use crate::data::batch::Batch;
-use crate::data::packing::PackedBlock;
+use crate::data::packing::{BlockSource, PackedBlock};
 use crate::model::{Model, Training};
 
 #[derive(Debug, Clone)]
@@ -64,7 +64,7 @@ fn epoch_order(blocks: usize, seed: u64, epoch: usize) -> Vec<usize> {
 pub fn train<E>(
     mut model: Model,
     optimizer: &mut AdamW,
-    blocks: &[PackedBlock],
+    blocks: &(impl BlockSource + ?Sized),
     config: &TrainConfig,
     start_step: usize,
     mut after_step: impl FnMut(&StepMetrics, &Model, &AdamW) -> Result<(), E>,
@@ -79,11 +79,11 @@ pub fn train<E>(
             order = Some((epoch, epoch_order(blocks.len(), config.seed, epoch)));
         }
         let order = &order.as_ref().expect("set above").1;
-        let chosen: Vec<&PackedBlock> = order.iter().skip(step_in_epoch * per_step).take(per_step).map(|&i| &blocks[i]).collect();
+        let chosen: Vec<PackedBlock> = order.iter().skip(step_in_epoch * per_step).take(per_step).map(|&i| blocks.block(i)).collect();
 
         // The loss is the mean over every trained token of the step, so each micro-batch's
         // summed loss is divided by the step's token count before its backward pass.
-        let step_tokens: usize = chosen.iter().map(|b| b.trained[1..].iter().filter(|&&t| t).count()).sum();
+        let step_tokens: usize = chosen.iter().map(PackedBlock::trained_tokens).sum();
         let mut grads = AccumulatedGrads::default();
         let mut loss = 0.0;
         for (index, micro_batch) in chosen.chunks(config.per_device_train_batch_size).enumerate() {
@@ -95,7 +95,8 @@ pub fn train<E>(
             // draws the same ones.
             let dropout_seed = config.seed.wrapping_mul(0x9E37_79B9).wrapping_add(step as u64).wrapping_mul(31).wrapping_add(index as u64);
             let training = Training { dropout_seed: Some(dropout_seed), checkpoint: config.gradient_checkpointing };
-            let Some(sum) = super::nll_sum(&compute, &Batch::new(micro_batch), training) else { continue };
+            let micro_batch: Vec<&PackedBlock> = micro_batch.iter().collect();
+            let Some(sum) = super::nll_sum(&compute, &Batch::new(&micro_batch), training) else { continue };
             let scaled = sum / step_tokens.max(1) as f64;
             loss += scaled.clone().into_scalar::<f32>() as f64;
             grads.add(&model.net, &scaled.backward());

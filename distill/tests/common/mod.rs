@@ -28,12 +28,16 @@ pub fn devices() -> Vec<(&'static str, Device)> {
     devices
 }
 
+/// The `distill` binary, run from the repository root with its token cache in the temporary
+/// folder (not the user's ~/.cache).
+pub fn command() -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_distill"));
+    command.current_dir(repo_root()).env("DISTILL_CACHE", std::env::temp_dir().join("distill-test-cache"));
+    command
+}
+
 pub fn distill(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_distill"))
-        .args(args)
-        .current_dir(repo_root())
-        .output()
-        .expect("run distill")
+    command().args(args).output().expect("run distill")
 }
 
 pub fn stderr(output: &Output) -> String {

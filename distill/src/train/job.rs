@@ -1,0 +1,644 @@
+//! `distill train` as one library call: a [`JobSpec`] (what the command line says) is resolved
+//! against the student config and the defaults into a [`Job`] that has checked everything it
+//! can before a model is loaded (options, context length, data, the memory plan), and
+//! [`Job::run`] trains it: resume, the loop, evaluation, checkpoints, the final export.
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use burn::tensor::{DType, Device};
+use rand::SeedableRng;
+use rand::seq::SliceRandom;
+
+use super::checkpoint::{self, CheckpointError, TrainerState};
+use super::optim::{AdamW, AdamWConfig};
+use super::options::TrainingOptions;
+use super::run::{StepMetrics, TrainConfig, steps_per_epoch, train};
+use super::schedule::{Schedule, Scheduler};
+use crate::data::batch::Batch;
+use crate::data::cache::{self, CacheOutcome, TokenizedData};
+use crate::data::packing::{BlockSource, PackedBlock, pack_indices};
+use crate::data::records::DataError;
+use crate::data::traces::{LengthPolicy, TraceFormat, TraceOptions};
+use crate::export::{ExportDtype, ExportError, ExportOptions};
+use crate::model::lora::LoraConfig;
+use crate::model::{LoadOptions, Model, ModelConfig, ModelError, Training};
+use crate::plan::{MemoryPlan, PlanOptions};
+use crate::pretrained::PretrainedError;
+use crate::student::{StudentConfig, StudentError, model_config_from_any};
+use crate::text::{Tokenizer, TokenizerError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum JobError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Data(#[from] DataError),
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error(transparent)]
+    Student(#[from] StudentError),
+    #[error(transparent)]
+    Tokenizer(#[from] TokenizerError),
+    #[error(transparent)]
+    Pretrained(#[from] PretrainedError),
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
+    #[error(transparent)]
+    Export(#[from] ExportError),
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("interrupted: checkpoint-{step} saved in {dir}; continue with the same command and --resume")]
+    Interrupted { step: usize, dir: PathBuf },
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> JobError + '_ {
+    move |source| JobError::Io { path: path.to_path_buf(), source }
+}
+
+/// Where the starting weights come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Init {
+    /// The checkpoint's weights.
+    Pretrained,
+    /// The architecture, randomly initialised from the seed (tiny configs, tests, demos).
+    Random,
+}
+
+/// Held-out rows to measure eval loss on.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub enum EvalSource {
+    None,
+    /// This fraction of the rows, chosen by the seed.
+    Split(f64),
+    /// Rows of another dataset, in the same format.
+    Data(PathBuf),
+}
+
+/// What the command line asks for.
+#[derive(Debug, Clone)]
+pub struct JobSpec {
+    /// An HF checkpoint folder, or a student config whose `checkpoint` names one.
+    pub model: PathBuf,
+    pub data: PathBuf,
+    pub out: PathBuf,
+    pub init: Init,
+    pub format: TraceFormat,
+    /// Options given on the command line (the student config and the defaults fill the rest).
+    pub options: TrainingOptions,
+    pub eval: EvalSource,
+    pub resume: bool,
+    /// The device to train on (without autodiff; the job adds it).
+    pub device: Device,
+    pub device_name: String,
+    /// The device's memory, for the plan check; `None`: the system's memory on the CPU, no
+    /// check elsewhere (burn does not report a GPU's memory).
+    pub device_memory: Option<u64>,
+    /// Where tokenized data is cached; `None`: [`cache::default_root`].
+    pub dataset_cache: Option<PathBuf>,
+}
+
+/// What the job tells the person running it.
+pub trait Reporter: Sync {
+    /// A line of information (stderr).
+    fn note(&self, line: &str);
+    /// Rows tokenized so far.
+    fn tokenizing(&self, rows: usize);
+    fn training_started(&self, total_steps: usize, first_step: usize);
+    fn step(&self, metrics: &StepMetrics);
+    fn training_finished(&self);
+}
+
+/// Tokenized examples chosen by index, materialized a block at a time.
+struct Packed {
+    data: Arc<TokenizedData>,
+    blocks: Vec<Vec<usize>>,
+}
+
+impl BlockSource for Packed {
+    fn len(&self) -> usize {
+        self.blocks.len()
+    }
+
+    fn block(&self, index: usize) -> PackedBlock {
+        let examples: Vec<_> = self.blocks[index].iter().map(|&i| self.data.example(i)).collect();
+        PackedBlock::from_examples(&examples)
+    }
+}
+
+/// A training run, resolved and checked.
+pub struct Job {
+    spec: JobSpec,
+    /// Every option, resolved.
+    pub options: TrainingOptions,
+    pub config: ModelConfig,
+    checkpoint_dir: Option<PathBuf>,
+    tokenizer_dir: PathBuf,
+    eos_token_ids: Vec<u32>,
+    lora: Option<LoraConfig>,
+    compute_dtype: Option<DType>,
+    train: Packed,
+    eval: Option<Packed>,
+    pub train_config: TrainConfig,
+    pub plan: MemoryPlan,
+    settings: serde_json::Value,
+}
+
+/// An option that the merge with the defaults always fills.
+fn required<T: Clone>(value: &Option<T>, name: &str) -> T {
+    value.clone().unwrap_or_else(|| panic!("{name} has a default"))
+}
+
+/// The compute dtype: `requested` if the device has it. A dtype that only the student config
+/// asks for falls back to f32, with a note; one asked for on the command line is an error.
+fn compute_dtype(requested: &str, from_command_line: bool, device: &Device, device_name: &str, reporter: &dyn Reporter) -> Result<Option<DType>, JobError> {
+    let dtype = crate::device::dtype(requested, device, "").map_err(|e| JobError::Invalid(e.to_string()));
+    match dtype {
+        Ok(DType::F32) => Ok(None),
+        Ok(dtype) => Ok(Some(dtype)),
+        Err(_) if !from_command_line => {
+            reporter.note(&format!("note: the student config asks for {requested}, which {device_name} cannot compute; training in f32"));
+            Ok(None)
+        }
+        Err(_) => Err(JobError::Invalid(format!(
+            "{device_name} has no {requested} compute (Vulkan and WGSL have none for bf16); use --dtype f32"
+        ))),
+    }
+}
+
+/// Applies `--rope-theta` / `--max-position-embeddings` and refuses a `max_length` the model
+/// was not built for unless the context was extended on purpose.
+fn extend_context(config: &mut ModelConfig, options: &TrainingOptions, max_length: usize) -> Result<(), JobError> {
+    if let Some(theta) = options.rope_theta {
+        if !(theta > 0.0 && theta.is_finite()) {
+            return Err(JobError::Invalid(format!("--rope-theta must be a positive number (got {theta})")));
+        }
+        config.rope_theta = theta;
+    }
+    if let Some(positions) = options.max_position_embeddings {
+        config.max_position_embeddings = positions;
+    }
+    if max_length > config.max_position_embeddings {
+        let hint = if options.max_position_embeddings.is_some() {
+            "raise --max-position-embeddings, or lower --max-length".to_string()
+        } else {
+            format!(
+                "lower --max-length, or extend the context on purpose with --rope-theta and --max-position-embeddings \
+                 (open-r1 trained Qwen2.5-Math-7B at 32768 tokens with --rope-theta 300000 --max-position-embeddings 32768; \
+                 the current rope_theta is {})",
+                config.rope_theta
+            )
+        };
+        return Err(JobError::Invalid(format!(
+            "max_length {max_length} is longer than the model's max_position_embeddings {}: positions past it were never trained; {hint}",
+            config.max_position_embeddings
+        )));
+    }
+    Ok(())
+}
+
+fn lora_config(options: &TrainingOptions) -> Result<Option<LoraConfig>, JobError> {
+    let Some(rank) = options.lora_rank else { return Ok(None) };
+    let lora = LoraConfig {
+        rank,
+        alpha: options.lora_alpha.unwrap_or(2.0 * rank as f64),
+        dropout: required(&options.lora_dropout, "lora_dropout"),
+        targets: LoraConfig::parse_targets(&required(&options.lora_targets, "lora_targets")).map_err(JobError::Invalid)?,
+    };
+    lora.validate().map_err(JobError::Invalid)?;
+    Ok(Some(lora))
+}
+
+/// The memory the device has for the plan check: what was given, else on the CPU the memory
+/// the system has available plus what this process already holds.
+pub fn device_memory(spec_memory: Option<u64>, device_name: &str) -> Option<u64> {
+    if spec_memory.is_some() {
+        return spec_memory;
+    }
+    if device_name != "flex" {
+        return None;
+    }
+    let meminfo = fs::read_to_string("/proc/meminfo").ok()?;
+    let available = meminfo.lines().find(|l| l.starts_with("MemAvailable:"))?.split_whitespace().nth(1)?.parse::<u64>().ok()? * 1024;
+    let resident = crate::memory::current_bytes().unwrap_or(0);
+    Some(available + resident)
+}
+
+impl Job {
+    /// Resolves and checks a run: options, context length, LoRA, tokenizer, data (tokenized or
+    /// read from the cache), blocks, schedule and memory plan. Nothing under `out` is written.
+    pub fn prepare(spec: JobSpec, reporter: &dyn Reporter) -> Result<Job, JobError> {
+        if !spec.resume && spec.out.exists() && fs::read_dir(&spec.out).map_err(io(&spec.out))?.next().is_some() {
+            return Err(JobError::Invalid(format!(
+                "{} already exists and is not empty; continue it with --resume, or choose a new --out",
+                spec.out.display()
+            )));
+        }
+        let (mut config, student) = model_config_from_any(&spec.model)?;
+        let from_config = student.as_ref().map(|s| s.training.clone()).unwrap_or_default();
+        let options = spec.options.or(&from_config).or(&TrainingOptions::defaults());
+        let max_length = required(&options.max_length, "max_length");
+        extend_context(&mut config, &options, max_length)?;
+        let compute_dtype = compute_dtype(&required(&options.dtype, "dtype"), spec.options.dtype.is_some(), &spec.device, &spec.device_name, reporter)?;
+        let lora = lora_config(&options)?;
+        let (checkpoint_dir, tokenizer_dir) = sources(&spec.model, student.as_ref())?;
+        if spec.init == Init::Pretrained && checkpoint_dir.is_none() {
+            return Err(JobError::Invalid("--init pretrained needs a checkpoint folder (or `checkpoint` in the student config)".into()));
+        }
+        let tokenizer = Tokenizer::from_dir(&tokenizer_dir)?;
+        let eos_token_ids = crate::pretrained::eos_token_ids(&tokenizer_dir, &config.eos_token_ids)?;
+        let seed = required(&options.seed, "seed");
+
+        let trace_options = TraceOptions {
+            format: spec.format.clone(),
+            max_length,
+            length_policy: if required(&options.truncate, "truncate") { LengthPolicy::Truncate } else { LengthPolicy::Drop },
+            train_on_prompt: required(&options.train_on_prompt, "train_on_prompt"),
+        };
+        let cache_root = spec.dataset_cache.clone().unwrap_or_else(cache::default_root);
+        let tokenize = |path: &Path| -> Result<Arc<TokenizedData>, JobError> {
+            let (data, outcome) = cache::load_or_build(path, &tokenizer, &tokenizer_dir, &trace_options, &cache_root, &|rows| reporter.tokenizing(rows))?;
+            match outcome {
+                CacheOutcome::Reused => reporter.note(&format!("data: tokenized rows of {} read from {}", path.display(), data.dir.display())),
+                CacheOutcome::Built => reporter.note(&format!("data: tokenized {} into {}", path.display(), data.dir.display())),
+                CacheOutcome::Rebuilt(why) => reporter.note(&format!("data: the token cache of {} was damaged ({why}); tokenized again into {}", path.display(), data.dir.display())),
+            }
+            Ok(Arc::new(data))
+        };
+        let data = tokenize(&spec.data)?;
+        let skipped = &data.meta.skipped;
+        reporter.note(&format!("data: {} rows → {} examples ({})", data.meta.rows, data.len(), skipped.summary()));
+        for (location, reason) in skipped.invalid.iter().take(5) {
+            reporter.note(&format!("  skipped {location}: {reason}"));
+        }
+        if data.is_empty() {
+            return Err(JobError::Invalid(format!("{}: no row can be trained on ({})", spec.data.display(), skipped.summary())));
+        }
+        // Held-out rows: a seeded split of --data, or --eval-data.
+        let all: Vec<usize> = (0..data.len()).collect();
+        let (train_rows, eval) = match &spec.eval {
+            EvalSource::Data(path) => {
+                let eval = tokenize(path)?;
+                reporter.note(&format!("eval data: {} examples ({})", eval.len(), eval.meta.skipped.summary()));
+                let rows = (0..eval.len()).collect();
+                (all, Some((eval, rows)))
+            }
+            EvalSource::Split(fraction) if *fraction > 0.0 => {
+                if *fraction >= 1.0 {
+                    return Err(JobError::Invalid(format!("--eval-split must be below 1 (got {fraction})")));
+                }
+                let mut order = all;
+                order.shuffle(&mut rand::rngs::StdRng::seed_from_u64(seed ^ 0xE7A1));
+                let held = ((fraction * data.len() as f64).ceil() as usize).min(data.len() - 1);
+                let eval_rows = order[..held].to_vec();
+                (order[held..].to_vec(), Some((data.clone(), eval_rows)))
+            }
+            _ => (all, None),
+        };
+        let packing = required(&options.packing, "packing");
+        let blocks: Vec<Vec<usize>> = if packing {
+            let lengths: Vec<usize> = train_rows.iter().map(|&i| data.example_len(i)).collect();
+            pack_indices(&lengths, max_length, seed).into_iter().map(|block| block.into_iter().map(|j| train_rows[j]).collect()).collect()
+        } else {
+            train_rows.into_iter().map(|i| vec![i]).collect()
+        };
+        let train = Packed { data: data.clone(), blocks };
+        let eval = eval.map(|(data, rows)| Packed { data, blocks: rows.into_iter().map(|i| vec![i]).collect() });
+
+        let mut train_config = TrainConfig {
+            schedule: Schedule {
+                learning_rate: required(&options.learning_rate, "learning_rate"),
+                scheduler: required(&options.lr_scheduler, "lr_scheduler").parse::<Scheduler>().map_err(JobError::Invalid)?,
+                warmup_steps: 0,
+                total_steps: 0,
+                min_lr_ratio: required(&options.min_lr_ratio, "min_lr_ratio"),
+            },
+            adamw: AdamWConfig {
+                beta1: required(&options.adam_beta1, "adam_beta1"),
+                beta2: required(&options.adam_beta2, "adam_beta2"),
+                epsilon: required(&options.adam_epsilon, "adam_epsilon"),
+                weight_decay: required(&options.weight_decay, "weight_decay"),
+            },
+            max_grad_norm: Some(required(&options.max_grad_norm, "max_grad_norm")).filter(|&n| n > 0.0),
+            per_device_train_batch_size: required(&options.per_device_train_batch_size, "per_device_train_batch_size").max(1),
+            gradient_accumulation_steps: required(&options.gradient_accumulation_steps, "gradient_accumulation_steps").max(1),
+            seed,
+            compute_dtype,
+            gradient_checkpointing: required(&options.gradient_checkpointing, "gradient_checkpointing"),
+        };
+        let per_epoch = steps_per_epoch(train.len(), &train_config);
+        let epochs = required(&options.num_train_epochs, "num_train_epochs");
+        let total_steps = options.max_steps.unwrap_or((epochs * per_epoch as f64).ceil() as usize).max(1);
+        train_config.schedule.total_steps = total_steps;
+        train_config.schedule.warmup_steps = Schedule::warmup_from_ratio(required(&options.warmup_ratio, "warmup_ratio"), total_steps);
+
+        // The plan is for the longest block this run will see.
+        let longest = (0..train.len()).map(|b| train.blocks[b].iter().map(|&i| data.example_len(i)).sum::<usize>()).max().unwrap_or(0);
+        let plan = MemoryPlan::new(
+            &config,
+            &PlanOptions {
+                seq_len: longest,
+                batch_size: train_config.per_device_train_batch_size,
+                gradient_accumulation_steps: train_config.gradient_accumulation_steps,
+                compute_dtype: compute_dtype.unwrap_or(DType::F32),
+                gradient_checkpointing: train_config.gradient_checkpointing,
+                lora_rank: lora.as_ref().map(|l| l.rank),
+                lora_targets: lora.as_ref().map(|l| l.targets.clone()),
+                runtime_bytes: crate::memory::current_bytes(),
+            },
+        );
+        reporter.note(&format!("memory plan at {longest} tokens × {} rows:", train_config.per_device_train_batch_size));
+        for line in plan.table().lines() {
+            reporter.note(&format!("  {line}"));
+        }
+        match device_memory(spec.device_memory, &spec.device_name) {
+            Some(memory) if plan.total() > memory => {
+                return Err(JobError::Invalid(format!(
+                    "the memory plan needs {:.2} GiB but {} has {:.2} GiB; lower --max-length or --per-device-train-batch-size, \
+                     or use --gradient-checkpointing, --lora-rank or --dtype bf16 (see `distill info {} --max-length {longest}`)",
+                    crate::info::gib(plan.total()), spec.device_name, crate::info::gib(memory), spec.model.display()
+                )));
+            }
+            Some(memory) => reporter.note(&format!("  fits the {:.2} GiB of {}", crate::info::gib(memory), spec.device_name)),
+            None => reporter.note(&format!("  ({} does not report its memory to burn; give --gpu-memory to check the plan)", spec.device_name)),
+        }
+
+        // Everything that decides the run's trajectory; a resume must match it.
+        let settings = serde_json::json!({
+            "model": spec.model, "data": spec.data, "init": spec.init, "format": format!("{:?}", trace_options.format),
+            "max_length": max_length, "truncate": options.truncate, "train_on_prompt": trace_options.train_on_prompt, "packing": packing,
+            "seed": seed, "total_steps": total_steps, "warmup_steps": train_config.schedule.warmup_steps,
+            "learning_rate": train_config.schedule.learning_rate, "scheduler": format!("{:?}", train_config.schedule.scheduler),
+            "min_lr_ratio": train_config.schedule.min_lr_ratio, "adamw": format!("{:?}", train_config.adamw),
+            "max_grad_norm": train_config.max_grad_norm, "batch": train_config.per_device_train_batch_size,
+            "accumulation": train_config.gradient_accumulation_steps, "eval": spec.eval,
+            "lora": lora, "compute_dtype": compute_dtype.map(|d| format!("{d:?}")),
+            "rope_theta": config.rope_theta, "max_position_embeddings": config.max_position_embeddings,
+        });
+        Ok(Job {
+            spec,
+            options,
+            config,
+            checkpoint_dir,
+            tokenizer_dir,
+            eos_token_ids,
+            lora,
+            compute_dtype,
+            train,
+            eval,
+            train_config,
+            plan,
+            settings,
+        })
+    }
+
+    /// The run folder.
+    pub fn out(&self) -> &Path {
+        &self.spec.out
+    }
+
+    /// Blocks of one epoch.
+    pub fn blocks(&self) -> usize {
+        self.train.len()
+    }
+
+    /// A one-line description of what will be trained.
+    pub fn describe(&self, model: &Model) -> String {
+        let (trainable, total) = crate::model::lora::trainable_parameters(&model.net);
+        let config = &self.train_config;
+        format!(
+            "training {} of {} parameters{} for {} steps ({} blocks, {} steps per epoch, batch {} × accumulation {}){}{}",
+            crate::info::human_count(trainable as u64),
+            crate::info::human_count(total as u64),
+            self.lora.as_ref().map(|l| format!(" (LoRA rank {}, alpha {}, dropout {}, {})", l.rank, l.alpha, l.dropout, l.targets.join(","))).unwrap_or_default(),
+            config.schedule.total_steps,
+            self.train.len(),
+            steps_per_epoch(self.train.len(), config),
+            config.per_device_train_batch_size,
+            config.gradient_accumulation_steps,
+            self.compute_dtype.map(|d| format!(", {d:?} compute over f32 weights")).unwrap_or_default(),
+            if config.gradient_checkpointing { ", gradient checkpointing" } else { "" },
+        )
+    }
+
+    /// Trains to the end (or to an interruption, after checkpointing the step under way) and
+    /// exports `out/final`. Returns the path of `metrics.jsonl`.
+    pub fn run(self, reporter: &dyn Reporter, interrupted: &AtomicBool) -> Result<PathBuf, JobError> {
+        let out = self.spec.out.clone();
+        fs::create_dir_all(&out).map_err(io(&out))?;
+        let _lock = RunLock::acquire(&out)?;
+        let device = self.spec.device.clone().autodiff();
+        let model = base_model(&self.config, self.spec.init, self.checkpoint_dir.as_deref(), required(&self.options.seed, "seed"), self.lora.as_ref(), &device)?;
+        reporter.note(&self.describe(&model));
+
+        let metrics_path = out.join("metrics.jsonl");
+        let mut optimizer = AdamW::new(self.train_config.adamw.clone());
+        let (model, start_step) = match checkpoint::latest(&out).filter(|_| self.spec.resume) {
+            Some((_, dir)) => {
+                // A LoRA checkpoint holds the adapters; the frozen base is the one built above.
+                let base = self.lora.is_some().then(|| model.clone());
+                let (model, state) = checkpoint::load(&dir, &device, &mut optimizer, base)?;
+                if state.settings != self.settings {
+                    return Err(JobError::Invalid(format!("{}: the run was started with other settings; resume it with the same command", dir.display())));
+                }
+                reporter.note(&format!("resuming from {} (step {})", dir.display(), state.global_step));
+                (model, state.global_step)
+            }
+            None => (model, 0),
+        };
+        // Metrics logged after the checkpoint (by a run that was then killed) are replayed.
+        let kept: Vec<String> = fs::read_to_string(&metrics_path)
+            .unwrap_or_default()
+            .lines()
+            .filter(|line| serde_json::from_str::<serde_json::Value>(line).ok().and_then(|v| v["step"].as_u64()).is_some_and(|s| s as usize <= start_step))
+            .map(String::from)
+            .collect();
+        let mut metrics = std::io::BufWriter::new(fs::File::create(&metrics_path).map_err(io(&metrics_path))?);
+        for line in &kept {
+            writeln!(metrics, "{line}").map_err(io(&metrics_path))?;
+        }
+        metrics.flush().map_err(io(&metrics_path))?;
+
+        let total_steps = self.train_config.schedule.total_steps;
+        let save_every = match required(&self.options.save_steps, "save_steps") {
+            0 => total_steps,
+            n => n,
+        };
+        let keep = required(&self.options.save_total_limit, "save_total_limit");
+        // Five evaluations over the run unless told otherwise: enough to see the trend.
+        let eval_every = match required(&self.options.eval_steps, "eval_steps") {
+            0 => total_steps.div_ceil(5),
+            n => n,
+        }
+        .max(1);
+        reporter.training_started(total_steps, start_step);
+        let model = train(model, &mut optimizer, &self.train, &self.train_config, start_step, |step, model, optimizer| -> Result<(), JobError> {
+            reporter.step(step);
+            writeln!(metrics, "{}", serde_json::to_string(step).expect("plain struct")).map_err(io(&metrics_path))?;
+            if let Some(eval) = &self.eval
+                && (step.step % eval_every == 0 || step.step == total_steps)
+            {
+                let (loss, tokens) = eval_loss(model, eval);
+                reporter.note(&format!("step {}: eval loss {loss:.4} ({tokens} tokens)", step.step));
+                let line = serde_json::json!({"step": step.step, "eval_loss": loss, "eval_tokens": tokens});
+                writeln!(metrics, "{line}").map_err(io(&metrics_path))?;
+            }
+            metrics.flush().map_err(io(&metrics_path))?;
+            let stop = interrupted.load(Ordering::SeqCst);
+            if step.step % save_every == 0 || step.step == total_steps || stop {
+                let state = TrainerState { global_step: step.step, optimizer_steps: optimizer.steps, settings: self.settings.clone() };
+                checkpoint::save(&out, model, optimizer, &state, &self.tokenizer_dir, &self.eos_token_ids)?;
+                if keep > 0 {
+                    checkpoint::prune(&out, keep)?;
+                }
+            }
+            if stop {
+                return Err(JobError::Interrupted { step: step.step, dir: out.clone() });
+            }
+            Ok(())
+        })?;
+        reporter.training_finished();
+        let final_dir = out.join("final");
+        if final_dir.exists() {
+            fs::remove_dir_all(&final_dir).map_err(io(&final_dir))?;
+        }
+        let export_options = ExportOptions { dtype: ExportDtype::parse(&required(&self.options.export_dtype, "export_dtype"))?, ..Default::default() };
+        let model = if model.has_lora() {
+            let (merged, difference) = model.merge_lora().map_err(JobError::Invalid)?;
+            reporter.note(&format!("merged the LoRA adapters into the weights (logits of merged vs adapted model: max |Δ| {difference:.1e})"));
+            merged
+        } else {
+            model
+        };
+        crate::export::export(&model, &self.tokenizer_dir, &self.eos_token_ids, &final_dir, &export_options)?;
+        Ok(metrics_path)
+    }
+}
+
+/// Mean loss over the eval rows, and the tokens it covers (forward passes only).
+fn eval_loss(model: &Model, eval: &Packed) -> (f64, usize) {
+    let model = model.for_inference();
+    let (mut sum, mut count) = (0.0, 0);
+    for index in 0..eval.len() {
+        let block = eval.block(index);
+        let batch = Batch::new(&[&block]);
+        if let Some(nll) = super::nll_sum(&model, &batch, Training::default()) {
+            sum += nll.into_scalar::<f32>() as f64;
+            count += batch.targets.len();
+        }
+    }
+    (sum / count.max(1) as f64, count)
+}
+
+/// The checkpoint folder and the tokenizer folder of a model argument.
+fn sources(model: &Path, student: Option<&StudentConfig>) -> Result<(Option<PathBuf>, PathBuf), JobError> {
+    let checkpoint_dir = match student {
+        Some(student) => student.checkpoint.clone(),
+        None => Some(model.to_path_buf()),
+    };
+    let tokenizer_dir = student
+        .and_then(|s| s.tokenizer.clone())
+        .or_else(|| checkpoint_dir.clone())
+        .ok_or_else(|| JobError::Invalid("the student config names neither `tokenizer` nor `checkpoint`".into()))?;
+    Ok((checkpoint_dir, tokenizer_dir))
+}
+
+/// The model a run starts from: pretrained or seeded random weights (f32 master weights), the
+/// context settings of `config`, and LoRA adapters drawn from the seed after the base weights.
+fn base_model(config: &ModelConfig, init: Init, checkpoint_dir: Option<&Path>, seed: u64, lora: Option<&LoraConfig>, device: &Device) -> Result<Model, JobError> {
+    let model = match init {
+        Init::Random => {
+            // The initial weights follow the seed, so a run (and its resume) is reproducible.
+            device.seed(seed);
+            Model::random(config.clone(), device)
+        }
+        Init::Pretrained => {
+            let dir = checkpoint_dir.ok_or_else(|| JobError::Invalid("--init pretrained needs a checkpoint folder".into()))?;
+            let model = Model::load(dir, device, LoadOptions { dtype: DType::F32 }).map_err(|e| JobError::Invalid(format!("loading {}: {e}", dir.display())))?;
+            model.with_context(config.rope_theta, config.max_position_embeddings)
+        }
+    };
+    Ok(match lora {
+        Some(lora) => model.with_lora(lora),
+        None => model,
+    })
+}
+
+/// The model of checkpoint `dir` of a run, ready to export: a full checkpoint's own weights, or
+/// a LoRA checkpoint's adapters merged into the base the run's settings name. Returns the
+/// model, the tokenizer folder and the end-of-turn ids.
+pub fn checkpoint_model(dir: &Path, device: &Device) -> Result<(Model, PathBuf, Vec<u32>), JobError> {
+    let model_dir = dir.join("model");
+    if model_dir.is_dir() {
+        let pretrained = crate::pretrained::Pretrained::load(&model_dir, device, LoadOptions::default())?;
+        return Ok((pretrained.model, model_dir, pretrained.eos_token_ids));
+    }
+    if !dir.join("adapter_model.safetensors").is_file() {
+        return Err(JobError::Invalid(format!("{}: no such checkpoint (neither model/ nor adapter_model.safetensors)", dir.display())));
+    }
+    let state = checkpoint::read_state(dir)?;
+    let setting = |key: &str| state.settings.get(key).cloned().unwrap_or(serde_json::Value::Null);
+    let invalid = |what: &str| JobError::Invalid(format!("{}: trainer_state.json has no usable `{what}`", dir.display()));
+    let model_path: PathBuf = serde_json::from_value(setting("model")).map_err(|_| invalid("model"))?;
+    let lora: LoraConfig = serde_json::from_value(setting("lora")).map_err(|_| invalid("lora"))?;
+    let seed = setting("seed").as_u64().ok_or_else(|| invalid("seed"))?;
+    let init = match setting("init").as_str() {
+        Some("random") => Init::Random,
+        Some("pretrained") => Init::Pretrained,
+        _ => return Err(invalid("init")),
+    };
+    let (mut config, student) = model_config_from_any(&model_path)?;
+    if let Some(theta) = setting("rope_theta").as_f64() {
+        config.rope_theta = theta;
+    }
+    if let Some(positions) = setting("max_position_embeddings").as_u64() {
+        config.max_position_embeddings = positions as usize;
+    }
+    let (checkpoint_dir, tokenizer_dir) = sources(&model_path, student.as_ref())?;
+    let eos = crate::pretrained::eos_token_ids(&tokenizer_dir, &config.eos_token_ids)?;
+    let base = base_model(&config, init, checkpoint_dir.as_deref(), seed, Some(&lora), device)?;
+    let adapted = checkpoint::read_adapters(dir, base)?;
+    let (merged, _) = adapted.merge_lora().map_err(JobError::Invalid)?;
+    Ok((merged, tokenizer_dir, eos))
+}
+
+/// An exclusive lock on a run folder while a process trains in it: a second `distill train`
+/// on the same `--out` is refused instead of interleaving checkpoints.
+struct RunLock {
+    _file: fs::File,
+}
+
+impl RunLock {
+    fn acquire(dir: &Path) -> Result<Self, JobError> {
+        let path = dir.join(".lock");
+        let file = fs::OpenOptions::new().create(true).truncate(false).write(true).open(&path).map_err(io(&path))?;
+        if !lock_exclusive(&file) {
+            return Err(JobError::Invalid(format!(
+                "{} is being trained by another process (it holds {}); wait for it, or choose another --out",
+                dir.display(),
+                path.display()
+            )));
+        }
+        Ok(RunLock { _file: file })
+    }
+}
+
+#[cfg(unix)]
+fn lock_exclusive(file: &fs::File) -> bool {
+    use std::os::fd::AsRawFd;
+    // SAFETY: flock on a descriptor this process owns; released when the file is closed.
+    unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) == 0 }
+}
+
+#[cfg(not(unix))]
+fn lock_exclusive(_file: &fs::File) -> bool {
+    true
+}
