@@ -30,6 +30,7 @@ def main():
     parser.add_argument("--config", required=True)
     parser.add_argument("--seq-len", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--warmup-steps", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--bf16", action="store_true", help="autocast to bf16 over f32 weights")
     parser.add_argument("--gradient-checkpointing", action="store_true")
@@ -44,7 +45,7 @@ def main():
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, eps=1e-8, weight_decay=0.0)
     ids = torch.tensor([[(i * 7919) % config.vocab_size for i in range(args.seq_len)]], device=device)
     times = []
-    for step in range(args.steps + 1):
+    for step in range(args.warmup_steps + args.steps):
         start = time.perf_counter()
         with torch.autocast(device, dtype=torch.bfloat16, enabled=args.bf16):
             loss = model(ids, labels=ids).loss
@@ -54,7 +55,7 @@ def main():
         optimizer.zero_grad(set_to_none=True)
         if device == "cuda":
             torch.cuda.synchronize()
-        if step > 0:
+        if step >= args.warmup_steps:
             times.append(time.perf_counter() - start)
     if device == "cuda":
         peak = torch.cuda.max_memory_allocated()

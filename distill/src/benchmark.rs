@@ -28,3 +28,110 @@ pub fn run_reference(command: &str) -> Result<serde_json::Value, ReferenceError>
     let line = stdout.lines().rev().find(|l| l.trim_start().starts_with('{')).ok_or(ReferenceError::NoJson)?;
     Ok(serde_json::from_str(line)?)
 }
+
+/// What one `distill bench train` measurement runs.
+#[derive(Debug, Clone)]
+pub struct TrainBench {
+    pub seq_len: usize,
+    /// Rows per step.
+    pub batch_size: usize,
+    /// Untimed steps first (allocation, thread pool), then timed ones.
+    pub warmup_steps: usize,
+    pub steps: usize,
+    pub compute_dtype: Option<burn::tensor::DType>,
+    pub gradient_checkpointing: bool,
+    pub lora_rank: Option<usize>,
+}
+
+/// Training speed and memory of one configuration, with the plan for it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct TrainMeasurement {
+    pub seq_len: usize,
+    /// Median over the timed steps.
+    pub tokens_per_s: f64,
+    /// The process's peak memory during the steps (host peak on the CPU; the allocator's
+    /// reservation on a GPU).
+    pub peak_memory_bytes: u64,
+    /// Resident memory before the model was built (the process itself).
+    pub baseline_bytes: u64,
+    pub plan: crate::plan::MemoryPlan,
+    pub plan_bytes: u64,
+}
+
+/// Trains a randomly initialised `config` on one `seq_len`-token row per sequence (every token
+/// a target) for the warm-up and timed steps, forward, backward, global-norm clipping and AdamW,
+/// and measures tokens/s and the peak memory of the process from just before the model is
+/// built. On the CPU the peak is reset first (Linux `clear_refs`), so measurements in one
+/// process do not include each other's peaks.
+pub fn measure_training(config: &crate::model::ModelConfig, bench: &TrainBench, device: &burn::tensor::Device) -> TrainMeasurement {
+    use crate::data::packing::PackedBlock;
+    use crate::train::run::{TrainConfig, train};
+    use crate::train::schedule::{Schedule, Scheduler};
+    let train_config = TrainConfig {
+        schedule: Schedule { learning_rate: 1e-4, scheduler: Scheduler::Constant, warmup_steps: 0, total_steps: bench.warmup_steps + bench.steps, min_lr_ratio: 0.0 },
+        adamw: Default::default(),
+        max_grad_norm: Some(1.0),
+        per_device_train_batch_size: bench.batch_size.max(1),
+        gradient_accumulation_steps: 1,
+        seed: 0,
+        compute_dtype: bench.compute_dtype,
+        gradient_checkpointing: bench.gradient_checkpointing,
+    };
+    crate::memory::release_free_memory();
+    let baseline = crate::memory::current_bytes().unwrap_or(0);
+    crate::memory::reset_host_peak();
+    let device = device.clone().autodiff();
+    device.seed(0);
+    let model = crate::model::Model::random(config.clone(), &device);
+    let lora = bench.lora_rank.map(|rank| crate::model::lora::LoraConfig {
+        rank,
+        alpha: 2.0 * rank as f64,
+        dropout: 0.0,
+        targets: crate::model::lora::TARGETS.iter().map(|t| t.to_string()).collect(),
+    });
+    let model = match &lora {
+        Some(lora) => model.with_lora(lora),
+        None => model,
+    };
+    let blocks: Vec<PackedBlock> = (0..train_config.per_device_train_batch_size)
+        .map(|row| PackedBlock {
+            input_ids: (0..bench.seq_len).map(|i| ((i + 31 * row) * 7919 % config.vocab_size) as u32).collect(),
+            trained: vec![true; bench.seq_len],
+            positions: (0..bench.seq_len).collect(),
+            segments: vec![0; bench.seq_len],
+        })
+        .collect();
+    let mut optimizer = crate::train::optim::AdamW::new(train_config.adamw.clone());
+    let mut rates = Vec::new();
+    let mut peak = 0;
+    let warmup = bench.warmup_steps;
+    let _ = train(model, &mut optimizer, &blocks, &train_config, 0, |step, _, _| -> Result<(), ()> {
+        if step.step > warmup {
+            rates.push(step.tokens_per_second);
+        }
+        peak = peak.max(step.peak_memory_bytes.unwrap_or(0));
+        Ok(())
+    });
+    rates.sort_by(f64::total_cmp);
+    let plan = crate::plan::MemoryPlan::new(
+        config,
+        &crate::plan::PlanOptions {
+            seq_len: bench.seq_len,
+            batch_size: train_config.per_device_train_batch_size,
+            gradient_accumulation_steps: 1,
+            compute_dtype: bench.compute_dtype.unwrap_or(burn::tensor::DType::F32),
+            gradient_checkpointing: bench.gradient_checkpointing,
+            lora_rank: bench.lora_rank,
+            lora_targets: None,
+            runtime_bytes: Some(baseline),
+        },
+    );
+    TrainMeasurement {
+        seq_len: bench.seq_len,
+        tokens_per_s: rates.get(rates.len() / 2).copied().unwrap_or(f64::NAN),
+        peak_memory_bytes: peak,
+        baseline_bytes: baseline,
+        plan_bytes: plan.total(),
+        plan,
+    }
+}

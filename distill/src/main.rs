@@ -305,17 +305,25 @@ struct BenchTrainArgs {
     /// Model to train: a student config, HF folder or config.json (random weights).
     #[arg(long, default_value = "student_configs/bench-100m.toml")]
     config: PathBuf,
-    /// Sequence lengths to measure, comma-separated, in increasing order (peak memory is the
-    /// process's high-water mark, so each length's figure includes the shorter ones).
+    /// Sequence lengths to measure, comma-separated; each is measured from a fresh model
+    /// with the process's peak reset, so each figure is that length's own.
     #[arg(long, default_value = "1024,4096", value_delimiter = ',')]
     seq_len: Vec<usize>,
-    /// Timed optimizer steps per length (after one warm-up step).
+    /// Timed optimizer steps per length (after the warm-up steps).
     #[arg(long, default_value_t = 3)]
     steps: usize,
+    #[arg(long, default_value_t = 1)]
+    warmup_steps: usize,
+    /// Rows per step.
+    #[arg(long, default_value_t = 1)]
+    per_device_train_batch_size: usize,
     #[arg(long)]
     bf16: bool,
     #[arg(long)]
     gradient_checkpointing: bool,
+    /// Train LoRA adapters of this rank on every linear layer instead of every weight.
+    #[arg(long)]
+    lora_rank: Option<usize>,
     /// A command that runs the same measurement in PyTorch for one length and prints one JSON
     /// line {"tokens_per_s": …, "peak_memory_bytes": …}; it is run once per length (its own
     /// process, so its peak is that length's); e.g.
@@ -324,26 +332,13 @@ struct BenchTrainArgs {
     reference: Option<String>,
     #[arg(long)]
     device: Option<String>,
+    /// Print one JSON object per length (with the memory plan) instead of the table.
+    #[arg(long)]
+    json: bool,
 }
-
-/// burn's CPU backend allocates and frees activation-sized buffers (logits over a 152k
-/// vocabulary are gigabytes) every step. glibc hands each one back to the kernel and
-/// page-faults it in again: half of a training step on `flex` was system time. Keeping freed
-/// memory in the heap instead makes the peak resident size the working set, which it is anyway.
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-fn keep_freed_memory() {
-    // SAFETY: mallopt only changes allocator tunables; it is called before any thread starts.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_MAX, 0);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, -1);
-    }
-}
-
-#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-fn keep_freed_memory() {}
 
 fn main() -> Result<()> {
-    keep_freed_memory();
+    distill::memory::keep_freed_memory();
     let cli = Cli::parse();
     match cli.command {
         Command::Info(args) => info(args),
@@ -693,66 +688,84 @@ fn plot_command(args: PlotArgs) -> Result<()> {
 }
 
 fn bench_train(args: BenchTrainArgs) -> Result<()> {
-    use distill::data::packing::PackedBlock;
-    use distill::train::run::{TrainConfig, train};
-    use distill::train::schedule::{Schedule, Scheduler};
-    let (device, _) = distill::device::select(args.device.as_deref())?;
-    let device = device.autodiff();
+    use distill::benchmark::{TrainBench, measure_training};
+    let (device, device_name) = distill::device::select(args.device.as_deref())?;
     let (config, _) = model_config_from_any(&args.config)?;
-    println!(
-        "model: {} parameters, batch 1, {} timed steps per length, {}{}",
-        human_count(config.num_parameters()), args.steps,
-        if args.bf16 { "bf16 compute over f32 weights" } else { "f32" },
-        if args.gradient_checkpointing { ", gradient checkpointing" } else { "" },
-    );
-    let train_config = TrainConfig {
-        schedule: Schedule { learning_rate: 1e-4, scheduler: Scheduler::Constant, warmup_steps: 0, total_steps: args.steps + 1, min_lr_ratio: 0.0 },
-        adamw: Default::default(),
-        max_grad_norm: Some(1.0),
-        per_device_train_batch_size: 1,
-        gradient_accumulation_steps: 1,
-        seed: 0,
-        compute_dtype: args.bf16.then_some(DType::BF16),
-        gradient_checkpointing: args.gradient_checkpointing,
-    };
-    let mut table = Vec::new();
-    for &seq_len in &args.seq_len {
-        device.seed(0);
-        let model = distill::model::Model::random(config.clone(), &device);
-        let block = PackedBlock {
-            input_ids: (0..seq_len).map(|i| (i * 7919 % config.vocab_size) as u32).collect(),
-            trained: vec![true; seq_len],
-            positions: (0..seq_len).collect(),
-            segments: vec![0; seq_len],
-        };
-        let mut optimizer = distill::train::optim::AdamW::new(train_config.adamw.clone());
-        let mut rates = Vec::new();
-        let mut peak = None;
-        train(model, &mut optimizer, std::slice::from_ref(&block), &train_config, 0, |step, _, _| -> Result<()> {
-            if step.step > 1 {
-                rates.push(step.tokens_per_second);
-            }
-            peak = step.peak_memory_bytes.max(peak);
-            Ok(())
-        })?;
-        rates.sort_by(f64::total_cmp);
-        let rate = rates[rates.len() / 2];
-        println!("burn     seq {seq_len:>6}   {rate:>9.1} tokens/s   peak memory {:>6.2} GiB", gib(peak.unwrap_or(0)));
-        table.push((seq_len, rate, peak));
+    let compute_dtype = args.bf16.then_some(DType::BF16);
+    if !args.json {
+        println!(
+            "model: {} parameters, {} row(s), {} timed step(s) per length after {} warm-up, {}{}{}",
+            human_count(config.num_parameters()), args.per_device_train_batch_size, args.steps, args.warmup_steps,
+            if args.bf16 { "bf16 compute over f32 weights" } else { "f32" },
+            if args.gradient_checkpointing { ", gradient checkpointing" } else { "" },
+            args.lora_rank.map(|r| format!(", LoRA rank {r}")).unwrap_or_default(),
+        );
     }
-    if let Some(command) = &args.reference {
-        for (seq_len, rate, peak) in table {
-            let extra = format!(
-                " --config {} --seq-len {seq_len} --steps {}{}{}", args.config.display(), args.steps,
-                if args.bf16 { " --bf16" } else { "" }, if args.gradient_checkpointing { " --gradient-checkpointing" } else { "" }
-            );
-            let reference = run_reference(&format!("{command}{extra}"))?;
-            let value = |key: &str| reference.get(key).and_then(|v| v.as_f64()).with_context(|| format!("reference JSON lacks {key}"));
-            let (reference_rate, reference_peak) = (value("tokens_per_s")?, value("peak_memory_bytes")?);
-            println!("pytorch  seq {seq_len:>6}   {reference_rate:>9.1} tokens/s   peak memory {:>6.2} GiB", gib(reference_peak as u64));
+    for &seq_len in &args.seq_len {
+        let bench = TrainBench {
+            seq_len,
+            batch_size: args.per_device_train_batch_size,
+            warmup_steps: args.warmup_steps,
+            steps: args.steps.max(1),
+            compute_dtype,
+            gradient_checkpointing: args.gradient_checkpointing,
+            lora_rank: args.lora_rank,
+        };
+        // A length whose plan exceeds the machine is reported, not attempted: the kernel would
+        // kill the process.
+        let plan = distill::plan::MemoryPlan::new(&config, &distill::plan::PlanOptions {
+            seq_len,
+            batch_size: bench.batch_size,
+            compute_dtype: compute_dtype.unwrap_or(DType::F32),
+            gradient_checkpointing: bench.gradient_checkpointing,
+            lora_rank: bench.lora_rank,
+            runtime_bytes: distill::memory::current_bytes(),
+            ..Default::default()
+        });
+        let available = distill::train::job::device_memory(None, &device_name);
+        let burn = match available {
+            Some(memory) if plan.total() > memory => {
+                println!("burn     seq {seq_len:>6}   skipped: the memory plan needs {:.2} GiB, {device_name} has {:.2} GiB", gib(plan.total()), gib(memory));
+                None
+            }
+            _ => {
+                let measured = measure_training(&config, &bench, &device);
+                if args.json {
+                    println!("{}", serde_json::to_string(&measured)?);
+                } else {
+                    println!(
+                        "burn     seq {seq_len:>6}   {:>9.1} tokens/s   peak memory {:>6.2} GiB   (plan {:.2} GiB, {:+.0}%)",
+                        measured.tokens_per_s, gib(measured.peak_memory_bytes), gib(measured.plan_bytes),
+                        100.0 * (measured.plan_bytes as f64 / measured.peak_memory_bytes as f64 - 1.0),
+                    );
+                }
+                Some(measured)
+            }
+        };
+        let Some(command) = &args.reference else { continue };
+        let extra = format!(
+            " --config {} --seq-len {seq_len} --steps {} --warmup-steps {}{}{}",
+            args.config.display(), bench.steps, bench.warmup_steps,
+            if args.bf16 { " --bf16" } else { "" }, if args.gradient_checkpointing { " --gradient-checkpointing" } else { "" }
+        );
+        let reference = match run_reference(&format!("{command}{extra}")) {
+            Ok(reference) => reference,
+            Err(e) => {
+                println!("pytorch  seq {seq_len:>6}   failed: {}", e.to_string().lines().last().unwrap_or(""));
+                continue;
+            }
+        };
+        let value = |key: &str| reference.get(key).and_then(|v| v.as_f64()).with_context(|| format!("reference JSON lacks {key}"));
+        let (reference_rate, reference_peak) = (value("tokens_per_s")?, value("peak_memory_bytes")?);
+        if args.json {
+            println!("{}", serde_json::json!({"reference": "pytorch", "seq_len": seq_len, "tokens_per_s": reference_rate, "peak_memory_bytes": reference_peak}));
+            continue;
+        }
+        println!("pytorch  seq {seq_len:>6}   {reference_rate:>9.1} tokens/s   peak memory {:>6.2} GiB", gib(reference_peak as u64));
+        if let Some(measured) = burn {
             println!(
                 "ratio    seq {seq_len:>6}   {:>9.2}× speed   {:>6.2}× memory   (burn / pytorch; speed > 1 and memory < 1 are better)",
-                rate / reference_rate, peak.map_or(f64::NAN, |p| p as f64 / reference_peak)
+                measured.tokens_per_s / reference_rate, measured.peak_memory_bytes as f64 / reference_peak
             );
         }
     }

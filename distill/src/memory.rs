@@ -34,3 +34,30 @@ fn status_bytes(field: &str) -> Option<u64> {
 pub fn reset_host_peak() -> bool {
     std::fs::write("/proc/self/clear_refs", "5").is_ok()
 }
+
+/// Hands the heap's free pages back to the kernel (glibc's `malloc_trim`), so that the
+/// resident size is what is in use: a measurement after a larger one then starts clean.
+pub fn release_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only returns free heap pages to the kernel.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+/// burn's CPU backend allocates and frees activation-sized buffers every step. glibc hands
+/// each large one back to the kernel and page-faults it in again: most of a training step on
+/// flex was system time. Keeping freed memory in the heap instead makes the peak resident
+/// size the working set (plus the heap's fragmentation, which the memory plan counts in its
+/// workspace). Call it before any thread starts; the test of the plan measures under it.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+pub fn keep_freed_memory() {
+    // SAFETY: mallopt only changes allocator tunables.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_MAX, 0);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, -1);
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+pub fn keep_freed_memory() {}

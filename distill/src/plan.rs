@@ -54,6 +54,7 @@ impl Default for PlanOptions {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct PlanItem {
     pub name: &'static str,
+    pub phase: Phase,
     pub bytes: u64,
     /// How the figure is made.
     pub detail: String,
@@ -105,6 +106,24 @@ fn dtype_bytes(dtype: DType) -> u64 {
     dtype.size() as u64
 }
 
+/// When a plan item is held.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    /// The whole step.
+    Always,
+    /// From the end of the forward pass into the backward pass.
+    Backward,
+    /// The optimizer step, after the backward pass has freed the activations.
+    Optimizer,
+}
+
+/// The largest parameter tensor: embeddings / lm_head or an MLP matrix.
+fn largest_parameter(config: &ModelConfig) -> u64 {
+    let hidden = config.hidden_size as u64;
+    (config.vocab_size as u64 * hidden).max(config.intermediate_size as u64 * hidden)
+}
+
 impl MemoryPlan {
     pub fn new(config: &ModelConfig, options: &PlanOptions) -> Self {
         let parameters = config.num_parameters();
@@ -112,6 +131,7 @@ impl MemoryPlan {
         let hidden = config.hidden_size as u64;
         let vocab = config.vocab_size as u64;
         let heads = config.num_attention_heads as u64;
+        let intermediate = config.intermediate_size as u64;
         let rows = options.batch_size.max(1) as u64;
         let seq = options.seq_len as u64;
         let tokens = rows * seq;
@@ -121,58 +141,78 @@ impl MemoryPlan {
         let lora = options.lora_rank.map(|rank| layers * lora_per_layer(config, rank as u64, options.lora_targets.as_ref().unwrap_or(&all_targets)));
         let trainable = lora.unwrap_or(parameters);
         let mut items = Vec::new();
-        let mut item = |name: &'static str, bytes: u64, detail: String| items.push(PlanItem { name, bytes, detail });
+        let mut item = |name: &'static str, phase: Phase, bytes: u64, detail: String| items.push(PlanItem { name, phase, bytes, detail });
 
-        item("weights", 4 * parameters + 4 * lora.unwrap_or(0), format!("{} parameters in f32", crate::info::human_count(parameters)));
+        item("weights", Phase::Always, 4 * parameters + 4 * lora.unwrap_or(0), format!("{} parameters in f32", crate::info::human_count(parameters)));
         if mixed {
-            item("compute copy", e * (parameters + lora.unwrap_or(0)), format!("every weight cast to {:?} for the forward and backward passes", options.compute_dtype));
+            item("compute copy", Phase::Always, e * (parameters + lora.unwrap_or(0)), format!("every weight cast to {:?} for the forward and backward passes", options.compute_dtype));
         }
-        let accumulating = options.gradient_accumulation_steps > 1;
-        item(
-            "gradients",
-            4 * trainable * if accumulating { 2 } else { 1 } + if mixed { e * trainable } else { 0 },
-            format!(
-                "{} trainable parameters in f32{}{}",
-                crate::info::human_count(trainable),
-                if accumulating { ", the running sum and one micro-batch's" } else { "" },
-                if mixed { ", arriving in the compute dtype" } else { "" }
-            ),
-        );
-        item("optimizer moments", 8 * trainable, "AdamW's two f32 moments per trainable parameter".into());
+        item("optimizer moments", Phase::Always, 8 * trainable, "AdamW's two f32 moments per trainable parameter".into());
+        item("runtime", Phase::Always, options.runtime_bytes.unwrap_or(RUNTIME_BYTES), "the process itself (code, tokenizer, data index)".into());
 
-        let per_layer = kept_per_token(config) * e + 4 * heads;
-        if options.gradient_checkpointing {
-            item(
-                "activations",
-                tokens * (layers * hidden * e + per_layer),
-                format!("each layer's input ({} layers) and one layer recomputed at a time", layers),
-            );
-        } else {
-            item("activations", tokens * layers * per_layer, format!("what {layers} layers keep for the backward pass"));
-        }
-        // Outside the layers: embeddings out, the final norm (input, x / rms, output).
+        // Kept for the backward pass: every layer's activations, or under checkpointing each
+        // layer's input; and outside the layers the embeddings' output and the final norm's
+        // input, x / rms and output.
+        let per_layer = tokens * (kept_per_token(config) * e + 4 * heads);
         let outside = tokens * hidden * e * 4;
+        let (activations, detail) = if options.gradient_checkpointing {
+            (tokens * layers * hidden * e + outside, format!("each of {layers} layers' input"))
+        } else {
+            (layers * per_layer + outside, format!("what {layers} layers keep for the backward pass"))
+        };
+        item("activations", Phase::Backward, activations, detail);
+
+        // The loss's gradients, computed in the forward pass a chunk of positions at a time.
         let output_trained = lora.is_none();
         let loss_state = tokens * hidden * e + if output_trained { 4 * vocab * hidden } else { 0 };
-        let chunk = chunk_rows(config.vocab_size).min(options.seq_len.max(1)) as u64;
         item(
-            "loss",
-            outside + loss_state + chunk * vocab * 4 * 3,
-            format!("final norm, the hidden states' gradient{}, and {chunk} × {vocab} f32 logits at a time", if output_trained { " and lm_head's" } else { "" }),
+            "loss gradients",
+            Phase::Backward,
+            loss_state,
+            format!("of the hidden states{}, held from the loss to the backward pass", if output_trained { " and of lm_head" } else { "" }),
         );
+        // The largest transient: one chunk's f32 logits and their softmax gradient (end of the
+        // forward pass), or a query block's probabilities, their gradient and the score gradient
+        // with the layer's MLP gradients (backward pass), or one layer recomputed.
+        let chunk = (chunk_rows(config.vocab_size) as u64).min(tokens.max(1));
+        let loss_chunk = 2 * chunk * vocab * 4 + if output_trained { 4 * vocab * hidden } else { 0 };
         let block = block_size(options.batch_size.max(1), config.num_attention_heads, options.seq_len.max(1)) as u64;
-        let scores = rows * heads * block * seq * 4;
-        // The backward pass of a query block holds its scores, probabilities and their
-        // gradients at once; a layer's backward also holds its input and MLP gradients.
-        let intermediate = config.intermediate_size as u64;
-        let workspace = 4 * scores + tokens * (2 * intermediate + 4 * hidden) * e;
-        item("workspace", workspace, format!("the largest transient: an attention block of {block} queries × {seq} keys, a layer's gradients"));
-        item("runtime", options.runtime_bytes.unwrap_or(RUNTIME_BYTES), "the process itself (code, tokenizer, data index)".into());
+        let attention_block = 3 * rows * heads * block * seq * 4 + tokens * (2 * intermediate + 2 * hidden) * e;
+        let recomputed = if options.gradient_checkpointing { per_layer } else { 0 };
+        let (workspace, what) = [
+            (loss_chunk, format!("{chunk} × {vocab} f32 logits and their gradient")),
+            (attention_block, format!("an attention block of {block} queries × {seq} keys and a layer's gradients")),
+            (recomputed, "one layer recomputed".to_string()),
+        ]
+        .into_iter()
+        .max_by_key(|(bytes, _)| *bytes)
+        .expect("three candidates");
+        item("workspace", Phase::Backward, workspace, format!("the largest transient: {what}"));
+        let accumulating = options.gradient_accumulation_steps > 1;
+        let gradients = 4 * trainable * if accumulating { 2 } else { 1 } + if mixed { e * largest_parameter(config) } else { 0 };
+        item(
+            "gradients",
+            Phase::Optimizer,
+            gradients,
+            format!(
+                "{} trainable parameters in f32{}",
+                crate::info::human_count(trainable),
+                if accumulating { ", the running sum and one micro-batch's" } else { "" }
+            ),
+        );
+        let largest = if lora.is_some() { 0 } else { largest_parameter(config) };
+        item("optimizer step", Phase::Optimizer, 2 * 4 * largest, "two temporaries of the largest parameter's size".into());
         MemoryPlan { parameters, trainable_parameters: trainable, items }
     }
 
+    fn phase(&self, phase: Phase) -> u64 {
+        self.items.iter().filter(|i| i.phase == phase).map(|i| i.bytes).sum()
+    }
+
+    /// The peak: what is always held, plus the larger of the backward and optimizer phases
+    /// (the optimizer step runs after the backward pass has freed the activations).
     pub fn total(&self) -> u64 {
-        self.items.iter().map(|i| i.bytes).sum()
+        self.phase(Phase::Always) + self.phase(Phase::Backward).max(self.phase(Phase::Optimizer))
     }
 
     /// The plan as aligned lines: item, GiB, how it is made; then the total.
@@ -180,9 +220,17 @@ impl MemoryPlan {
         let mut lines: Vec<String> = self
             .items
             .iter()
-            .map(|i| format!("{:<18} {:>9.2} GiB  {}", i.name, crate::info::gib(i.bytes), i.detail))
+            .map(|i| {
+                let when = match i.phase {
+                    Phase::Always => "",
+                    Phase::Backward => " [backward]",
+                    Phase::Optimizer => " [optimizer step]",
+                };
+                format!("{:<18} {:>9.2} GiB  {}{when}", i.name, crate::info::gib(i.bytes), i.detail)
+            })
             .collect();
-        lines.push(format!("{:<18} {:>9.2} GiB", "total", crate::info::gib(self.total())));
+        let peak = if self.phase(Phase::Backward) >= self.phase(Phase::Optimizer) { "backward" } else { "optimizer step" };
+        lines.push(format!("{:<18} {:>9.2} GiB  at the {peak}, the larger phase", "total", crate::info::gib(self.total())));
         lines.join("\n")
     }
 }

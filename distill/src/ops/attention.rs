@@ -243,10 +243,11 @@ fn pieces(block: &QueryBlock) -> Vec<Piece<'_>> {
     pieces
 }
 
-/// f32 scores `[b, kv, group, n, keys]` of a query block against a piece of keys, masked.
-fn scores(q_block: &Tensor<5>, k: &Tensor<5>, piece: &Piece, scale: f64) -> Tensor<5> {
+/// f32 scores `[b, kv, group, n, keys]` of a (pre-scaled) query block against a piece of keys,
+/// masked.
+fn scores(q_block: &Tensor<5>, k: &Tensor<5>, piece: &Piece) -> Tensor<5> {
     let keys = k.clone().narrow(3, piece.start, piece.end - piece.start);
-    let mut s = to_f32(q_block.clone().matmul(keys.swap_dims(3, 4))) * scale;
+    let mut s = to_f32(q_block.clone().matmul(keys.swap_dims(3, 4)));
     for mask in piece.masks.into_iter().flatten() {
         s = s + mask.clone();
     }
@@ -262,14 +263,15 @@ pub fn forward(plan: &Plan, q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> (Tensor
     assert_eq!(seq, plan.layout.len(), "the plan was made for {} tokens, not {seq}", plan.layout.len());
     assert_eq!(batch, plan.layout.rows(), "the plan was made for {} rows, not {batch}", plan.layout.rows());
     let dtype = q.dtype();
+    // The softmax scale goes on the queries (seq × head_dim), not on every score (seq × keys).
     let scale = (head_dim as f64).powf(-0.5);
-    let (q, k, v) = (grouped(q, kv_heads), k.unsqueeze_dim::<5>(2), v.unsqueeze_dim::<5>(2));
+    let (q, k, v) = (grouped(q * scale, kv_heads), k.unsqueeze_dim::<5>(2), v.unsqueeze_dim::<5>(2));
     let mut outputs = Vec::with_capacity(plan.blocks.len());
     let mut lses = Vec::with_capacity(plan.blocks.len());
     for block in &plan.blocks {
         let q_block = q.clone().narrow(3, block.start, block.end - block.start);
         let pieces = pieces(block);
-        let scored: Vec<Tensor<5>> = pieces.iter().map(|piece| scores(&q_block, &k, piece, scale)).collect();
+        let scored: Vec<Tensor<5>> = pieces.iter().map(|piece| scores(&q_block, &k, piece)).collect();
         let max = scored.iter().map(|s| s.clone().max_dim(4)).reduce(|a, b| a.max_pair(b)).expect("a block sees itself");
         let exps: Vec<Tensor<5>> = scored.into_iter().map(|s| (s - max.clone()).exp()).collect();
         let sum = exps.iter().map(|e| e.clone().sum_dim(4)).reduce(|a, b| a + b).expect("a block sees itself");
@@ -309,7 +311,8 @@ pub fn backward(
     let output_grad = to_dtype(by_head(output_grad), dtype);
     // D = rowsum(dO ∘ O), the softmax backward's correction term.
     let correction = (to_f32(output_grad.clone()) * to_f32(by_head(output))).sum_dim(4);
-    let (q, k, v) = (grouped(q, kv_heads), k.unsqueeze_dim::<5>(2), v.unsqueeze_dim::<5>(2));
+    // With q' = q · scale the scores are q'kᵀ: dK = dSᵀ q', and dQ = dS k · scale.
+    let (q, k, v) = (grouped(q * scale, kv_heads), k.unsqueeze_dim::<5>(2), v.unsqueeze_dim::<5>(2));
     let device = q.device();
     let mut key_grad = Tensor::<5>::zeros([batch, kv_heads, 1, seq, head_dim], (&device, DType::F32));
     let mut value_grad = Tensor::<5>::zeros([batch, kv_heads, 1, seq, head_dim], (&device, DType::F32));
@@ -327,13 +330,13 @@ pub fn backward(
         let correction_block = correction.clone().narrow(3, block.start, n);
         let mut query_grad: Option<Tensor<5>> = None;
         for piece in pieces(block) {
-            let p = (scores(&q_block, &k, &piece, scale) - lse_block.clone()).exp();
+            let p = (scores(&q_block, &k, &piece) - lse_block.clone()).exp();
             let values = v.clone().narrow(3, piece.start, piece.end - piece.start);
             let keys = k.clone().narrow(3, piece.start, piece.end - piece.start);
             let part = to_dtype(p.clone(), dtype).swap_dims(3, 4).matmul(grad_block.clone());
             value_grad = accumulate(value_grad, &piece, to_f32(part.sum_dim(2)));
             let p_grad = to_f32(grad_block.clone().matmul(values.swap_dims(3, 4)));
-            let s_grad = to_dtype(p * (p_grad - correction_block.clone()) * scale, dtype);
+            let s_grad = to_dtype(p * (p_grad - correction_block.clone()), dtype);
             let part = to_f32(s_grad.clone().matmul(keys));
             query_grad = Some(match query_grad {
                 Some(g) => g + part,
@@ -342,7 +345,7 @@ pub fn backward(
             let part = s_grad.swap_dims(3, 4).matmul(q_block.clone());
             key_grad = accumulate(key_grad, &piece, to_f32(part.sum_dim(2)));
         }
-        query_grads.push(to_dtype(query_grad.expect("a block sees itself"), dtype));
+        query_grads.push(to_dtype(query_grad.expect("a block sees itself") * scale, dtype));
     }
     let query_grad = Tensor::cat(query_grads, 3).reshape([batch, heads, seq, head_dim]);
     let key_grad = to_dtype(key_grad.reshape([batch, kv_heads, seq, head_dim]), dtype);
@@ -359,10 +362,10 @@ impl Differentiable for AttentionOp {
     /// q, k, v, the output and the log-sum-exp.
     type Saved = [DispatchTensor; 5];
 
-    fn forward(&self, inputs: &[DispatchTensor], track: bool) -> (DispatchTensor, Option<Self::Saved>) {
+    fn forward(&self, inputs: &[DispatchTensor], needed: Option<&[bool]>) -> (DispatchTensor, Option<Self::Saved>) {
         let [q, k, v] = [0, 1, 2].map(|i| ranked::<4>(inputs[i].clone()));
         let (output, lse) = forward(&self.plan, q, k, v);
-        let saved = track.then(|| {
+        let saved = needed.map(|_| {
             [inputs[0].clone(), inputs[1].clone(), inputs[2].clone(), output.clone().into_dispatch(), lse.into_dispatch()]
         });
         (output.into_dispatch(), saved)

@@ -86,10 +86,10 @@ where
     /// The module's input, on the inner device.
     type Saved = DispatchTensor;
 
-    fn forward(&self, inputs: &[DispatchTensor], track: bool) -> (DispatchTensor, Option<Self::Saved>) {
+    fn forward(&self, inputs: &[DispatchTensor], needed: Option<&[bool]>) -> (DispatchTensor, Option<Self::Saved>) {
         let input = ranked::<3>(inputs[0].clone());
         let output = (self.forward)(&self.module.valid(), input);
-        (output.into_dispatch(), track.then(|| inputs[0].clone()))
+        (output.into_dispatch(), needed.map(|_| inputs[0].clone()))
     }
 
     fn backward(&self, saved: Self::Saved, output_grad: DispatchTensor, needed: &[bool]) -> Vec<Option<DispatchTensor>> {

@@ -20,23 +20,38 @@ use burn::tensor::{DType, IndexingUpdateOp, Int, Tensor, TensorData};
 use super::attention::SCORE_BUDGET;
 use super::{Differentiable, apply, ranked};
 
-/// Width of the first level of the two-level sum in [`log_sum_exp`].
+/// Widest first level of the two-level sum in [`log_sum_exp`].
 const SUM_BLOCK: usize = 512;
 
-/// `log Σ exp` over the last axis of `[rows, vocab]` → `[rows, 1]`, in f32, summed in two levels.
-pub fn log_sum_exp(logits: Tensor<2>) -> Tensor<2> {
-    let [rows, vocab] = logits.dims();
-    let max = logits.clone().max_dim(1).detach();
-    let exp = (logits - max.clone()).exp();
-    let padded = vocab.div_ceil(SUM_BLOCK) * SUM_BLOCK;
-    let exp = if padded == vocab {
-        exp
-    } else {
-        let zeros = Tensor::<2>::zeros([rows, padded - vocab], (&exp.device(), exp.dtype()));
-        Tensor::cat(vec![exp, zeros], 1)
+/// The first level's width for a `vocab`-wide row: the largest divisor of `vocab` from 64 to
+/// [`SUM_BLOCK`], so the row reshapes into blocks without a padded copy (real vocabularies all
+/// have one: 151936 = 1187 × 128, 128256 = 501 × 256, 32000 = 64 × 500); `None` if there is
+/// none.
+fn sum_block(vocab: usize) -> Option<usize> {
+    (64..=SUM_BLOCK.min(vocab)).rev().find(|b| vocab % b == 0)
+}
+
+/// `Σ` over the last axis of `[rows, vocab]` → `[rows, 1]`, in two levels (blocks, then the
+/// block sums): a single f32 pass over a 152k vocabulary loses ~1e-5 relative, enough to drift
+/// from PyTorch within a few optimizer steps.
+fn two_level_sum(values: Tensor<2>) -> Tensor<2> {
+    let [rows, vocab] = values.dims();
+    let (values, block) = match sum_block(vocab) {
+        Some(block) => (values, block),
+        None => {
+            let padded = vocab.div_ceil(SUM_BLOCK) * SUM_BLOCK;
+            let zeros = Tensor::<2>::zeros([rows, padded - vocab], (&values.device(), values.dtype()));
+            (Tensor::cat(vec![values, zeros], 1), SUM_BLOCK)
+        }
     };
-    let sums = exp.reshape([rows, padded / SUM_BLOCK, SUM_BLOCK]).sum_dim(2).sum_dim(1);
-    sums.reshape([rows, 1]).log() + max
+    let blocks = values.dims()[1] / block;
+    values.reshape([rows, blocks, block]).sum_dim(2).sum_dim(1).reshape([rows, 1])
+}
+
+/// `log Σ exp` over the last axis of `[rows, vocab]` → `[rows, 1]`, in f32.
+pub fn log_sum_exp(logits: Tensor<2>) -> Tensor<2> {
+    let max = logits.clone().max_dim(1).detach();
+    two_level_sum((logits - max.clone()).exp()).log() + max
 }
 
 /// Rows per chunk for a `vocab`-wide output layer: one chunk's f32 logits stay within
@@ -57,16 +72,17 @@ struct CrossEntropyOp {
 }
 
 impl CrossEntropyOp {
-    /// The summed loss `[1]`, and with `track` the gradients of the hidden states and the
-    /// weight for a loss gradient of 1.
-    fn run(&self, hidden: Tensor<2>, weight: Tensor<2>, track: bool) -> (Tensor<1>, Option<(Tensor<2>, Tensor<2>)>) {
+    /// The summed loss `[1]`, and the gradients of the hidden states and of the weight for a
+    /// loss gradient of 1 where `needed` asks for them.
+    fn run(&self, hidden: Tensor<2>, weight: Tensor<2>, needed: [bool; 2]) -> (Tensor<1>, Option<Tensor<2>>, Option<Tensor<2>>) {
         let [rows, width] = hidden.dims();
         let [vocab, _] = weight.dims();
         let device = hidden.device();
         let dtype = hidden.dtype();
         let mut loss = Tensor::<1>::zeros([1], (&device, DType::F32));
         let mut hidden_grads = Vec::new();
-        let mut weight_grad = track.then(|| Tensor::<2>::zeros([vocab, width], (&device, DType::F32)));
+        // A frozen output layer (LoRA) gets no gradient: no `[vocab, width]` buffer, no matmul.
+        let mut weight_grad = needed[1].then(|| Tensor::<2>::zeros([vocab, width], (&device, DType::F32)));
         let head = weight.clone().transpose();
         let mut start = 0;
         while start < rows {
@@ -75,43 +91,54 @@ impl CrossEntropyOp {
             let targets = Tensor::<2, Int>::from_data(TensorData::new(targets, [len, 1]), &device);
             let h = hidden.clone().narrow(0, start, len);
             let logits = to_f32(h.clone().matmul(head.clone()));
-            let lse = log_sum_exp(logits.clone());
             let picked = logits.clone().gather(1, targets.clone());
-            loss = loss + (lse.clone() - picked).sum();
-            if let Some(total) = weight_grad.take() {
+            // exp(logits − max) in place (nothing else holds the logits now), its two-level
+            // sum, and the softmax as that exp over the sum: one exp per logit.
+            let max = logits.clone().max_dim(1);
+            let exp = (logits - max.clone()).exp();
+            let sum = two_level_sum(exp.clone());
+            loss = loss + (sum.clone().log() + max - picked).sum();
+            if needed[0] || needed[1] {
                 // d loss / d logits = softmax − onehot(target).
-                let probabilities = (logits - lse).exp();
+                let probabilities = exp / sum;
                 let minus_one = Tensor::<2>::full([len, 1], -1.0, (&device, DType::F32));
                 let logits_grad = probabilities.scatter(1, targets, minus_one, IndexingUpdateOp::Add);
                 let logits_grad = if dtype == DType::F32 { logits_grad } else { logits_grad.cast(dtype) };
-                hidden_grads.push(logits_grad.clone().matmul(weight.clone()));
-                weight_grad = Some(total + to_f32(logits_grad.transpose().matmul(h)));
+                if needed[0] {
+                    hidden_grads.push(logits_grad.clone().matmul(weight.clone()));
+                }
+                if let Some(total) = weight_grad.take() {
+                    weight_grad = Some(total + to_f32(logits_grad.transpose().matmul(h)));
+                }
             }
             start += len;
         }
-        let grads = weight_grad.map(|w| (Tensor::cat(hidden_grads, 0), w));
-        (loss, grads)
+        let hidden_grad = needed[0].then(|| Tensor::cat(hidden_grads, 0));
+        (loss, hidden_grad, weight_grad)
     }
 }
 
 impl Differentiable for CrossEntropyOp {
-    /// The gradients of the hidden states and of the weight for a loss gradient of 1.
-    type Saved = (DispatchTensor, DispatchTensor);
+    /// The gradients of the hidden states and of the weight (those needed) for a loss
+    /// gradient of 1.
+    type Saved = (Option<DispatchTensor>, Option<DispatchTensor>);
 
-    fn forward(&self, inputs: &[DispatchTensor], track: bool) -> (DispatchTensor, Option<Self::Saved>) {
-        let (loss, grads) = self.run(ranked(inputs[0].clone()), ranked(inputs[1].clone()), track);
-        (loss.into_dispatch(), grads.map(|(h, w)| (h.into_dispatch(), w.into_dispatch())))
+    fn forward(&self, inputs: &[DispatchTensor], needed: Option<&[bool]>) -> (DispatchTensor, Option<Self::Saved>) {
+        let wanted = needed.map_or([false, false], |n| [n[0], n[1]]);
+        let (loss, hidden_grad, weight_grad) = self.run(ranked(inputs[0].clone()), ranked(inputs[1].clone()), wanted);
+        let saved = needed.map(|_| (hidden_grad.map(Tensor::into_dispatch), weight_grad.map(Tensor::into_dispatch)));
+        (loss.into_dispatch(), saved)
     }
 
     fn backward(&self, saved: Self::Saved, output_grad: DispatchTensor, needed: &[bool]) -> Vec<Option<DispatchTensor>> {
         let scale = ranked::<1>(output_grad).reshape([1, 1]);
-        let (hidden_grad, weight_grad) = (ranked::<2>(saved.0), ranked::<2>(saved.1));
-        let hidden_grad = needed[0].then(|| {
-            let scale = scale.clone().cast(hidden_grad.dtype());
-            (hidden_grad * scale).into_dispatch()
+        let hidden_grad = saved.0.filter(|_| needed[0]).map(|grad| {
+            let grad = ranked::<2>(grad);
+            let scale = scale.clone().cast(grad.dtype());
+            (grad * scale).into_dispatch()
         });
-        let weight_grad = needed[1].then(|| {
-            let grad = weight_grad * to_f32(scale);
+        let weight_grad = saved.1.filter(|_| needed[1]).map(|grad| {
+            let grad = ranked::<2>(grad) * to_f32(scale);
             (if self.weight_dtype == DType::F32 { grad } else { grad.cast(self.weight_dtype) }).into_dispatch()
         });
         vec![hidden_grad, weight_grad]

@@ -31,8 +31,9 @@ pub trait Differentiable: Clone + Send + Sync + Debug + 'static {
     /// What the backward pass needs, made by the forward pass.
     type Saved: Clone + Send + Debug + 'static;
 
-    /// The output, and (when `track`) what the backward pass will need.
-    fn forward(&self, inputs: &[DispatchTensor], track: bool) -> (DispatchTensor, Option<Self::Saved>);
+    /// The output, and what the backward pass will need when one will follow: `needed` then
+    /// says which inputs want a gradient.
+    fn forward(&self, inputs: &[DispatchTensor], needed: Option<&[bool]>) -> (DispatchTensor, Option<Self::Saved>);
 
     /// The gradient of each input whose `needed` flag is set, from the output's gradient.
     fn backward(&self, saved: Self::Saved, output_grad: DispatchTensor, needed: &[bool]) -> Vec<Option<DispatchTensor>>;
@@ -46,7 +47,7 @@ pub fn apply<O: Differentiable>(op: O, inputs: Vec<DispatchTensor>) -> DispatchT
     assert!(!inputs.is_empty() && inputs.len() <= MAX_INPUTS, "an operation takes 1 to {MAX_INPUTS} inputs");
     let context = inputs.iter().fold(DispatchAutodiffContext::Disabled, |context, t| context.merge(t.autodiff));
     let DispatchAutodiffContext::Enabled(strategy) = context else {
-        return op.forward(&inputs, false).0;
+        return op.forward(&inputs, None).0;
     };
     let device = inputs.iter().find(|t| t.autodiff != DispatchAutodiffContext::Disabled).map(|t| t.device()).expect("an enabled input");
     let DispatchDevice::Autodiff(device) = device else { unreachable!("an enabled tensor lives on an autodiff device") };
@@ -106,6 +107,7 @@ where
         })
         .collect();
     let count = tensors.len();
+    let needed: Vec<bool> = tensors.iter().map(|t| t.is_tracked()).collect();
     let inner: Vec<DispatchTensor> = tensors.iter().map(|t| lift::<B>(t.primitive().clone())).collect();
     // Unused parent slots hold an untracked node, which the graph ignores.
     let filler = <Autodiff<B, C> as AutodiffBackend>::from_inner(tensors[0].primitive().clone());
@@ -114,11 +116,11 @@ where
     let guards: [NodeGuard; MAX_INPUTS] = guards.try_into().unwrap_or_else(|_| unreachable!("padded to MAX_INPUTS"));
     let output = match Step::<O>(PhantomData).prepare::<C>(guards).compute_bound().stateful() {
         OpsKind::Tracked(prep) => {
-            let (output, saved) = op.forward(&inner, true);
+            let (output, saved) = op.forward(&inner, Some(&needed));
             let saved = saved.expect("a tracked forward pass saves its state");
             prep.finish((op, saved, count), lower::<B>(output))
         }
-        OpsKind::UnTracked(prep) => prep.finish(lower::<B>(op.forward(&inner, false).0)),
+        OpsKind::UnTracked(prep) => prep.finish(lower::<B>(op.forward(&inner, None).0)),
     };
     <DispatchTensor as DispatchKindConversion<Autodiff<B, C>>>::from_backend(BackendTensor::Float(output))
 }

@@ -176,7 +176,7 @@ fn compute_dtype(requested: &str, from_command_line: bool, device: &Device, devi
 
 /// Applies `--rope-theta` / `--max-position-embeddings` and refuses a `max_length` the model
 /// was not built for unless the context was extended on purpose.
-fn extend_context(config: &mut ModelConfig, options: &TrainingOptions, max_length: usize) -> Result<(), JobError> {
+pub fn extend_context(config: &mut ModelConfig, options: &TrainingOptions, max_length: usize) -> Result<(), JobError> {
     if let Some(theta) = options.rope_theta {
         if !(theta > 0.0 && theta.is_finite()) {
             return Err(JobError::Invalid(format!("--rope-theta must be a positive number (got {theta})")));

@@ -113,12 +113,17 @@ impl ModuleMapper for Update<'_> {
                             m.second * config.beta2 + grad.square() * (1.0 - config.beta2)),
                 None => (grad.clone() * (1.0 - config.beta1), grad.square() * (1.0 - config.beta2)),
             };
-            let first_hat = first.clone() / (1.0 - config.beta1.powi(t));
-            let second_hat = second.clone() / (1.0 - config.beta2.powi(t));
+            // torch.optim.AdamW's arithmetic: the bias corrections are scalars folded into the
+            // denominator and the step size, so a parameter's update needs two temporaries of
+            // its size (the denominator, the step); burn reuses the moments' and the weight's
+            // own buffers for the rest.
+            let correction1 = 1.0 - config.beta1.powi(t);
+            let correction2 = 1.0 - config.beta2.powi(t);
+            let denominator = second.clone().sqrt() * (1.0 / correction2.sqrt()) + config.epsilon;
+            let step = first.clone() * (lr / correction1) / denominator;
             moments.insert(id, Moments { first, second });
             // Matrices decay; norms and biases (1-D) do not, as in HF Trainer and TRL.
             let decay = if D >= 2 { 1.0 - lr * config.weight_decay } else { 1.0 };
-            let step = (first_hat / (second_hat.sqrt() + config.epsilon)) * lr;
             let updated = value.reshape([-1]) * decay - step;
             let updated = Tensor::from_inner(updated.reshape(shape));
             let updated = match strategy {
