@@ -34,7 +34,12 @@ def main():
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--bf16", action="store_true", help="autocast to bf16 over f32 weights")
     parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--memory-limit-gib", type=float, default=None,
+                        help="fail cleanly (an allocation error) instead of being killed past this much memory")
     args = parser.parse_args()
+    if args.memory_limit_gib:
+        limit = int(args.memory_limit_gib * 2**30)
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     torch.set_num_threads(args.threads)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)

@@ -355,7 +355,7 @@ fn main() -> Result<()> {
 
 fn info(args: InfoArgs) -> Result<()> {
     use distill::plan::{MemoryPlan, PlanOptions};
-    let (config, student) = model_config_from_any(&args.config)?;
+    let (mut config, student) = model_config_from_any(&args.config)?;
     let from_config = student.as_ref().map(|s| s.training.clone()).unwrap_or_default();
     let given = TrainingOptions {
         max_length: args.max_length,
@@ -368,6 +368,9 @@ fn info(args: InfoArgs) -> Result<()> {
         ..Default::default()
     };
     let options = given.or(&from_config).or(&TrainingOptions::defaults());
+    // The context the student trains at (a config may extend it, as open-r1 did).
+    config.rope_theta = options.rope_theta.unwrap_or(config.rope_theta);
+    config.max_position_embeddings = options.max_position_embeddings.unwrap_or(config.max_position_embeddings);
     let lora_targets = match (&options.lora_rank, &options.lora_targets) {
         (Some(_), Some(targets)) => Some(distill::model::lora::LoraConfig::parse_targets(targets).map_err(anyhow::Error::msg)?),
         _ => None,

@@ -188,18 +188,11 @@ impl MemoryPlan {
         .max_by_key(|(bytes, _)| *bytes)
         .expect("three candidates");
         item("workspace", Phase::Backward, workspace, format!("the largest transient: {what}"));
-        let accumulating = options.gradient_accumulation_steps > 1;
-        let gradients = 4 * trainable * if accumulating { 2 } else { 1 } + if mixed { e * largest_parameter(config) } else { 0 };
-        item(
-            "gradients",
-            Phase::Optimizer,
-            gradients,
-            format!(
-                "{} trainable parameters in f32{}",
-                crate::info::human_count(trainable),
-                if accumulating { ", the running sum and one micro-batch's" } else { "" }
-            ),
-        );
+        if options.gradient_accumulation_steps > 1 {
+            item("gradient sum", Phase::Always, 4 * trainable, "the running sum of a step's micro-batches' gradients, in f32".into());
+        }
+        let gradients = 4 * trainable + if mixed { e * largest_parameter(config) } else { 0 };
+        item("gradients", Phase::Optimizer, gradients, format!("one backward pass's: {} trainable parameters in f32", crate::info::human_count(trainable)));
         let largest = if lora.is_some() { 0 } else { largest_parameter(config) };
         item("optimizer step", Phase::Optimizer, 2 * 4 * largest, "two temporaries of the largest parameter's size".into());
         MemoryPlan { parameters, trainable_parameters: trainable, items }

@@ -15,7 +15,8 @@ pub struct Rope {
     head_dim: usize,
 }
 
-/// cos and sin for a batch, shaped `[batch, 1, seq, head_dim]` to broadcast over heads.
+/// cos and sin for a batch, shaped `[batch, 1, seq, head_dim]` to broadcast over heads. `sin`
+/// carries rotate-half's sign: its first half is negated.
 #[derive(Debug, Clone)]
 pub struct RopeTables {
     pub cos: Tensor<4>,
@@ -73,10 +74,11 @@ impl Rope {
             assert_eq!(row.len(), seq, "ragged position rows");
             for &position in row {
                 let angles: Vec<f32> = self.inv_freq.iter().map(|f| position as f32 * f).collect();
-                // Both halves share the frequencies: emb = cat(freqs, freqs).
-                for _ in 0..2 {
+                // Both halves share the frequencies: emb = cat(freqs, freqs); the first half of
+                // sin is negated for rotate_half.
+                for sign in [-1.0f32, 1.0] {
                     cos.extend(angles.iter().map(|a| a.cos()));
-                    sin.extend(angles.iter().map(|a| a.sin()));
+                    sin.extend(angles.iter().map(|a| sign * a.sin()));
                 }
             }
         }
@@ -91,12 +93,12 @@ impl Rope {
 
 impl RopeTables {
     /// `x * cos + rotate_half(x) * sin` for `x` of shape `[batch, heads, seq, head_dim]`.
+    /// rotate_half(x) = cat(-x₂, x₁) is the two halves swapped (a flip of the `[2, head_dim / 2]`
+    /// view) times the sign that `sin` carries: one copy, and a backward pass without the
+    /// zero-filled buffers that slicing and concatenating would need.
     pub fn apply(&self, x: Tensor<4>) -> Tensor<4> {
-        let [_, _, _, head_dim] = x.dims();
-        let half = head_dim / 2;
-        let first = x.clone().narrow(3, 0, half);
-        let second = x.clone().narrow(3, half, half);
-        let rotated = Tensor::cat(vec![second.neg(), first], 3);
-        x * self.cos.clone() + rotated * self.sin.clone()
+        let [batch, heads, seq, head_dim] = x.dims();
+        let swapped = x.clone().reshape([batch, heads, seq, 2, head_dim / 2]).flip([3]).reshape([batch, heads, seq, head_dim]);
+        x * self.cos.clone() + swapped * self.sin.clone()
     }
 }

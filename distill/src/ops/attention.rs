@@ -206,11 +206,6 @@ impl Plan {
     pub fn scored_pairs(&self) -> usize {
         self.blocks.iter().map(|b| (b.end - b.start) * (b.end - b.key_start)).sum::<usize>() * self.layout.rows()
     }
-
-    /// The largest number of keys one block scores against.
-    pub fn widest_block(&self) -> (usize, usize) {
-        self.blocks.iter().map(|b| (b.end - b.start, b.end - b.key_start)).max_by_key(|(n, keys)| n * keys).unwrap_or((0, 0))
-    }
 }
 
 /// `[batch, heads, seq, head_dim]` → `[batch, kv_heads, group, seq, head_dim]`.
@@ -275,16 +270,18 @@ pub fn forward(plan: &Plan, q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> (Tensor
         let max = scored.iter().map(|s| s.clone().max_dim(4)).reduce(|a, b| a.max_pair(b)).expect("a block sees itself");
         let exps: Vec<Tensor<5>> = scored.into_iter().map(|s| (s - max.clone()).exp()).collect();
         let sum = exps.iter().map(|e| e.clone().sum_dim(4)).reduce(|a, b| a + b).expect("a block sees itself");
+        // Σ exp · V, normalised after the matmul: a division over `n × head_dim`, not over every
+        // score (the unnormalised exps are in [0, 1], so nothing is lost in a low dtype).
         let mut output: Option<Tensor<5>> = None;
         for (piece, e) in pieces.iter().zip(exps) {
-            let p = to_dtype(e / sum.clone(), dtype);
             let values = v.clone().narrow(3, piece.start, piece.end - piece.start);
-            let part = p.matmul(values);
+            let part = to_f32(to_dtype(e, dtype).matmul(values));
             output = Some(match output {
                 Some(o) => o + part,
                 None => part,
             });
         }
+        let output = output.map(|o| to_dtype(o / sum.clone(), dtype));
         outputs.push(output.expect("a block sees itself"));
         lses.push(max + sum.log());
     }

@@ -160,18 +160,18 @@ fn required<T: Clone>(value: &Option<T>, name: &str) -> T {
 /// The compute dtype: `requested` if the device has it. A dtype that only the student config
 /// asks for falls back to f32, with a note; one asked for on the command line is an error.
 fn compute_dtype(requested: &str, from_command_line: bool, device: &Device, device_name: &str, reporter: &dyn Reporter) -> Result<Option<DType>, JobError> {
-    let dtype = crate::device::dtype(requested, device, "").map_err(|e| JobError::Invalid(e.to_string()));
-    match dtype {
-        Ok(DType::F32) => Ok(None),
-        Ok(dtype) => Ok(Some(dtype)),
-        Err(_) if !from_command_line => {
-            reporter.note(&format!("note: the student config asks for {requested}, which {device_name} cannot compute; training in f32"));
-            Ok(None)
-        }
-        Err(_) => Err(JobError::Invalid(format!(
-            "{device_name} has no {requested} compute (Vulkan and WGSL have none for bf16); use --dtype f32"
-        ))),
+    let dtype = crate::device::dtype_named(requested).map_err(|e| JobError::Invalid(e.to_string()))?;
+    if dtype == DType::F32 {
+        return Ok(None);
     }
+    if device.supports_dtype(dtype) {
+        return Ok(Some(dtype));
+    }
+    if !from_command_line {
+        reporter.note(&format!("note: the student config asks for {requested}, which {device_name} cannot compute; training in f32"));
+        return Ok(None);
+    }
+    Err(JobError::Invalid(format!("{device_name} has no {requested} compute (Vulkan and WGSL have none for bf16); use --dtype f32")))
 }
 
 /// Applies `--rope-theta` / `--max-position-embeddings` and refuses a `max_length` the model
@@ -403,11 +403,6 @@ impl Job {
     /// The run folder.
     pub fn out(&self) -> &Path {
         &self.spec.out
-    }
-
-    /// Blocks of one epoch.
-    pub fn blocks(&self) -> usize {
-        self.train.len()
     }
 
     /// A one-line description of what will be trained.
