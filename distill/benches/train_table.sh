@@ -5,19 +5,27 @@
 #
 #   distill/benches/train_table.sh > train_table.log
 #
-# DISTILL and PYTHON name the binary and the interpreter with torch and transformers.
-set -euo pipefail
+# DISTILL and PYTHON name the binary and the interpreter with torch and transformers; CONFIGS,
+# MODES ("plain", "checkpointing") and LENGTHS narrow the table; WARMUP sets the warm-up steps.
+set -uo pipefail
 cd "$(dirname "$0")/../.."
 DISTILL=${DISTILL:-${CARGO_TARGET_DIR:-target}/release/distill}
 PYTHON=${PYTHON:-.venv/bin/python}
 THREADS=${THREADS:-$(nproc)}
+CONFIGS=${CONFIGS:-student_configs/bench-100m.toml student_configs/bench-smollm2-135m.toml}
+MODES=${MODES:-plain checkpointing}
+LENGTHS=${LENGTHS:-1024,4096,8192,16384}
+WARMUP=${WARMUP:-1}
 # PyTorch fails with an allocation error past this, instead of the kernel killing it.
 LIMIT=$(awk '/MemTotal/ {printf "%.1f", $2 / 1048576 - 1.5}' /proc/meminfo)
-for config in student_configs/bench-100m.toml student_configs/bench-smollm2-135m.toml; do
-    for mode in "" "--gradient-checkpointing"; do
-        echo "== $config ${mode:-(no checkpointing)}"
-        "$DISTILL" bench train --device flex --config "$config" --seq-len 1024,4096,8192,16384 \
-            --steps 1 --warmup-steps 1 $mode \
-            --reference "$PYTHON distill/benches/reference_train.py --threads $THREADS --memory-limit-gib $LIMIT"
+for config in $CONFIGS; do
+    for mode in $MODES; do
+        flag=""
+        [ "$mode" = checkpointing ] && flag="--gradient-checkpointing"
+        echo "== $config $mode"
+        "$DISTILL" bench train --device flex --config "$config" --seq-len "$LENGTHS" \
+            --steps 1 --warmup-steps "$WARMUP" $flag \
+            --reference "$PYTHON distill/benches/reference_train.py --threads $THREADS --memory-limit-gib $LIMIT" \
+            || echo "($config $mode: exit $?)"
     done
 done

@@ -10,16 +10,16 @@ use indicatif::{ProgressBar, ProgressStyle};
 use distill::benchmark::run_reference;
 use distill::burn::tensor::DType;
 use distill::data::records::read_records;
+use distill::data::traces::TraceFormat;
 use distill::eval::{Example, evaluate};
 use distill::generate::{FinishReason, SamplingParams, TextStream, generate};
-use distill::data::traces::TraceFormat;
 use distill::info::{gib, human_count};
-use distill::train::job::Reporter;
-use distill::train::options::TrainingOptions;
 use distill::model::LoadOptions;
 use distill::pretrained::Pretrained;
 use distill::student::model_config_from_any;
 use distill::text::Message;
+use distill::train::job::Reporter;
+use distill::train::options::TrainingOptions;
 
 #[derive(Parser)]
 #[command(
@@ -41,7 +41,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Parameter count and memory needed for inference and for full / LoRA training.
+    /// Parameter count, serving memory, and the memory plan of training (what `distill train`
+    /// allocates, item by item, and whether it fits --gpu-memory).
     Info(InfoArgs),
     /// Mean negative log-likelihood per token of a dataset (lower is better).
     Eval(EvalArgs),
@@ -247,8 +248,8 @@ struct PlotArgs {
 enum BenchCommand {
     /// Prefill and decode tokens/s of a ~100M-parameter model (random weights).
     Forward(BenchForwardArgs),
-    /// Training tokens/s and peak memory of a ~100M-parameter model (random weights) per
-    /// sequence length: forward, backward and AdamW step on one row.
+    /// Training tokens/s and peak memory of a model (random weights; bench-100m by default) per
+    /// sequence length, beside its memory plan: forward, backward and AdamW step on one row.
     Train(BenchTrainArgs),
     /// Generation tokens/s of a batch of prompts of different lengths: continuous batching
     /// against the same sequences one at a time (and, given --reference, transformers'
@@ -733,6 +734,8 @@ fn bench_train(args: BenchTrainArgs) -> Result<()> {
             }
             _ => {
                 let measured = measure_training(&config, &bench, &device);
+                // The model is gone; hand its memory back before PyTorch needs the machine.
+                distill::memory::release_free_memory();
                 if args.json {
                     println!("{}", serde_json::to_string(&measured)?);
                 } else {
