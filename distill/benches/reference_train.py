@@ -1,7 +1,7 @@
 """PyTorch / transformers reference for `distill bench train`.
 
 Builds the same architecture with random weights from a student config (TOML) or a
-config.json and times full training steps on one row of `--seq-len` tokens: forward, loss
+config.json and times full training steps on `--batch-size` rows of `--seq-len` tokens: forward, loss
 over every token, backward, global norm clipping at 1.0 and a torch.optim.AdamW step (lr
 1e-4), as `distill bench train` does. Runs on CUDA when available, else the CPU with
 `--threads` threads. Prints one JSON line: {"tokens_per_s": ..., "peak_memory_bytes": ...},
@@ -25,10 +25,25 @@ sys.path.insert(0, __import__("os").path.dirname(__file__))
 from reference_forward import load_config  # noqa: E402
 
 
+def linux_child_policy():
+    """If memory runs out anyway, the kernel kills this process rather than the benchmark that
+    started it; and this process ends with its parent instead of running on, orphaned, beside
+    the next measurement."""
+    try:
+        with open("/proc/self/oom_score_adj", "w") as f:
+            f.write("1000")
+        import ctypes
+        import signal
+        ctypes.CDLL(None).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--config", required=True)
     parser.add_argument("--seq-len", type=int, default=1024)
+    parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--warmup-steps", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2)
@@ -40,6 +55,7 @@ def main():
     if args.memory_limit_gib:
         limit = int(args.memory_limit_gib * 2**30)
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    linux_child_policy()
     torch.set_num_threads(args.threads)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
@@ -48,7 +64,8 @@ def main():
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, eps=1e-8, weight_decay=0.0)
-    ids = torch.tensor([[(i * 7919) % config.vocab_size for i in range(args.seq_len)]], device=device)
+    row = [(i * 7919) % config.vocab_size for i in range(args.seq_len)]
+    ids = torch.tensor([row] * args.batch_size, device=device)
     times = []
     for step in range(args.warmup_steps + args.steps):
         start = time.perf_counter()
@@ -66,7 +83,7 @@ def main():
         peak = torch.cuda.max_memory_allocated()
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({"tokens_per_s": args.seq_len / statistics.median(times), "peak_memory_bytes": peak}))
+    print(json.dumps({"tokens_per_s": args.batch_size * args.seq_len / statistics.median(times), "peak_memory_bytes": peak}))
 
 
 if __name__ == "__main__":

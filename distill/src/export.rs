@@ -186,11 +186,16 @@ pub fn export(
     let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     fs::create_dir_all(parent).map_err(io(parent))?;
     let name = out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "export".into());
-    let staging = parent.join(format!(".{name}.partial-{}", std::process::id()));
+    let staging = crate::staging::folder(parent, &format!(".{name}.partial-"));
+    crate::staging::or_remove(&staging, || write_folder(model, tokenizer_dir, eos_token_ids, out, &staging, options))
+}
+
+/// The files of an export, in `staging`, renamed to `out` when complete.
+fn write_folder(model: &Model, tokenizer_dir: &Path, eos_token_ids: &[u32], out: &Path, staging: &Path, options: &ExportOptions) -> Result<(), ExportError> {
     if staging.exists() {
-        fs::remove_dir_all(&staging).map_err(io(&staging))?;
+        fs::remove_dir_all(staging).map_err(io(staging))?;
     }
-    fs::create_dir_all(&staging).map_err(io(&staging))?;
+    fs::create_dir_all(staging).map_err(io(staging))?;
 
     // Shards by cumulative size, in checkpoint order.
     let tensors = expected_tensors(&model.config);
@@ -248,13 +253,13 @@ pub fn export(
         }
     }
     // Make the files durable before the rename publishes them.
-    for entry in fs::read_dir(&staging).map_err(io(&staging))? {
-        let path = entry.map_err(io(&staging))?.path();
+    for entry in fs::read_dir(staging).map_err(io(staging))? {
+        let path = entry.map_err(io(staging))?.path();
         fs::File::open(&path).and_then(|f| f.sync_all()).map_err(io(&path))?;
     }
     if out.exists() {
         fs::remove_dir(out).map_err(io(out))?;
     }
-    fs::rename(&staging, out).map_err(io(out))?;
+    fs::rename(staging, out).map_err(io(out))?;
     Ok(())
 }

@@ -19,6 +19,7 @@ pub mod plot;
 pub mod model;
 pub mod ops;
 pub mod pretrained;
+pub mod staging;
 pub mod student;
 pub mod tensor_file;
 pub mod text;

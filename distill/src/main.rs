@@ -249,7 +249,8 @@ enum BenchCommand {
     /// Prefill and decode tokens/s of a ~100M-parameter model (random weights).
     Forward(BenchForwardArgs),
     /// Training tokens/s and peak memory of a model (random weights; bench-100m by default) per
-    /// sequence length, beside its memory plan: forward, backward and AdamW step on one row.
+    /// sequence length, beside its memory plan: forward, backward and AdamW step on
+    /// --per-device-train-batch-size rows.
     Train(BenchTrainArgs),
     /// Generation tokens/s of a batch of prompts of different lengths: continuous batching
     /// against the same sequences one at a time (and, given --reference, transformers'
@@ -522,10 +523,15 @@ static INTERRUPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBoo
 #[cfg(unix)]
 fn catch_ctrl_c() {
     extern "C" fn on_sigint(_: libc::c_int) {
-        // Only an atomic store: async-signal-safe.
-        INTERRUPTED.store(true, std::sync::atomic::Ordering::SeqCst);
+        // The first Ctrl-C asks for a checkpoint after the step under way; a second one means
+        // now (checkpoints are renamed into place whole, so the newest one stays sound). Only
+        // an atomic swap and _exit: async-signal-safe.
+        if INTERRUPTED.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            // SAFETY: _exit is async-signal-safe.
+            unsafe { libc::_exit(130) };
+        }
     }
-    // SAFETY: the handler only stores to an atomic.
+    // SAFETY: the handler only touches an atomic and calls _exit.
     unsafe {
         libc::signal(libc::SIGINT, on_sigint as *const () as libc::sighandler_t);
     }
@@ -693,6 +699,9 @@ fn plot_command(args: PlotArgs) -> Result<()> {
 
 fn bench_train(args: BenchTrainArgs) -> Result<()> {
     use distill::benchmark::{TrainBench, measure_training};
+    if args.reference.is_some() && args.lora_rank.is_some() {
+        bail!("--reference measures full fine-tuning in PyTorch; compare LoRA runs without it (or drop --lora-rank)");
+    }
     let (device, device_name) = distill::device::select(args.device.as_deref())?;
     let (config, _) = model_config_from_any(&args.config)?;
     let compute_dtype = args.bf16.then_some(DType::BF16);
@@ -726,6 +735,19 @@ fn bench_train(args: BenchTrainArgs) -> Result<()> {
             runtime_bytes: distill::memory::current_bytes(),
             ..Default::default()
         });
+        // PyTorch runs first, in its own process, so that neither side's heap is in the
+        // machine while the other measures.
+        let reference = args.reference.as_ref().map(|command| {
+            let extra = format!(
+                " --config {} --seq-len {seq_len} --batch-size {} --steps {} --warmup-steps {}{}{}",
+                args.config.display(), bench.batch_size, bench.steps, bench.warmup_steps,
+                if args.bf16 { " --bf16" } else { "" }, if args.gradient_checkpointing { " --gradient-checkpointing" } else { "" }
+            );
+            run_reference(&format!("{command}{extra}")).map_err(anyhow::Error::from).and_then(|reference| {
+                let value = |key: &str| reference.get(key).and_then(|v| v.as_f64()).with_context(|| format!("reference JSON lacks {key}"));
+                Ok((value("tokens_per_s")?, value("peak_memory_bytes")?))
+            })
+        });
         let available = distill::train::job::device_memory(None, &device_name);
         let burn = match available {
             Some(memory) if plan.total() > memory => {
@@ -734,7 +756,7 @@ fn bench_train(args: BenchTrainArgs) -> Result<()> {
             }
             _ => {
                 let measured = measure_training(&config, &bench, &device);
-                // The model is gone; hand its memory back before PyTorch needs the machine.
+                // The model is gone; hand its memory back before the next length.
                 distill::memory::release_free_memory();
                 if args.json {
                     println!("{}", serde_json::to_string(&measured)?);
@@ -748,21 +770,14 @@ fn bench_train(args: BenchTrainArgs) -> Result<()> {
                 Some(measured)
             }
         };
-        let Some(command) = &args.reference else { continue };
-        let extra = format!(
-            " --config {} --seq-len {seq_len} --steps {} --warmup-steps {}{}{}",
-            args.config.display(), bench.steps, bench.warmup_steps,
-            if args.bf16 { " --bf16" } else { "" }, if args.gradient_checkpointing { " --gradient-checkpointing" } else { "" }
-        );
-        let reference = match run_reference(&format!("{command}{extra}")) {
-            Ok(reference) => reference,
-            Err(e) => {
+        let (reference_rate, reference_peak) = match reference {
+            None => continue,
+            Some(Ok(reference)) => reference,
+            Some(Err(e)) => {
                 println!("pytorch  seq {seq_len:>6}   failed: {}", e.to_string().lines().last().unwrap_or(""));
                 continue;
             }
         };
-        let value = |key: &str| reference.get(key).and_then(|v| v.as_f64()).with_context(|| format!("reference JSON lacks {key}"));
-        let (reference_rate, reference_peak) = (value("tokens_per_s")?, value("peak_memory_bytes")?);
         if args.json {
             println!("{}", serde_json::json!({"reference": "pytorch", "seq_len": seq_len, "tokens_per_s": reference_rate, "peak_memory_bytes": reference_peak}));
             continue;

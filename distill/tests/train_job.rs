@@ -167,3 +167,34 @@ fn save_total_limit_and_lora_checkpoints() {
     let read = |path: &Path| std::fs::read(path).unwrap();
     assert_eq!(read(&exported.join("model.safetensors")), read(&out.join("final/model.safetensors")), "the checkpoint's merge is the final export");
 }
+
+/// `--resume` with other settings is refused before any weights are read, naming what changed;
+/// the same settings written another way (`./` before a relative path) are the same run.
+#[test]
+fn resume_with_other_settings_names_them() {
+    let runs = tempfile::tempdir().unwrap();
+    let out = runs.path().join("run");
+    let out = out.to_str().unwrap();
+    let first = distill(&args("student_configs/tiny-qwen2.toml", out, &["--init", "random", "--max-steps", "1"]));
+    assert!(first.status.success(), "{}", stderr(&first));
+    let metrics = std::fs::read_to_string(Path::new(out).join("metrics.jsonl")).unwrap();
+    let changed = distill(&args("student_configs/tiny-qwen2.toml", out, &["--init", "random", "--max-steps", "1", "--learning-rate", "3e-4", "--resume"]));
+    assert_clean_failure(&changed, &["other settings", "learning_rate"]);
+    assert_eq!(std::fs::read_to_string(Path::new(out).join("metrics.jsonl")).unwrap(), metrics, "a refused resume leaves the metrics alone");
+    let same = distill(&args("./student_configs/tiny-qwen2.toml", out, &["--init", "random", "--max-steps", "1", "--resume"]));
+    assert!(same.status.success(), "{}", stderr(&same));
+    assert!(stderr(&same).contains("resuming from"), "{}", stderr(&same));
+}
+
+/// An --eval-split that holds out nothing, or is not a fraction, is refused.
+#[test]
+fn eval_split_must_be_a_fraction_that_holds_out_rows() {
+    let runs = tempfile::tempdir().unwrap();
+    for split in ["1.5", "-0.1", "NaN"] {
+        let out = runs.path().join(format!("run{split}"));
+        let flag = format!("--eval-split={split}");
+        let output = distill(&args("student_configs/tiny-qwen2.toml", out.to_str().unwrap(), &["--init", "random", &flag]));
+        assert_clean_failure(&output, &["--eval-split", "fraction"]);
+        assert!(!out.exists(), "nothing is written for a refused run");
+    }
+}

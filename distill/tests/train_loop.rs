@@ -122,6 +122,10 @@ fn checkpointing_recomputes_lora_dropout_and_mixed_precision_exactly() {
             assert!((a.loss - b.loss).abs() / a.loss < 1e-6, "{compute:?} step {}: loss {} vs {}", a.step, a.loss, b.loss);
             assert!((a.grad_norm - b.grad_norm).abs() / a.grad_norm < 1e-5, "{compute:?} step {}: grad norm {} vs {}", a.step, a.grad_norm, b.grad_norm);
         }
+        // The control: dropout does change the gradients, so equal ones above mean equal masks.
+        let without_dropout = run_with(device(), compute, true, Some(&LoraConfig { dropout: 0.0, ..lora.clone() }), 2, 2, 3);
+        let differs = recomputed.iter().zip(&without_dropout).any(|(a, b)| (a.grad_norm - b.grad_norm).abs() / a.grad_norm > 1e-3);
+        assert!(differs, "{compute:?}: LoRA dropout 0.25 and 0 gave the same gradients");
     }
 }
 

@@ -50,6 +50,8 @@ pub struct Meta {
 pub struct TokenizedData {
     pub dir: PathBuf,
     pub meta: Meta,
+    /// The largest token id (0 for no tokens), checked against the model's vocabulary.
+    pub max_id: u32,
     tokens: Option<memmap2::Mmap>,
     trained: Option<memmap2::Mmap>,
     offsets: Vec<u64>,
@@ -121,11 +123,12 @@ impl TokenizedData {
         if offsets[0] != 0 || offsets.windows(2).any(|w| w[1] <= w[0]) || offsets[meta.examples] != meta.tokens {
             return Err("offsets.u64 is not an increasing list of example starts".into());
         }
-        let data = TokenizedData { dir: dir.to_path_buf(), meta, tokens, trained, offsets };
+        let mut data = TokenizedData { dir: dir.to_path_buf(), meta, max_id: 0, tokens, trained, offsets };
         // One pass at memory speed (seconds for 800k traces): garbage ids would index past the
         // embeddings.
-        if let Some(&bad) = data.ids().iter().max().filter(|&&id| id as usize >= vocab) {
-            return Err(format!("token id {bad} is outside the tokenizer's {vocab}-entry vocabulary"));
+        data.max_id = data.ids().iter().copied().max().unwrap_or(0);
+        if data.max_id as usize >= vocab {
+            return Err(format!("token id {} is outside the tokenizer's {vocab}-entry vocabulary", data.max_id));
         }
         Ok(data)
     }
@@ -219,7 +222,21 @@ fn build(
 ) -> Result<(), DataError> {
     let parent = dir.parent().expect("a cache folder has a parent");
     fs::create_dir_all(parent).map_err(|source| DataError::Io { path: parent.into(), source })?;
-    let staging = parent.join(format!(".{}.partial-{}", dir.file_name().expect("named").to_string_lossy(), std::process::id()));
+    let prefix = format!(".{}.partial-", dir.file_name().expect("named").to_string_lossy());
+    let staging = crate::staging::folder(parent, &prefix);
+    crate::staging::or_remove(&staging, || write_cache(spec, tokenizer, options, &staging, dir, source, progress))
+}
+
+fn write_cache(
+    spec: &Path,
+    tokenizer: &Tokenizer,
+    options: &TraceOptions,
+    staging: &Path,
+    dir: &Path,
+    source: serde_json::Value,
+    progress: &(dyn Fn(usize) + Sync),
+) -> Result<(), DataError> {
+    let staging = staging.to_path_buf();
     let io = |path: &Path| {
         let path = path.to_path_buf();
         move |source| DataError::Io { path: path.clone(), source }

@@ -10,9 +10,10 @@
 //! **Which keys a query sees** is described by a [`Layout`]: each row of the batch is a run of
 //! segments (the documents of a packed row, or padding), and a token sees the earlier tokens of
 //! its own segment. A block of queries therefore sees keys from the start of its first
-//! query's segment to its own end, and no others: keys of earlier documents and of the future
-//! are never multiplied (the "varlen" trick). Those keys come in two pieces, each masked by
-//! small tensors built on the host from the layout alone:
+//! query's segment to its own end, and no others: with one row, keys of earlier documents and
+//! of the future are never multiplied (the "varlen" trick); with several rows the block starts
+//! at the earliest of the rows' segment starts and masks the rest. Those keys come in two
+//! pieces, each masked by small tensors built on the host from the layout alone:
 //! * the *past* `[key_start, block_start)`, all in the first query's segment: a query sees them
 //!   only if it is still in that segment (a per-query bias), and, where rows of the batch
 //!   differ, only from its row's segment start (a per-key bias);
@@ -91,7 +92,8 @@ impl Layout {
     }
 }
 
-/// f32 elements of the largest score block (64 MiB): a block of queries is as many as fit.
+/// f32 elements of a score block (64 MiB): a block of queries is as many as fit, but at least
+/// 16 (so with very many heads × keys, as 64 heads at 32k tokens, a block holds more).
 pub const SCORE_BUDGET: usize = 1 << 24;
 
 /// Queries per block for `rows × heads` score rows over at most `len` keys.

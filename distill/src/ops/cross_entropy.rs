@@ -28,7 +28,7 @@ const SUM_BLOCK: usize = 512;
 /// have one: 151936 = 1187 × 128, 128256 = 501 × 256, 32000 = 64 × 500); `None` if there is
 /// none.
 fn sum_block(vocab: usize) -> Option<usize> {
-    (64..=SUM_BLOCK.min(vocab)).rev().find(|b| vocab % b == 0)
+    (64..=SUM_BLOCK.min(vocab)).rev().find(|&b| vocab.is_multiple_of(b))
 }
 
 /// `Σ` over the last axis of `[rows, vocab]` → `[rows, 1]`, in two levels (blocks, then the

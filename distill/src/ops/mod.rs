@@ -39,7 +39,7 @@ pub trait Differentiable: Clone + Send + Sync + Debug + 'static {
     fn backward(&self, saved: Self::Saved, output_grad: DispatchTensor, needed: &[bool]) -> Vec<Option<DispatchTensor>>;
 }
 
-/// The most inputs an operation takes (a decoder layer: its input and up to 30 parameters).
+/// The most inputs an operation takes (a decoder layer: its input and up to 31 parameters).
 pub const MAX_INPUTS: usize = 32;
 
 /// Runs `op` on `inputs`; on an autodiff device the result is one node of the graph.

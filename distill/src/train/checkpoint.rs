@@ -114,6 +114,13 @@ pub fn latest(run_dir: &Path) -> Option<(usize, PathBuf)> {
 /// removed. A checkpoint is renamed out of its final name before it is deleted, so a kill
 /// half-way leaves no half-deleted checkpoint that `latest` would pick.
 pub fn prune(run_dir: &Path, keep: usize) -> Result<Vec<usize>, CheckpointError> {
+    // What a kill during an earlier save or deletion left (the save of this step is renamed
+    // into place already, and the run lock keeps other processes out).
+    for entry in fs::read_dir(run_dir).map_err(|e| file_error(run_dir, e))?.flatten() {
+        if entry.file_name().to_str().is_some_and(|n| n.starts_with(".checkpoint-") && (n.ends_with(".deleting") || n.ends_with(".partial"))) {
+            fs::remove_dir_all(entry.path()).map_err(|e| file_error(&entry.path(), e))?;
+        }
+    }
     let checkpoints = all(run_dir);
     let excess = checkpoints.len().saturating_sub(keep.max(1));
     let mut removed = Vec::new();

@@ -256,6 +256,10 @@ impl Job {
         let tokenizer = Tokenizer::from_dir(&tokenizer_dir)?;
         let eos_token_ids = crate::pretrained::eos_token_ids(&tokenizer_dir, &config.eos_token_ids)?;
         let seed = required(&options.seed, "seed");
+        // The process as it stands before the token cache is read: the cache's pages are the
+        // file's, which the kernel drops and reads back as it needs. On a GPU the host's memory
+        // is not the device's, and the plan's estimate stands.
+        let runtime_bytes = if spec.device_name == "flex" { crate::memory::current_bytes() } else { None };
 
         let trace_options = TraceOptions {
             format: spec.format.clone(),
@@ -282,6 +286,12 @@ impl Job {
         if data.is_empty() {
             return Err(JobError::Invalid(format!("{}: no row can be trained on ({})", spec.data.display(), skipped.summary())));
         }
+        if data.max_id as usize >= config.vocab_size {
+            return Err(JobError::Invalid(format!(
+                "{}: the tokenizer of {} writes token id {}, beyond the model's {}-entry vocabulary (vocab_size)",
+                spec.data.display(), tokenizer_dir.display(), data.max_id, config.vocab_size
+            )));
+        }
         // Held-out rows: a seeded split of --data, or --eval-data.
         let all: Vec<usize> = (0..data.len()).collect();
         let (train_rows, eval) = match &spec.eval {
@@ -291,13 +301,16 @@ impl Job {
                 let rows = (0..eval.len()).collect();
                 (all, Some((eval, rows)))
             }
-            EvalSource::Split(fraction) if *fraction > 0.0 => {
-                if *fraction >= 1.0 {
-                    return Err(JobError::Invalid(format!("--eval-split must be below 1 (got {fraction})")));
+            EvalSource::Split(fraction) if *fraction != 0.0 => {
+                if !(*fraction > 0.0 && *fraction < 1.0) {
+                    return Err(JobError::Invalid(format!("--eval-split is the fraction of rows held out, from 0 to below 1 (got {fraction})")));
                 }
                 let mut order = all;
                 order.shuffle(&mut rand::rngs::StdRng::seed_from_u64(seed ^ 0xE7A1));
                 let held = ((fraction * data.len() as f64).ceil() as usize).min(data.len() - 1);
+                if held == 0 {
+                    return Err(JobError::Invalid(format!("--eval-split {fraction}: {} example(s) leave none to hold out and some to train on", data.len())));
+                }
                 let eval_rows = order[..held].to_vec();
                 (order[held..].to_vec(), Some((data.clone(), eval_rows)))
             }
@@ -352,7 +365,7 @@ impl Job {
                 gradient_checkpointing: train_config.gradient_checkpointing,
                 lora_rank: lora.as_ref().map(|l| l.rank),
                 lora_targets: lora.as_ref().map(|l| l.targets.clone()),
-                runtime_bytes: crate::memory::current_bytes(),
+                runtime_bytes,
             },
         );
         reporter.note(&format!("memory plan at {longest} tokens × {} rows:", train_config.per_device_train_batch_size));
@@ -371,9 +384,11 @@ impl Job {
             None => reporter.note(&format!("  ({} does not report its memory to burn; give --gpu-memory to check the plan)", spec.device_name)),
         }
 
-        // Everything that decides the run's trajectory; a resume must match it.
+        // Everything that decides the run's trajectory; a resume must match it. Paths are
+        // absolute, so `x` and `./x` are one setting and export finds the base from anywhere.
+        let absolute = |path: &Path| std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
         let settings = serde_json::json!({
-            "model": spec.model, "data": spec.data, "init": spec.init, "format": format!("{:?}", trace_options.format),
+            "model": absolute(&spec.model), "data": absolute(&spec.data), "init": spec.init, "format": format!("{:?}", trace_options.format),
             "max_length": max_length, "truncate": options.truncate, "train_on_prompt": trace_options.train_on_prompt, "packing": packing,
             "seed": seed, "total_steps": total_steps, "warmup_steps": train_config.schedule.warmup_steps,
             "learning_rate": train_config.schedule.learning_rate, "scheduler": format!("{:?}", train_config.schedule.scheduler),
@@ -431,36 +446,45 @@ impl Job {
         fs::create_dir_all(&out).map_err(io(&out))?;
         let _lock = RunLock::acquire(&out)?;
         let device = self.spec.device.clone().autodiff();
-        let model = base_model(&self.config, self.spec.init, self.checkpoint_dir.as_deref(), required(&self.options.seed, "seed"), self.lora.as_ref(), &device)?;
-        reporter.note(&self.describe(&model));
+        let seed = required(&self.options.seed, "seed");
+        let start = || base_model(&self.config, self.spec.init, self.checkpoint_dir.as_deref(), seed, self.lora.as_ref(), &device);
 
         let metrics_path = out.join("metrics.jsonl");
         let mut optimizer = AdamW::new(self.train_config.adamw.clone());
         let (model, start_step) = match checkpoint::latest(&out).filter(|_| self.spec.resume) {
             Some((_, dir)) => {
-                // A LoRA checkpoint holds the adapters; the frozen base is the one built above.
-                let base = self.lora.is_some().then(|| model.clone());
-                let (model, state) = checkpoint::load(&dir, &device, &mut optimizer, base)?;
-                if state.settings != self.settings {
-                    return Err(JobError::Invalid(format!("{}: the run was started with other settings; resume it with the same command", dir.display())));
+                // Checked before any weights are read: a mismatch is found in a second.
+                let state = checkpoint::read_state(&dir)?;
+                let changed = changed_settings(&state.settings, &self.settings);
+                if !changed.is_empty() {
+                    return Err(JobError::Invalid(format!(
+                        "{}: the run was started with other settings ({}); resume it with the same command",
+                        dir.display(),
+                        changed.join(", ")
+                    )));
                 }
+                // A LoRA checkpoint holds the adapters, and the frozen base is rebuilt; a full
+                // checkpoint is the whole model, so the starting weights are never loaded.
+                let base = self.lora.is_some().then(start).transpose()?;
+                let (model, state) = checkpoint::load(&dir, &device, &mut optimizer, base)?;
                 reporter.note(&format!("resuming from {} (step {})", dir.display(), state.global_step));
                 (model, state.global_step)
             }
-            None => (model, 0),
+            None => (start()?, 0),
         };
-        // Metrics logged after the checkpoint (by a run that was then killed) are replayed.
+        reporter.note(&self.describe(&model));
+        // Metrics logged after the checkpoint (by a run that was then killed) are replayed; the
+        // kept lines are written under a temporary name and renamed, so a kill here loses none.
         let kept: Vec<String> = fs::read_to_string(&metrics_path)
             .unwrap_or_default()
             .lines()
             .filter(|line| serde_json::from_str::<serde_json::Value>(line).ok().and_then(|v| v["step"].as_u64()).is_some_and(|s| s as usize <= start_step))
             .map(String::from)
             .collect();
-        let mut metrics = std::io::BufWriter::new(fs::File::create(&metrics_path).map_err(io(&metrics_path))?);
-        for line in &kept {
-            writeln!(metrics, "{line}").map_err(io(&metrics_path))?;
-        }
-        metrics.flush().map_err(io(&metrics_path))?;
+        let partial = out.join(".metrics.jsonl.partial");
+        fs::write(&partial, kept.iter().map(|line| format!("{line}\n")).collect::<String>()).map_err(io(&partial))?;
+        fs::rename(&partial, &metrics_path).map_err(io(&metrics_path))?;
+        let mut metrics = std::io::BufWriter::new(fs::OpenOptions::new().append(true).open(&metrics_path).map_err(io(&metrics_path))?);
 
         let total_steps = self.train_config.schedule.total_steps;
         let save_every = match required(&self.options.save_steps, "save_steps") {
@@ -518,6 +542,16 @@ impl Job {
     }
 }
 
+/// The keys whose values differ between two runs' settings.
+fn changed_settings(saved: &serde_json::Value, current: &serde_json::Value) -> Vec<String> {
+    let empty = serde_json::Map::new();
+    let (saved, current) = (saved.as_object().unwrap_or(&empty), current.as_object().unwrap_or(&empty));
+    let mut keys: Vec<&String> = saved.keys().chain(current.keys()).collect();
+    keys.sort();
+    keys.dedup();
+    keys.into_iter().filter(|k| saved.get(*k) != current.get(*k)).cloned().collect()
+}
+
 /// Mean loss over the eval rows, and the tokens it covers (forward passes only).
 fn eval_loss(model: &Model, eval: &Packed) -> (f64, usize) {
     let model = model.for_inference();
@@ -562,7 +596,12 @@ fn base_model(config: &ModelConfig, init: Init, checkpoint_dir: Option<&Path>, s
         }
     };
     Ok(match lora {
-        Some(lora) => model.with_lora(lora),
+        Some(lora) => {
+            if init == Init::Pretrained {
+                device.seed(seed);
+            }
+            model.with_lora(lora)
+        }
         None => model,
     })
 }
