@@ -77,6 +77,11 @@ fn text_key(s: &str) -> String {
         .collect()
 }
 
+/// Mathematics as text: only spacing is ignored.
+fn structure_key(s: &str) -> String {
+    s.chars().filter(|c| !c.is_whitespace()).collect()
+}
+
 fn is_text_answer(normalized: &str) -> bool {
     // A word of three or more letters outside a command: "Monday", "even", "no solution".
     let stripped = normalized.replace("\\infty", "").replace("\\pi", "");
@@ -108,19 +113,30 @@ pub fn verify_answers(gold: &str, pred: &str, config: &VerifyConfig) -> Verdict 
             None => verdict(false, format!("no choice letter in the prediction (gold {letter})")),
         };
     }
-    if text_key(&g) == text_key(&p) {
-        return verdict(true, "equal as text (case and spacing ignored)".into());
+    // Words compare leniently (markup, case, spacing and dots ignored); mathematics never does,
+    // since dropping a brace or a dot changes the value (`2^{n+1}` / `2^n+1`, `10.5` / `105`).
+    if is_text_answer(&g) {
+        return if text_key(&g) == text_key(&p) {
+            verdict(true, "equal as text (case and spacing ignored)".into())
+        } else {
+            verdict(false, format!("text answers differ: {g:?} vs {p:?}"))
+        };
     }
-    if is_text_answer(&g) || g.len() > MAX_PARSED_LENGTH || p.len() > MAX_PARSED_LENGTH {
-        return verdict(false, format!("text answers differ: {g:?} vs {p:?}"));
+    // Where parsing fails, only text that keeps every brace, dot and exponent may still match.
+    let same_text = structure_key(&g) == structure_key(&p);
+    let unparsed = |why: String| {
+        if same_text { verdict(true, format!("equal as text with its structure kept ({why})")) } else { verdict(false, why) }
+    };
+    if g.len() > MAX_PARSED_LENGTH || p.len() > MAX_PARSED_LENGTH {
+        return unparsed("too long to parse; the texts differ".into());
     }
     let gold_answer = match parse_answer(&g) {
         Ok(answer) => answer,
-        Err(e) => return verdict(false, format!("gold not parsed as math ({e}); text differs")),
+        Err(e) => return unparsed(format!("gold not parsed as math ({e})")),
     };
     let pred_answer = match parse_answer(&p) {
         Ok(answer) => answer,
-        Err(e) => return verdict(false, format!("prediction not parsed as math ({e})")),
+        Err(e) => return unparsed(format!("prediction not parsed as math ({e})")),
     };
     let mut budget = Budget::new(config.max_steps, Instant::now() + config.time_budget);
     let mut comparer = Comparer { relative_tolerance: config.relative_tolerance, budget: &mut budget };

@@ -21,6 +21,10 @@ static TEXT_COMMAND: LazyLock<Regex> = LazyLock::new(|| {
 });
 static THOUSANDS: LazyLock<Regex> =
     LazyLock::new(|| Regex::new(r"^-?\d{1,3}(?:,\d{3})+(?:\.\d+)?$").expect("static regex"));
+static SPACED_THOUSANDS: LazyLock<Regex> =
+    LazyLock::new(|| Regex::new(r"^-?\d{1,3}(?: \d{3})+(?:\.\d+)?$").expect("static regex"));
+/// Stands in for `\\` while spacing commands are removed.
+const ROW_BREAK: &str = "\u{1}";
 static THOUSANDS_BRACED: LazyLock<Regex> = LazyLock::new(|| Regex::new(r"(\d),\{?\}?(\d{3})").expect("static regex"));
 static SQRT_SHORT: LazyLock<Regex> = LazyLock::new(|| Regex::new(r"\\sqrt\s*([0-9a-zA-Z])").expect("static regex"));
 static FRAC_SHORT: LazyLock<Regex> =
@@ -55,6 +59,8 @@ pub fn normalize(answer: &str) -> String {
     ] {
         s = s.replace(from, to);
     }
+    // A matrix's row break `\\` must not lose a backslash to the spacing commands below (`\ `).
+    s = s.replace("\\\\", ROW_BREAK);
     // Commands that only change the typesetting.
     for (from, to) in [
         ("\\dfrac", "\\frac"), ("\\tfrac", "\\frac"), ("\\cfrac", "\\frac"), ("\\left", ""), ("\\right", ""),
@@ -66,6 +72,7 @@ pub fn normalize(answer: &str) -> String {
     ] {
         s = s.replace(from, to);
     }
+    s = s.replace(ROW_BREAK, "\\\\");
     // `\text{cm}` and other unit words disappear; other text keeps its words.
     for _ in 0..4 {
         let next = TEXT_COMMAND
@@ -88,15 +95,21 @@ pub fn normalize(answer: &str) -> String {
     s = FRAC_SHORT.replace_all(&s, "\\frac{$1}{$2}").into_owned();
     s = FRAC_HALF_SHORT.replace_all(&s, "\\frac{$1}{$2}").into_owned();
     s = s.trim().trim_end_matches(['.', ',', ';', ':', '!']).trim().to_string();
+    // Braces around the whole answer group nothing: `{{2}}` is `2`.
+    while let Some(inner) = s.strip_prefix('{').and_then(|rest| rest.strip_suffix('}')).filter(|inner| balanced(inner)) {
+        s = inner.trim().to_string();
+    }
     // Bare unit words after a number: "12 cm", "5 apples".
     if let Some(captures) = TRAILING_UNIT.captures(&s) {
         if UNIT_WORDS.contains(&captures[2].trim().to_lowercase().as_str()) {
             s = captures[1].trim().to_string();
         }
     }
-    // Thousands separators: "1,000,000" and LaTeX's "1{,}000".
+    // Thousands separators: "1,000,000", LaTeX's "1{,}000", and spaces ("10\ 080", "10 080").
     let compact: String = s.replace("{,}", ",").replace("\\,", "");
-    if THOUSANDS.is_match(&compact) {
+    if SPACED_THOUSANDS.is_match(&s) {
+        s = s.replace(' ', "");
+    } else if THOUSANDS.is_match(&compact) {
         s = compact.replace(',', "");
     } else if s.contains("{,}") {
         s = THOUSANDS_BRACED.replace_all(&s, "$1$2").into_owned();
@@ -108,6 +121,20 @@ pub fn normalize(answer: &str) -> String {
         s = CONJUNCTION.replace_all(&s, ", ").into_owned();
     }
     s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// Whether every `}` in `s` closes a `{` of `s`, so that braces around `s` belong together.
+fn balanced(s: &str) -> bool {
+    let mut depth = 0usize;
+    for c in s.chars() {
+        match c {
+            '{' => depth += 1,
+            '}' if depth == 0 => return false,
+            '}' => depth -= 1,
+            _ => {}
+        }
+    }
+    depth == 0
 }
 
 #[cfg(test)]
@@ -129,5 +156,11 @@ mod tests {
         assert_eq!(normalize("5."), "5");
         assert_eq!(normalize("−3"), "-3");
         assert_eq!(normalize("1{,}000"), "1000");
+        assert_eq!(normalize(r"10\ 080"), "10080");
+        assert_eq!(normalize("1 000 000"), "1000000");
+        assert_eq!(normalize("1 23"), "1 23");
+        assert_eq!(normalize("{{{2}}}"), "2");
+        assert_eq!(normalize("{1}+{2}"), "{1}+{2}");
+        assert_eq!(normalize(r"\begin{pmatrix} 1 & 2 \\ 3 & 4 \end{pmatrix}"), r"\begin{pmatrix} 1 & 2 \\ 3 & 4 \end{pmatrix}");
     }
 }

@@ -1,0 +1,33 @@
+//! tests/verifier/model_written.jsonl: whole answers as models write them (issue #11), with
+//! near-misses that must never be judged correct. The verifier does not yet reach every form the
+//! issue lists (its accuracy on them is printed, and tracked in README); what it must already
+//! guarantee is that no wrong answer passes: a false positive is trained into the student.
+
+use datagen::verify::{VerifyConfig, verify};
+use serde_json::Value;
+
+#[test]
+fn no_near_miss_is_judged_correct() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/verifier/model_written.jsonl");
+    let cases: Vec<Value> = std::fs::read_to_string(path)
+        .expect("model_written.jsonl")
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).expect("case is JSON"))
+        .collect();
+    let negatives = cases.iter().filter(|c| c["expected"] != "correct").count();
+    assert!(negatives >= 150, "only {negatives} near-misses");
+    let config = VerifyConfig::default();
+    let (mut agree, mut false_positives) = (0, Vec::new());
+    for (line, case) in cases.iter().enumerate() {
+        let (gold, response) = (case["gold"].as_str().unwrap(), case["response"].as_str().unwrap());
+        let verdict = verify(gold, response, &config);
+        let expected = case["expected"] == "correct";
+        agree += usize::from(verdict.correct == expected);
+        if verdict.correct && !expected {
+            false_positives.push(format!("line {} [{}] gold {gold:?} response {response:.80?}: {}", line + 1, case["category"], verdict.explanation));
+        }
+    }
+    println!("agreement {agree}/{} ({:.1}%)", cases.len(), 100.0 * agree as f64 / cases.len() as f64);
+    assert!(false_positives.is_empty(), "wrong answers judged correct:\n{}", false_positives.join("\n"));
+}
