@@ -218,6 +218,14 @@ pub fn evaluate(
             let (base, x) = (eval(base, budget)?, eval(x, budget)?);
             Value::approx(x.approx.ln() / base.approx.ln())
         }
+        Expr::Function(name, a) if name == "floor" || name == "ceil" => {
+            let a = eval(a, budget)?;
+            let floor = name == "floor";
+            match a.exact {
+                Some(r) => Value::exact(if floor { r.floor() } else { r.ceil() }),
+                None => Value::approx(Complex64::new(if floor { a.approx.re.floor() } else { a.approx.re.ceil() }, 0.0)),
+            }
+        }
         Expr::Function(name, a) => {
             let x = eval(a, budget)?.approx;
             Value::approx(match name.as_str() {

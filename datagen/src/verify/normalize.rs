@@ -23,6 +23,7 @@ static THOUSANDS: LazyLock<Regex> =
     LazyLock::new(|| Regex::new(r"^-?\d{1,3}(?:,\d{3})+(?:\.\d+)?$").expect("static regex"));
 static SPACED_THOUSANDS: LazyLock<Regex> =
     LazyLock::new(|| Regex::new(r"^-?\d{1,3}(?: \d{3})+(?:\.\d+)?$").expect("static regex"));
+static CHOOSE: LazyLock<Regex> = LazyLock::new(|| Regex::new(r"\{([^{}]*)\\choose([^{}]*)\}").expect("static regex"));
 /// Stands in for `\\` while spacing commands are removed.
 const ROW_BREAK: &str = "\u{1}";
 static THOUSANDS_BRACED: LazyLock<Regex> = LazyLock::new(|| Regex::new(r"(\d),\{?\}?(\d{3})").expect("static regex"));
@@ -94,7 +95,10 @@ pub fn normalize(answer: &str) -> String {
     s = SQRT_SHORT.replace_all(&s, "\\sqrt{$1}").into_owned();
     s = FRAC_SHORT.replace_all(&s, "\\frac{$1}{$2}").into_owned();
     s = FRAC_HALF_SHORT.replace_all(&s, "\\frac{$1}{$2}").into_owned();
-    s = s.trim().trim_end_matches(['.', ',', ';', ':', '!']).trim().to_string();
+    // Not `!`: after a number it is a factorial.
+    s = s.trim().trim_end_matches(['.', ',', ';', ':']).trim().to_string();
+    // TeX's `{n \choose k}`.
+    s = CHOOSE.replace_all(&s, "\\binom{$1}{$2}").into_owned();
     // Braces around the whole answer group nothing: `{{2}}` is `2`.
     while let Some(inner) = s.strip_prefix('{').and_then(|rest| rest.strip_suffix('}')).filter(|inner| balanced(inner)) {
         s = inner.trim().to_string();
@@ -160,6 +164,8 @@ mod tests {
         assert_eq!(normalize("1 000 000"), "1000000");
         assert_eq!(normalize("1 23"), "1 23");
         assert_eq!(normalize("{{{2}}}"), "2");
+        assert_eq!(normalize("5!"), "5!");
+        assert_eq!(normalize(r"{5 \choose 2}"), r"\binom{5 }{ 2}");
         assert_eq!(normalize("{1}+{2}"), "{1}+{2}");
         assert_eq!(normalize(r"\begin{pmatrix} 1 & 2 \\ 3 & 4 \end{pmatrix}"), r"\begin{pmatrix} 1 & 2 \\ 3 & 4 \end{pmatrix}");
     }

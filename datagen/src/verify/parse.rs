@@ -237,7 +237,7 @@ impl<'a> Parser<'a> {
             Some(Token::Command(c)) => !matches!(
                 c.as_str(),
                 "times" | "cdot" | "div" | "pm" | "mp" | "le" | "ge" | "ne" | "cup" | "cap" | "}" | "{"
-                    | "rightarrow" | "approx" | "in" | "ldots" | "text"
+                    | "rightarrow" | "approx" | "in" | "ldots" | "text" | "rfloor" | "rceil" | "rvert"
             ),
             _ => false,
         }
@@ -438,6 +438,19 @@ impl<'a> Parser<'a> {
                 };
                 Ok(Expr::Root(Box::new(index), Box::new(self.braced()?)))
             }
+            "binom" | "dbinom" | "tbinom" => {
+                let n = self.braced()?;
+                let k = self.braced()?;
+                Ok(binomial(n, k))
+            }
+            "lfloor" | "lceil" => {
+                let (close, name) = if command == "lfloor" { ("rfloor", "floor") } else { ("rceil", "ceil") };
+                let inner = self.expression()?;
+                match self.next() {
+                    Some(Token::Command(c)) if c == close => Ok(Expr::Function(name.into(), Box::new(inner))),
+                    _ => error(format!("unclosed \\{command}")),
+                }
+            }
             "pi" => Ok(Expr::Constant(Constant::Pi)),
             "infty" | "infinity" => Ok(Expr::Constant(Constant::Infinity)),
             "mathrm" | "mathit" | "operatorname" => self.braced(),
@@ -480,6 +493,13 @@ impl<'a> Parser<'a> {
 const GREEK: &[&str] = &[
     "alpha", "beta", "gamma", "delta", "theta", "lambda", "mu", "sigma", "phi", "omega", "tau", "rho", "epsilon",
 ];
+
+/// `n! / (k! (n - k)!)`: exact while the factorials are.
+fn binomial(n: Expr, k: Expr) -> Expr {
+    let rest = Expr::Sub(Box::new(n.clone()), Box::new(k.clone()));
+    let denominator = Expr::Mul(Box::new(Expr::Factorial(Box::new(k))), Box::new(Expr::Factorial(Box::new(rest))));
+    Expr::Div(Box::new(Expr::Factorial(Box::new(n))), Box::new(denominator))
+}
 
 fn letter(c: char) -> Expr {
     match c {
