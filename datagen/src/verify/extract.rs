@@ -88,8 +88,13 @@ pub fn boxed_contents(text: &str) -> Vec<&str> {
 }
 
 static FINAL_ANSWER: LazyLock<Regex> = LazyLock::new(|| {
-    Regex::new(r"(?i)(?:final answer(?: is)?|\*\*answer:?\*\*|answer\s*:)\s*:?\s*(.+?)\s*(?:\n|$)").expect("static regex")
+    Regex::new(
+        r"(?i)(?:final answer(?: is)?|\*\*answer:?\*\*|answer\s*:|(?:the\s+)?(?:correct\s+)?(?:answer|option|choice)\s+is)\s*:?\s*(.+?)\s*(?:\n|$)",
+    )
+    .expect("static regex")
 });
+/// The Minerva / MATH few-shot sign-off.
+static HOPE: LazyLock<Regex> = LazyLock::new(|| Regex::new(r"(?i)[.\s]*I hope it is correct[.!]?\s*$").expect("static regex"));
 static INLINE_MATH: LazyLock<Regex> =
     LazyLock::new(|| Regex::new(r"\$\$([^$]+)\$\$|\\\[(.+?)\\\]|\\\((.+?)\\\)|\$([^$]+)\$").expect("static regex"));
 
@@ -116,11 +121,8 @@ pub fn extract_answer(
             return Some((answer.to_string(), Source::FinalAnswerPhrase));
         }
     }
-    if let Some(captures) = FINAL_ANSWER.captures_iter(text).last() {
-        let answer = captures[1].trim().trim_end_matches('.').trim();
-        if !answer.is_empty() {
-            return Some((answer.to_string(), Source::FinalAnswerPhrase));
-        }
+    if let Some(answer) = phrase_answer(text) {
+        return Some((answer, Source::FinalAnswerPhrase));
     }
     if let Some(captures) = INLINE_MATH.captures_iter(text).last() {
         let math = captures.iter().skip(1).flatten().next().map(|m| m.as_str().trim()).unwrap_or("");
@@ -134,6 +136,27 @@ pub fn extract_answer(
         return Some((trimmed.to_string(), Source::WholeText));
     }
     None
+}
+
+/// The answer of the last answer sentence: its innermost phrase (`Final Answer: The final answer
+/// is $78$. I hope it is correct.` → `78`), the last math span in it if it has one, without
+/// bold markers or trailing punctuation. `None` when the sentence holds nothing.
+fn phrase_answer(text: &str) -> Option<String> {
+    let mut answer = FINAL_ANSWER.captures_iter(text).last()?[1].to_string();
+    for _ in 0..4 {
+        match FINAL_ANSWER.captures(&answer) {
+            Some(inner) => answer = inner[1].to_string(),
+            None => break,
+        }
+    }
+    let answer = HOPE.replace(&answer, "").into_owned();
+    let answer = match INLINE_MATH.captures_iter(&answer).last() {
+        Some(math) => math.iter().skip(1).flatten().next().map_or(String::new(), |m| m.as_str().to_string()),
+        None => answer,
+    };
+    let answer = answer.replace("**", "");
+    let answer = answer.trim().trim_end_matches(['.', ',', ';']).trim();
+    (!answer.is_empty()).then(|| answer.to_string())
 }
 
 #[cfg(test)]
@@ -163,7 +186,12 @@ mod tests {
     #[test]
     fn phrases_and_math() {
         assert_eq!(extract_answer("blah\nThe final answer is 12.", MultipleBoxed::Last).unwrap().0, "12");
-        assert_eq!(extract_answer("work\n**Answer:** $x=3$\n", MultipleBoxed::Last).unwrap().0, "$x=3$");
+        assert_eq!(extract_answer("work\n**Answer:** $x=3$\n", MultipleBoxed::Last).unwrap().0, "x=3");
+        let minerva = "We add.\nFinal Answer: The final answer is $78$. I hope it is correct.";
+        assert_eq!(extract_answer(minerva, MultipleBoxed::Last).unwrap().0, "78");
+        assert_eq!(extract_answer("So x = 4. The answer is 4.", MultipleBoxed::Last).unwrap().0, "4");
+        assert_eq!(extract_answer("The answer is **9**.", MultipleBoxed::Last).unwrap().0, "9");
+        assert_eq!(extract_answer("**Final Answer**\n\\[ 17 \\]", MultipleBoxed::Last).unwrap().0, "17");
         assert_eq!(extract_answer("we get $y$ and finally $7$ apples.\nmore words here to be long enough", MultipleBoxed::Last).unwrap().0, "7");
     }
 }

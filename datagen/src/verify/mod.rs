@@ -64,6 +64,8 @@ const MAX_PARSED_LENGTH: usize = 2_000;
 static CHOICE: LazyLock<Regex> = LazyLock::new(|| Regex::new(r"^\(?([A-Ea-e])\)?$").expect("static regex"));
 static PRED_CHOICE: LazyLock<Regex> =
     LazyLock::new(|| Regex::new(r"^(?:\\text\{)?\(?([A-Ea-e])\)?(?:$|[\s.:)}])").expect("static regex"));
+static DECIMAL_POINT: LazyLock<Regex> = LazyLock::new(|| Regex::new(r"^-?\d+\.\d+$").expect("static regex"));
+static DECIMAL_COMMA: LazyLock<Regex> = LazyLock::new(|| Regex::new(r"^-?\d+,\d+$").expect("static regex"));
 static ENVIRONMENT: LazyLock<Regex> = LazyLock::new(|| Regex::new(r"\\(?:begin|end)\{[a-z*]*\}").expect("static regex"));
 static WORD: LazyLock<Regex> = LazyLock::new(|| Regex::new(r"(?:^|[^\\a-zA-Z])[a-zA-Z]{3,}").expect("static regex"));
 
@@ -97,7 +99,12 @@ pub fn verify_answers(gold: &str, pred: &str, config: &VerifyConfig) -> Verdict 
         source: None,
         explanation,
     };
-    let (g, p) = (normalize(gold), normalize(pred));
+    let g = normalize(gold);
+    // "2,74" against a gold "2.74" is a decimal comma: the gold answer says it is one number.
+    let p = match pred.trim().trim_matches('$').trim() {
+        raw if DECIMAL_POINT.is_match(&g) && DECIMAL_COMMA.is_match(raw) => normalize(&raw.replace(',', ".")),
+        _ => normalize(pred),
+    };
     if g.is_empty() {
         return verdict(false, "the gold answer is empty".into());
     }

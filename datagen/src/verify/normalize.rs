@@ -13,7 +13,7 @@ const UNIT_WORDS: &[&str] = &[
     "seconds", "second", "sec", "s", "days", "day", "weeks", "week", "years", "year", "kg", "g", "grams", "gram",
     "kilograms", "pounds", "lbs", "ounces", "oz", "liters", "litres", "l", "ml", "mph", "people", "students", "apples",
     "cups", "pages", "points", "percent", "gallons", "gallon", "quarts", "pints", "feet^2", "sq", "cm^2", "m^2", "cm^3", "m^3", "square feet", "square inches",
-    "square meters", "square centimeters", "cubic feet", "cubic inches", "cubic units", "times", "ways", "marbles",
+    "square meters", "square centimeters", "cubic feet", "cubic inches", "cubic units", "times", "ways", "marbles", "years old",
 ];
 
 static TEXT_COMMAND: LazyLock<Regex> = LazyLock::new(|| {
@@ -23,6 +23,9 @@ static THOUSANDS: LazyLock<Regex> =
     LazyLock::new(|| Regex::new(r"^-?\d{1,3}(?:,\d{3})+(?:\.\d+)?$").expect("static regex"));
 static SPACED_THOUSANDS: LazyLock<Regex> =
     LazyLock::new(|| Regex::new(r"^-?\d{1,3}(?: \d{3})+(?:\.\d+)?$").expect("static regex"));
+static REPEATING: LazyLock<Regex> = LazyLock::new(|| Regex::new(r"(\d*)\.(\d*)\\overline\{(\d+)\}").expect("static regex"));
+static NAMED: LazyLock<Regex> =
+    LazyLock::new(|| Regex::new(r"^(?:[A-Za-z]\s*=\s*|\([a-z](?:\s*,\s*[a-z])+\)\s*=\s*|[a-z]\s*\\in\s*)([(\[\\])").expect("static regex"));
 static CHOOSE: LazyLock<Regex> = LazyLock::new(|| Regex::new(r"\{([^{}]*)\\choose([^{}]*)\}").expect("static regex"));
 /// Stands in for `\\` while spacing commands are removed.
 const ROW_BREAK: &str = "\u{1}";
@@ -64,6 +67,7 @@ pub fn normalize(answer: &str) -> String {
     s = s.replace("\\\\", ROW_BREAK);
     // Commands that only change the typesetting.
     for (from, to) in [
+        ("\\leqslant", "\\le"), ("\\geqslant", "\\ge"), (">=", "\\ge "), ("<=", "\\le "),
         ("\\dfrac", "\\frac"), ("\\tfrac", "\\frac"), ("\\cfrac", "\\frac"), ("\\left", ""), ("\\right", ""),
         ("\\bigl", ""), ("\\bigr", ""), ("\\Bigl", ""), ("\\Bigr", ""), ("\\big", ""), ("\\Big", ""),
         ("\\displaystyle", ""), ("\\!", ""), ("\\,", ""), ("\\;", ""), ("\\:", ""), ("\\ ", " "), ("\\qquad", " "),
@@ -97,6 +101,10 @@ pub fn normalize(answer: &str) -> String {
     s = FRAC_HALF_SHORT.replace_all(&s, "\\frac{$1}{$2}").into_owned();
     // Not `!`: after a number it is a factorial.
     s = s.trim().trim_end_matches(['.', ',', ';', ':']).trim().to_string();
+    // `0.1\overline{6}` is exactly 15/90.
+    s = REPEATING
+        .replace_all(&s, |c: &regex::Captures| repeating_fraction(&c[1], &c[2], &c[3]).unwrap_or_else(|| c[0].to_string()))
+        .into_owned();
     // TeX's `{n \choose k}`.
     s = CHOOSE.replace_all(&s, "\\binom{$1}{$2}").into_owned();
     // Braces around the whole answer group nothing: `{{2}}` is `2`.
@@ -120,11 +128,26 @@ pub fn normalize(answer: &str) -> String {
     }
     // "t_n = 5t_{n-1} for n \ge 2": the qualifier is not part of the answer.
     s = QUALIFIER.replace(&s, "").into_owned();
+    // A name for the answer that the gold does not write: `P = (8,-2)`, `(p,q) = (3,2)`, `x \in [1,2]`.
+    s = NAMED.replace(&s, "$1").into_owned();
     // "x = 2 and x = -1", "3 or 4": lists of answers.
     if s.chars().any(|c| c.is_ascii_digit() || c == '\\') {
         s = CONJUNCTION.replace_all(&s, ", ").into_owned();
     }
     s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// `int.fixed(repeat)…` as an exact fraction, or `None` past 18 digits.
+fn repeating_fraction(int: &str, fixed: &str, repeat: &str) -> Option<String> {
+    if int.len() > 18 || fixed.len() + repeat.len() > 18 {
+        return None;
+    }
+    let number = |digits: &str| if digits.is_empty() { Some(0u128) } else { digits.parse::<u128>().ok() };
+    let nines = 10u128.pow(repeat.len() as u32) - 1;
+    let denominator = 10u128.pow(fixed.len() as u32).checked_mul(nines)?;
+    let (int, fixed, repeat) = (number(int)?, number(fixed)?, number(repeat)?);
+    let numerator = int.checked_mul(denominator)?.checked_add(fixed.checked_mul(nines)?)?.checked_add(repeat)?;
+    Some(format!("\\frac{{{numerator}}}{{{denominator}}}"))
 }
 
 /// Whether every `}` in `s` closes a `{` of `s`, so that braces around `s` belong together.
@@ -165,6 +188,13 @@ mod tests {
         assert_eq!(normalize("1 23"), "1 23");
         assert_eq!(normalize("{{{2}}}"), "2");
         assert_eq!(normalize("5!"), "5!");
+        assert_eq!(normalize("P = (8,-2)"), "(8,-2)");
+        assert_eq!(normalize("(p,q)=(3,2)"), "(3,2)");
+        assert_eq!(normalize(r"x \in [-2,7]"), "[-2,7]");
+        assert_eq!(normalize("x = 5"), "x = 5");
+        assert_eq!(normalize("x >= 5"), r"x \ge 5");
+        assert_eq!(normalize(r"0.1\overline{6}"), r"\frac{15}{90}");
+        assert_eq!(normalize(r"-2.\overline{36}"), r"-\frac{234}{99}");
         assert_eq!(normalize(r"{5 \choose 2}"), r"\binom{5 }{ 2}");
         assert_eq!(normalize("{1}+{2}"), "{1}+{2}");
         assert_eq!(normalize(r"\begin{pmatrix} 1 & 2 \\ 3 & 4 \end{pmatrix}"), r"\begin{pmatrix} 1 & 2 \\ 3 & 4 \end{pmatrix}");
