@@ -43,6 +43,95 @@ pub struct TrainBench {
     pub lora_rank: Option<usize>,
 }
 
+impl TrainBench {
+    /// The memory plan of these steps, beside `runtime_bytes` of process memory (an estimate
+    /// when `None`).
+    pub fn plan(&self, config: &crate::model::ModelConfig, runtime_bytes: Option<u64>) -> crate::plan::MemoryPlan {
+        crate::plan::MemoryPlan::new(
+            config,
+            &crate::plan::PlanOptions {
+                seq_len: self.seq_len,
+                batch_size: self.batch_size.max(1),
+                gradient_accumulation_steps: 1,
+                compute_dtype: self.compute_dtype.unwrap_or(burn::tensor::DType::F32),
+                gradient_checkpointing: self.gradient_checkpointing,
+                lora_rank: self.lora_rank,
+                lora_targets: None,
+                runtime_bytes,
+            },
+        )
+    }
+
+    /// The arguments that make `distill/benches/reference_train.py` run the same steps on the
+    /// same rows (LoRA has no reference).
+    pub fn reference_args(&self, config_path: &std::path::Path) -> String {
+        format!(
+            "--config {} --seq-len {} --batch-size {} --steps {} --warmup-steps {}{}{}",
+            config_path.display(),
+            self.seq_len,
+            self.batch_size.max(1),
+            self.steps,
+            self.warmup_steps,
+            if self.compute_dtype == Some(burn::tensor::DType::BF16) { " --bf16" } else { "" },
+            if self.gradient_checkpointing { " --gradient-checkpointing" } else { "" },
+        )
+    }
+}
+
+/// burn's side of one length of `distill bench train`.
+#[derive(Debug, Clone)]
+pub enum BurnSide {
+    Measured(TrainMeasurement),
+    /// Not run: the plan exceeds the memory there is (the kernel would kill the process).
+    Skipped { plan_bytes: u64, available_bytes: u64 },
+}
+
+/// PyTorch's side of one length.
+#[derive(Debug, Clone, Copy)]
+pub struct ReferencePoint {
+    pub tokens_per_s: f64,
+    pub peak_memory_bytes: f64,
+}
+
+/// One length of `distill bench train`: the reference (when a command is given) and burn.
+#[derive(Debug, Clone)]
+pub struct TrainComparison {
+    pub burn: BurnSide,
+    /// The reference's figures, or why it failed (its last line of error output).
+    pub reference: Option<Result<ReferencePoint, String>>,
+}
+
+/// Measures `bench` in PyTorch (`reference`: the command, to which the steps' arguments are
+/// appended) and then in burn, unless burn's plan exceeds `available` bytes. PyTorch runs first,
+/// in its own process, so that neither side's heap is in the machine while the other measures.
+pub fn compare_training(
+    config: &crate::model::ModelConfig,
+    config_path: &std::path::Path,
+    bench: &TrainBench,
+    reference: Option<&str>,
+    device: &burn::tensor::Device,
+    available: Option<u64>,
+) -> TrainComparison {
+    let reference = reference.map(|command| reference_point(&format!("{command} {}", bench.reference_args(config_path))));
+    let plan_bytes = bench.plan(config, crate::memory::current_bytes()).total();
+    let burn = match available {
+        Some(available_bytes) if plan_bytes > available_bytes => BurnSide::Skipped { plan_bytes, available_bytes },
+        _ => {
+            let measured = measure_training(config, bench, device);
+            // The model is gone; hand its memory back before the next length.
+            crate::memory::release_free_memory();
+            BurnSide::Measured(measured)
+        }
+    };
+    TrainComparison { burn, reference }
+}
+
+fn reference_point(command: &str) -> Result<ReferencePoint, String> {
+    let json = run_reference(command).map_err(|e| e.to_string().lines().last().unwrap_or("").to_string())?;
+    let value = |key: &str| json.get(key).and_then(|v| v.as_f64()).ok_or_else(|| format!("reference JSON lacks {key}"));
+    Ok(ReferencePoint { tokens_per_s: value("tokens_per_s")?, peak_memory_bytes: value("peak_memory_bytes")? })
+}
+
 /// Training speed and memory of one configuration, with the plan for it.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct TrainMeasurement {
@@ -113,19 +202,7 @@ pub fn measure_training(config: &crate::model::ModelConfig, bench: &TrainBench, 
         Ok(())
     });
     rates.sort_by(f64::total_cmp);
-    let plan = crate::plan::MemoryPlan::new(
-        config,
-        &crate::plan::PlanOptions {
-            seq_len: bench.seq_len,
-            batch_size: train_config.per_device_train_batch_size,
-            gradient_accumulation_steps: 1,
-            compute_dtype: bench.compute_dtype.unwrap_or(burn::tensor::DType::F32),
-            gradient_checkpointing: bench.gradient_checkpointing,
-            lora_rank: bench.lora_rank,
-            lora_targets: None,
-            runtime_bytes: Some(baseline),
-        },
-    );
+    let plan = bench.plan(config, Some(baseline));
     TrainMeasurement {
         seq_len: bench.seq_len,
         tokens_per_s: rates.get(rates.len() / 2).copied().unwrap_or(f64::NAN),

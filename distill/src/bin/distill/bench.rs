@@ -1,0 +1,178 @@
+//! `distill bench`: forward, generation and training speed (and memory) beside the PyTorch
+//! reference, on the same cores in the same run.
+
+use anyhow::{Context, Result, bail};
+
+use distill::benchmark::run_reference;
+use distill::burn::tensor::DType;
+use distill::info::{gib, human_count};
+use distill::student::model_config_from_any;
+
+use crate::args::{BenchForwardArgs, BenchGenerateArgs, BenchTrainArgs};
+
+pub fn bench_train(args: BenchTrainArgs) -> Result<()> {
+    use distill::benchmark::{BurnSide, TrainBench, compare_training};
+    if args.reference.is_some() && args.lora_rank.is_some() {
+        bail!("--reference measures full fine-tuning in PyTorch; compare LoRA runs without it (or drop --lora-rank)");
+    }
+    let (device, device_name) = distill::device::select(args.device.as_deref())?;
+    let (config, _) = model_config_from_any(&args.config)?;
+    let compute_dtype = args.bf16.then_some(DType::BF16);
+    if !args.json {
+        println!(
+            "model: {} parameters, {} row(s), {} timed step(s) per length after {} warm-up, {}{}{}",
+            human_count(config.num_parameters()), args.per_device_train_batch_size, args.steps, args.warmup_steps,
+            if args.bf16 { "bf16 compute over f32 weights" } else { "f32" },
+            if args.gradient_checkpointing { ", gradient checkpointing" } else { "" },
+            args.lora_rank.map(|r| format!(", LoRA rank {r}")).unwrap_or_default(),
+        );
+    }
+    let available = distill::train::job::device_memory(None, &device_name);
+    for &seq_len in &args.seq_len {
+        let bench = TrainBench {
+            seq_len,
+            batch_size: args.per_device_train_batch_size,
+            warmup_steps: args.warmup_steps,
+            steps: args.steps.max(1),
+            compute_dtype,
+            gradient_checkpointing: args.gradient_checkpointing,
+            lora_rank: args.lora_rank,
+        };
+        let compared = compare_training(&config, &args.config, &bench, args.reference.as_deref(), &device, available);
+        let measured = match compared.burn {
+            BurnSide::Skipped { plan_bytes, available_bytes } => {
+                println!("burn     seq {seq_len:>6}   skipped: the memory plan needs {:.2} GiB, {device_name} has {:.2} GiB", gib(plan_bytes), gib(available_bytes));
+                None
+            }
+            BurnSide::Measured(measured) if args.json => {
+                println!("{}", serde_json::to_string(&measured)?);
+                Some(measured)
+            }
+            BurnSide::Measured(measured) => {
+                println!(
+                    "burn     seq {seq_len:>6}   {:>9.1} tokens/s   peak memory {:>6.2} GiB   (plan {:.2} GiB, {:+.0}%)",
+                    measured.tokens_per_s, gib(measured.peak_memory_bytes), gib(measured.plan_bytes),
+                    100.0 * (measured.plan_bytes as f64 / measured.peak_memory_bytes as f64 - 1.0),
+                );
+                Some(measured)
+            }
+        };
+        let reference = match compared.reference {
+            None => continue,
+            Some(Ok(reference)) => reference,
+            Some(Err(why)) => {
+                println!("pytorch  seq {seq_len:>6}   failed: {why}");
+                continue;
+            }
+        };
+        if args.json {
+            println!("{}", serde_json::json!({"reference": "pytorch", "seq_len": seq_len, "tokens_per_s": reference.tokens_per_s, "peak_memory_bytes": reference.peak_memory_bytes}));
+            continue;
+        }
+        println!("pytorch  seq {seq_len:>6}   {:>9.1} tokens/s   peak memory {:>6.2} GiB", reference.tokens_per_s, gib(reference.peak_memory_bytes as u64));
+        if let Some(measured) = measured {
+            println!(
+                "ratio    seq {seq_len:>6}   {:>9.2}× speed   {:>6.2}× memory   (burn / pytorch; speed > 1 and memory < 1 are better)",
+                measured.tokens_per_s / reference.tokens_per_s, measured.peak_memory_bytes as f64 / reference.peak_memory_bytes
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The prompts of `bench generate`; `distill/benches/reference_generate.py` builds the same.
+fn bench_prompts(batch_size: usize, prompt_len: usize, vocab: usize) -> Vec<Vec<u32>> {
+    (0..batch_size)
+        .map(|row| {
+            let len = (prompt_len / 2 + row * prompt_len.div_ceil(2) / batch_size.max(1)).max(1);
+            (0..len).map(|i| ((row * 131 + i) * 7919 % vocab) as u32).collect()
+        })
+        .collect()
+}
+
+pub fn bench_generate(args: BenchGenerateArgs) -> Result<()> {
+    use distill::generate::{BatchGenerator, SamplingParams, generate};
+    let (device, options) = args.device.resolve()?;
+    let (config, _) = model_config_from_any(&args.config)?;
+    let model = distill::model::Model::random(config.clone(), &device).with_dtype(options.dtype);
+    let prompts = bench_prompts(args.batch_size, args.prompt_len, config.vocab_size);
+    println!("model: {} parameters, {} sequences, prompts of {}-{} tokens, {} new tokens each, dtype {:?}",
+        human_count(config.num_parameters()), prompts.len(), prompts[0].len(), prompts[prompts.len() - 1].len(), args.new_tokens, options.dtype);
+    // Greedy with no end-of-sequence token: every sequence generates exactly `new_tokens`.
+    let params = SamplingParams { max_new_tokens: args.new_tokens, temperature: 0.0, top_p: 1.0, seed: 0 };
+    let total = (prompts.len() * args.new_tokens) as f64;
+    generate(&model, &prompts[0], &SamplingParams { max_new_tokens: 2, ..params.clone() }, &[], |_| {});
+
+    let started = std::time::Instant::now();
+    for prompt in &prompts {
+        generate(&model, prompt, &params, &[], |_| {});
+    }
+    let alone = total / started.elapsed().as_secs_f64();
+    let started = std::time::Instant::now();
+    let mut batch = BatchGenerator::new(&[], prompts.len());
+    for (id, prompt) in prompts.iter().enumerate() {
+        batch.add(id as u64, prompt.clone(), params.clone());
+    }
+    while !batch.is_empty() {
+        batch.step(&model, |_, _| {});
+    }
+    let batched = total / started.elapsed().as_secs_f64();
+    println!("burn one at a time  {alone:>10.1} tokens/s");
+    println!("burn batched        {batched:>10.1} tokens/s   {:.2}× one at a time", batched / alone);
+    if let Some(command) = &args.reference {
+        let reference = run_reference(&format!(
+            "{command} --config {} --batch-size {} --prompt-len {} --new-tokens {}",
+            args.config.display(), args.batch_size, args.prompt_len, args.new_tokens
+        ))?;
+        let rate = reference.get("tokens_per_s").and_then(|v| v.as_f64()).context("reference JSON lacks tokens_per_s")?;
+        println!("pytorch batched     {rate:>10.1} tokens/s   burn batched / pytorch batched: {:.2}× (> 1 is faster)", batched / rate);
+    }
+    Ok(())
+}
+
+pub fn bench_forward(args: BenchForwardArgs) -> Result<()> {
+    let (device, options) = args.device.resolve()?;
+    let (config, _) = model_config_from_any(&args.config)?;
+    println!("model: {} parameters, prompt {} tokens, decode {} tokens, dtype {:?}",
+        human_count(config.num_parameters()), args.prompt_len, args.decode_tokens, options.dtype);
+    let model = distill::model::Model::random(config.clone(), &device).with_dtype(options.dtype);
+    let prompt: Vec<u32> = (0..args.prompt_len).map(|i| (i * 7919 % config.vocab_size) as u32).collect();
+    let mut prefill_times = Vec::new();
+    let mut decode_times = Vec::new();
+    for repeat in 0..=args.repeats {
+        let mut cache = model.new_cache();
+        let started = std::time::Instant::now();
+        let logits = model.step(&prompt, &mut cache);
+        let mut token = distill::generate::argmax(logits.into_data().convert::<f32>().as_slice::<f32>().expect("f32"));
+        let prefill = started.elapsed().as_secs_f64();
+        let started = std::time::Instant::now();
+        for _ in 0..args.decode_tokens {
+            let logits = model.step(&[token], &mut cache);
+            token = distill::generate::argmax(logits.into_data().convert::<f32>().as_slice::<f32>().expect("f32"));
+        }
+        let decode = started.elapsed().as_secs_f64();
+        if repeat > 0 {
+            prefill_times.push(prefill);
+            decode_times.push(decode);
+        }
+    }
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let prefill_rate = args.prompt_len as f64 / median(prefill_times);
+    let decode_rate = args.decode_tokens as f64 / median(decode_times);
+    println!("burn     prefill {prefill_rate:>10.1} tokens/s   decode {decode_rate:>8.1} tokens/s");
+    if let Some(command) = &args.reference {
+        let reference = run_reference(&format!(
+            "{command} --config {} --prompt-len {} --decode-tokens {} --repeats {}",
+            args.config.display(), args.prompt_len, args.decode_tokens, args.repeats
+        ))?;
+        let rate = |key: &str| reference.get(key).and_then(|v| v.as_f64()).with_context(|| format!("reference JSON lacks {key}"));
+        let (reference_prefill, reference_decode) = (rate("prefill_tokens_per_s")?, rate("decode_tokens_per_s")?);
+        println!("pytorch  prefill {reference_prefill:>10.1} tokens/s   decode {reference_decode:>8.1} tokens/s");
+        println!("ratio    prefill {:>10.2}×           decode {:>8.2}×   (burn / pytorch; > 1 is faster)",
+            prefill_rate / reference_prefill, decode_rate / reference_decode);
+    }
+    Ok(())
+}
