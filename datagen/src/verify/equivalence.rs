@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use num_complex::Complex64;
 
 use super::evaluate::{Budget, EvalError, Value, evaluate, plus_minus_count, variables};
-use super::parse::{Answer, Expr, Relation};
+use super::parse::{Answer, Constant, Expr, Relation};
 
 /// Points at which expressions with free variables are compared: irrational-ish, distinct per
 /// variable, and of both signs, so that `\sqrt{x^2}` is not taken for `x` (evaluation is
@@ -223,23 +223,25 @@ impl Comparer<'_> {
                 }
                 Ok(true)
             }
-            // gold interval (1, 3), pred `1 < x < 3`.
-            (Answer::Tuple { open, close, items }, Answer::Relations(p)) if items.len() == 2 && p.len() == 2 => {
-                let bracket = |op: Relation, left: bool| match (op, left) {
-                    (Relation::Lt, true) => Some('('),
-                    (Relation::Le, true) => Some('['),
-                    (Relation::Lt, false) => Some(')'),
-                    (Relation::Le, false) => Some(']'),
-                    _ => None,
-                };
-                let ((low, op1, x1), (x2, op2, high)) = (&p[0], &p[1]);
-                if x1 != x2 || !matches!(x1, Expr::Variable(_)) {
-                    return Ok(false);
+            // An interval and the inequalities that define it: `(1, 3)` / `1 < x < 3`, `[0, \infty)` / `x \ge 0`.
+            (Answer::Tuple { open, close, items }, Answer::Relations(p)) | (Answer::Relations(p), Answer::Tuple { open, close, items })
+                if items.len() == 2 =>
+            {
+                self.interval_equals_relations(*open, *close, items, p)
+            }
+            // gold `(3, 2)`, pred `p = 3, q = 2`: the values in the prediction's order.
+            (Answer::Tuple { open: '(', close: ')', items }, Answer::Set(p)) if items.len() == p.len() => {
+                for (item, answer) in items.iter().zip(p) {
+                    match answer {
+                        Answer::Relations(r) if r.len() == 1 && r[0].1 == Relation::Eq && matches!(r[0].0, Expr::Variable(_)) => {
+                            if !self.expressions_equal(item, &r[0].2)? {
+                                return Ok(false);
+                            }
+                        }
+                        _ => return Ok(false),
+                    }
                 }
-                if bracket(*op1, true) != Some(*open) || bracket(*op2, false) != Some(*close) {
-                    return Ok(false);
-                }
-                Ok(self.expressions_equal(&items[0], low)? && self.expressions_equal(&items[1], high)?)
+                Ok(true)
             }
             (Answer::Tuple { open, close, items }, Answer::Tuple { open: o, close: c, items: p }) => {
                 if open != o || close != c || items.len() != p.len() {
@@ -268,6 +270,50 @@ impl Comparer<'_> {
                     }
                 }
                 Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+
+    /// Whether `relations` on one variable describe the interval `open items[0], items[1] close`.
+    fn interval_equals_relations(&mut self, open: char, close: char, items: &[Expr], relations: &[(Expr, Relation, Expr)]) -> Result<bool, EvalError> {
+        let infinite = |expr: &Expr, negative: bool| match expr {
+            Expr::Constant(Constant::Infinity) => !negative,
+            Expr::Neg(inner) => negative && matches!(**inner, Expr::Constant(Constant::Infinity)),
+            _ => false,
+        };
+        match relations {
+            [(low, op1, x1), (x2, op2, high)] => {
+                let bracket = |op: Relation, left: bool| match (op, left) {
+                    (Relation::Lt, true) => Some('('),
+                    (Relation::Le, true) => Some('['),
+                    (Relation::Lt, false) => Some(')'),
+                    (Relation::Le, false) => Some(']'),
+                    _ => None,
+                };
+                if x1 != x2 || !matches!(x1, Expr::Variable(_)) {
+                    return Ok(false);
+                }
+                if bracket(*op1, true) != Some(open) || bracket(*op2, false) != Some(close) {
+                    return Ok(false);
+                }
+                Ok(self.expressions_equal(&items[0], low)? && self.expressions_equal(&items[1], high)?)
+            }
+            [(lhs, op, rhs)] => {
+                // `3 > x` reads as `x < 3`.
+                let (bound, op) = match (lhs, rhs) {
+                    (Expr::Variable(_), _) => (rhs, *op),
+                    (_, Expr::Variable(_)) => (lhs, op.flipped()),
+                    _ => return Ok(false),
+                };
+                let (finite, ok) = match op {
+                    Relation::Lt => (&items[1], open == '(' && infinite(&items[0], true) && close == ')'),
+                    Relation::Le => (&items[1], open == '(' && infinite(&items[0], true) && close == ']'),
+                    Relation::Gt => (&items[0], open == '(' && infinite(&items[1], false) && close == ')'),
+                    Relation::Ge => (&items[0], open == '[' && infinite(&items[1], false) && close == ')'),
+                    Relation::Eq | Relation::Ne => return Ok(false),
+                };
+                Ok(ok && self.expressions_equal(finite, bound)?)
             }
             _ => Ok(false),
         }

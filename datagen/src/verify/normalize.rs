@@ -26,6 +26,10 @@ static SPACED_THOUSANDS: LazyLock<Regex> =
 static REPEATING: LazyLock<Regex> = LazyLock::new(|| Regex::new(r"(\d*)\.(\d*)\\overline\{(\d+)\}").expect("static regex"));
 static NAMED: LazyLock<Regex> =
     LazyLock::new(|| Regex::new(r"^(?:[A-Za-z]\s*=\s*|\([a-z](?:\s*,\s*[a-z])+\)\s*=\s*|[a-z]\s*\\in\s*)([(\[\\])").expect("static regex"));
+/// `\left(\begin{array}{cc} … \end{array}\right)`: a matrix typeset as an array in brackets.
+static ARRAY_MATRIX: LazyLock<Regex> = LazyLock::new(|| {
+    Regex::new(r"(?s)^[(\[]\s*\\begin\{array\}\{[lcr|]*\}(.*)\\end\{array\}\s*[)\]]$").expect("static regex")
+});
 static CHOOSE: LazyLock<Regex> = LazyLock::new(|| Regex::new(r"\{([^{}]*)\\choose([^{}]*)\}").expect("static regex"));
 /// Stands in for `\\` while spacing commands are removed.
 const ROW_BREAK: &str = "\u{1}";
@@ -105,6 +109,7 @@ pub fn normalize(answer: &str) -> String {
     s = REPEATING
         .replace_all(&s, |c: &regex::Captures| repeating_fraction(&c[1], &c[2], &c[3]).unwrap_or_else(|| c[0].to_string()))
         .into_owned();
+    s = ARRAY_MATRIX.replace(&s, "\\begin{pmatrix}$1\\end{pmatrix}").into_owned();
     // TeX's `{n \choose k}`.
     s = CHOOSE.replace_all(&s, "\\binom{$1}{$2}").into_owned();
     // Braces around the whole answer group nothing: `{{2}}` is `2`.
@@ -198,5 +203,7 @@ mod tests {
         assert_eq!(normalize(r"{5 \choose 2}"), r"\binom{5 }{ 2}");
         assert_eq!(normalize("{1}+{2}"), "{1}+{2}");
         assert_eq!(normalize(r"\begin{pmatrix} 1 & 2 \\ 3 & 4 \end{pmatrix}"), r"\begin{pmatrix} 1 & 2 \\ 3 & 4 \end{pmatrix}");
+        assert_eq!(normalize(r"\left(\begin{array}{cc} 1 & 2 \\ 3 & 4 \end{array}\right)"), r"\begin{pmatrix} 1 & 2 \\ 3 & 4 \end{pmatrix}");
+        assert_eq!(normalize(r"\begin{array}{cc} 1 & 2 \end{array}"), r"\begin{array}{cc} 1 & 2 \end{array}");
     }
 }

@@ -6,6 +6,9 @@
 
 use std::fmt;
 
+/// Environments that typeset a matrix; brackets are typesetting, the entries are the value.
+const MATRIX_ENVIRONMENTS: &[&str] = &["pmatrix", "bmatrix", "Bmatrix", "matrix", "smallmatrix"];
+
 /// Deeper nesting than this is rejected rather than risking the stack.
 const MAX_DEPTH: usize = 128;
 
@@ -604,7 +607,11 @@ fn parse_answer_tokens(tokens: &[Token], depth: usize) -> Result<Answer, ParseEr
     }
     // Matrices.
     if let (Some(Token::Command(begin)), Some(Token::Command(end))) = (tokens.first(), tokens.last()) {
-        if begin.starts_with("begin:") && end.starts_with("end:") {
+        if let (Some(kind), Some(end_kind)) = (begin.strip_prefix("begin:"), end.strip_prefix("end:")) {
+            // A determinant (`vmatrix`) or a case split is a different thing with the same cells.
+            if kind != end_kind || !MATRIX_ENVIRONMENTS.contains(&kind) {
+                return error(format!("unsupported environment {kind}"));
+            }
             return parse_matrix(tokens);
         }
     }
