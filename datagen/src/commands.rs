@@ -353,6 +353,7 @@ pub fn stats_command(args: StatsArgs) -> Result<()> {
     let mut filters: BTreeMap<String, usize> = BTreeMap::new();
     let mut finish: BTreeMap<String, usize> = BTreeMap::new();
     let mut parsers: BTreeMap<String, usize> = BTreeMap::new();
+    let mut verdicts: BTreeMap<String, usize> = BTreeMap::new();
     let mut endpoints: BTreeMap<String, Vec<u64>> = BTreeMap::new();
     for row in &rows {
         for name in &row.filters_failed {
@@ -360,6 +361,9 @@ pub fn stats_command(args: StatsArgs) -> Result<()> {
         }
         *finish.entry(row.finish_reason.clone().unwrap_or_else(|| "-".into())).or_default() += 1;
         *parsers.entry(row.reasoning_parser.clone().unwrap_or_else(|| "-".into())).or_default() += 1;
+        if let Some(verdict) = &row.verdict {
+            *verdicts.entry(verdict.clone()).or_default() += 1;
+        }
         if let (Some(endpoint), Some(latency)) = (&row.endpoint, row.latency_ms) {
             endpoints.entry(endpoint.clone()).or_default().push(latency);
         }
@@ -391,6 +395,7 @@ pub fn stats_command(args: StatsArgs) -> Result<()> {
         "cons_at_k": cons_at_k,
         "k": samples_per_prompt,
         "prompts_scored": prompts_scored,
+        "verdicts": verdicts,
         "filters_failed": filters,
         "finish_reasons": finish,
         "reasoning_parsers": parsers,
@@ -404,6 +409,7 @@ pub fn stats_command(args: StatsArgs) -> Result<()> {
     let percent = |v: &serde_json::Value| v.as_f64().map_or("-".to_string(), |v| format!("{:.1}%", 100.0 * v));
     println!("samples          {} ({} failed requests, {} accepted)", report["samples"], report["failed"], report["accepted"]);
     println!("pass rate        {} of {} verified samples", percent(&report["pass_rate"]), verified.len());
+    println!("verdicts         {}", if verdicts.is_empty() { "-".into() } else { verdicts.iter().map(|(k, v)| format!("{k} {v}")).collect::<Vec<_>>().join(", ") });
     println!("pass@1           {} over {} prompts", percent(&report["pass_at_1"]), prompts_scored);
     println!("cons@{:<3}         {}", samples_per_prompt, percent(&report["cons_at_k"]));
     println!("filters failed   {}", if filters.is_empty() { "none".into() } else { filters.iter().map(|(k, v)| format!("{k} {v}")).collect::<Vec<_>>().join(", ") });

@@ -12,7 +12,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use serde_json::{Map, Value};
 
-use datagen::verify::{MultipleBoxed, VerifyConfig, verify};
+use datagen::verify::{Decimals, MultipleBoxed, VerifyConfig, verify};
 
 #[derive(Parser)]
 #[command(
@@ -46,7 +46,7 @@ enum Command {
     Stats(commands::StatsArgs),
     /// Write a run's samples in another layout (open-r1's per-problem Parquet).
     Export(commands::ExportArgs),
-    /// Verify JSONL rows {gold, pred, …}; writes each row back with `correct` and `extracted`.
+    /// Verify JSONL rows {gold, pred, …}; writes each row back with `verdict` (correct, wrong, no_answer, unparsable), `correct` and `extracted`.
     Verify(VerifyArgs),
     /// Benchmarks (not tests): the verifier's speed, the teacher client's overhead.
     #[command(subcommand)]
@@ -72,6 +72,10 @@ pub(crate) struct VerifierOptions {
     /// Relative tolerance for answers that are not exact rationals.
     #[arg(long, default_value_t = 1e-10)]
     tolerance: f64,
+    /// A decimal prediction of a value it cannot write exactly: `exact` refuses `0.333` for
+    /// \frac13; `rounded` accepts the gold value rounded to the places shown (3+ significant digits).
+    #[arg(long, value_enum, default_value = "exact")]
+    decimals: Decimals,
     /// Time budget per pair, in milliseconds.
     #[arg(long, default_value_t = 200)]
     budget_ms: u64,
@@ -81,6 +85,7 @@ impl VerifierOptions {
     pub(crate) fn config(&self) -> VerifyConfig {
         VerifyConfig {
             multiple_boxed: if self.multiple_boxed == "all-agree" { MultipleBoxed::AllAgree } else { MultipleBoxed::Last },
+            decimals: self.decimals,
             relative_tolerance: self.tolerance,
             time_budget: std::time::Duration::from_millis(self.budget_ms),
             ..VerifyConfig::default()
@@ -96,12 +101,13 @@ struct VerifyArgs {
     /// Where to write the rows; standard output by default.
     #[arg(long)]
     output: Option<PathBuf>,
-    /// Add `explanation`: why the pair matched or not.
+    /// Add `rule` (which rule decided), `source` (where the answer was found) and `explanation`.
     #[arg(long)]
     explain: bool,
-    /// Field names of the reference answer and the prediction.
+    /// Field of the reference answer.
     #[arg(long, default_value = "gold")]
     gold_field: String,
+    /// Field of the prediction: a bare answer or a whole response.
     #[arg(long, default_value = "pred")]
     pred_field: String,
     #[command(flatten)]
@@ -116,6 +122,9 @@ struct BenchArgs {
     /// Passes over the rows.
     #[arg(long, default_value_t = 20)]
     repeats: usize,
+    /// Field of the prediction: `pred` in the table, `response` in tests/verifier/model_written.jsonl.
+    #[arg(long, default_value = "pred")]
+    pred_field: String,
     /// A command that times Math-Verify on the same rows and prints one JSON line
     /// {"pairs_per_s": …}; e.g. `.venv/bin/python tests/verifier/math_verify_reference.py`.
     #[arg(long)]
@@ -138,16 +147,36 @@ fn main() -> Result<()> {
 }
 
 fn verify_command(args: VerifyArgs) -> Result<()> {
-    let config = args.options.config();
     let input: Box<dyn Read> = if args.input.as_os_str() == "-" {
         Box::new(std::io::stdin())
     } else {
         Box::new(File::open(&args.input).with_context(|| format!("opening {}", args.input.display()))?)
     };
-    let mut output: Box<dyn Write> = match &args.output {
-        Some(path) => Box::new(BufWriter::new(File::create(path).with_context(|| format!("creating {}", path.display()))?)),
-        None => Box::new(BufWriter::new(std::io::stdout())),
+    let Some(path) = &args.output else {
+        let mut output = BufWriter::new(std::io::stdout());
+        verify_rows(&args, input, &mut output)?;
+        return Ok(output.flush()?);
     };
+    // Written beside the output and renamed into place when complete: a failure or a kill never
+    // leaves half a file under the output's name.
+    let name = path.file_name().and_then(|n| n.to_str()).context("--output names no file")?;
+    let partial = path.with_file_name(format!(".{name}.partial"));
+    let written = (|| -> Result<()> {
+        let file = File::create(&partial).with_context(|| format!("creating {}", partial.display()))?;
+        let mut output = BufWriter::new(file);
+        verify_rows(&args, input, &mut output)?;
+        output.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+        std::fs::rename(&partial, path).with_context(|| format!("renaming {} to {}", partial.display(), path.display()))
+    })();
+    if written.is_err() {
+        let _ = std::fs::remove_file(&partial);
+    }
+    written
+}
+
+/// Verifies every JSONL row of `input` into `output`, in order; the number of rows.
+fn verify_rows(args: &VerifyArgs, input: impl Read, output: &mut impl Write) -> Result<usize> {
+    let config = args.options.config();
     let name = args.input.display().to_string();
     let mut rows = 0usize;
     for (index, line) in BufReader::new(input).lines().enumerate() {
@@ -172,31 +201,38 @@ fn verify_command(args: VerifyArgs) -> Result<()> {
         };
         let (gold, pred) = (field(&row, &args.gold_field)?, field(&row, &args.pred_field)?);
         let verdict = verify(&gold, &pred, &config);
-        row.insert("correct".into(), verdict.correct.into());
-        row.insert("extracted".into(), verdict.extracted.map_or(Value::Null, Value::from));
+        row.insert("verdict".into(), verdict.outcome.name().into());
+        row.insert("correct".into(), verdict.correct().into());
+        row.insert("extracted".into(), verdict.extracted.clone().map_or(Value::Null, Value::from));
         if args.explain {
+            row.insert("rule".into(), verdict.rule.name().into());
+            row.insert("source".into(), serde_json::to_value(verdict.source)?);
             row.insert("explanation".into(), verdict.explanation.into());
         }
-        serde_json::to_writer(&mut output, &row)?;
+        serde_json::to_writer(&mut *output, &row)?;
         output.write_all(b"\n")?;
         rows += 1;
     }
-    output.flush()?;
     if rows == 0 {
         bail!("{name}: no rows");
     }
-    Ok(())
+    Ok(rows)
 }
 
 fn bench(args: BenchArgs) -> Result<()> {
     let config = args.options.config();
     let text = std::fs::read_to_string(&args.cases).with_context(|| format!("reading {}", args.cases.display()))?;
+    let name = args.cases.display();
     let pairs: Vec<(String, String)> = text
         .lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(|l| {
-            let v: Value = serde_json::from_str(l)?;
-            Ok((v["gold"].as_str().unwrap_or("").to_string(), v["pred"].as_str().unwrap_or("").to_string()))
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(index, l)| {
+            let v: Value = serde_json::from_str(l).with_context(|| format!("{name}:{}: not valid JSON", index + 1))?;
+            let text = |field: &str| {
+                v[field].as_str().map(str::to_string).with_context(|| format!("{name}:{}: field `{field}` is not a string", index + 1))
+            };
+            Ok((text("gold")?, text(&args.pred_field)?))
         })
         .collect::<Result<_>>()?;
     let total = pairs.len() * args.repeats;
@@ -229,7 +265,7 @@ fn bench(args: BenchArgs) -> Result<()> {
     println!("{} pairs × {} passes", pairs.len(), args.repeats);
     println!("datagen verifier   {single:>10.0} pairs/s on 1 thread   {parallel:>10.0} pairs/s on {threads} threads");
     if let Some(command) = &args.reference {
-        let reference = distill::benchmark::run_reference(&format!("{command} --cases {}", args.cases.display()))?;
+        let reference = distill::benchmark::run_reference(&format!("{command} --cases {} --pred-field {}", args.cases.display(), args.pred_field))?;
         let rate = reference["pairs_per_s"].as_f64().context("reference JSON lacks pairs_per_s")?;
         println!("Math-Verify        {rate:>10.0} pairs/s on 1 process");
         println!("ratio (1 thread)   {:>10.1}×", single / rate);

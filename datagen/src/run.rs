@@ -185,6 +185,7 @@ fn row_for(prompt: &Prompt, sample_index: u32, config: &RunConfig, sampling_hash
         messages: None,
         extracted_answer: None,
         correct: None,
+        verdict: None,
         verifier: None,
         filters_failed: Vec::new(),
         accepted: false,

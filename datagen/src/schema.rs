@@ -30,6 +30,9 @@ pub struct Row {
     pub messages: Option<Vec<Message>>,
     pub extracted_answer: Option<String>,
     pub correct: Option<bool>,
+    /// `correct`, `wrong`, `no_answer` or `unparsable`; absent in shards written before it existed.
+    #[serde(default)]
+    pub verdict: Option<String>,
     pub verifier: Option<String>,
     pub filters_failed: Vec<String>,
     pub accepted: bool,
@@ -67,6 +70,7 @@ pub fn schema() -> Arc<Schema> {
         Field::new("messages", DataType::List(Arc::new(Field::new("item", DataType::Struct(message), false))), true),
         utf8("extracted_answer", true),
         Field::new("correct", DataType::Boolean, true),
+        utf8("verdict", true),
         utf8("verifier", true),
         Field::new("filters_failed", DataType::List(Arc::new(Field::new("item", DataType::Utf8, false))), false),
         Field::new("accepted", DataType::Boolean, false),

@@ -27,7 +27,7 @@ pub struct ScoreOptions {
 
 pub const VERIFIER: &str = concat!("datagen-verify ", env!("CARGO_PKG_VERSION"));
 
-/// Sets `extracted_answer`, `correct`, `verifier`, `filters_failed` and `accepted` of `row`
+/// Sets `extracted_answer`, `correct`, `verdict`, `verifier`, `filters_failed` and `accepted` of `row`
 /// from its problem, reference answer and completion. A failed request is never accepted.
 pub fn score(row: &mut Row, options: &ScoreOptions, verify_config: &VerifyConfig) {
     if row.status != "ok" {
@@ -41,13 +41,15 @@ pub fn score(row: &mut Row, options: &ScoreOptions, verify_config: &VerifyConfig
     match &row.reference_answer {
         Some(gold) => {
             let verdict = verify(gold, &response, verify_config);
+            row.correct = Some(verdict.correct());
+            row.verdict = Some(verdict.outcome.name().to_string());
             row.extracted_answer = verdict.extracted;
-            row.correct = Some(verdict.correct);
             row.verifier = Some(VERIFIER.to_string());
         }
         None => {
             row.extracted_answer = crate::verify::extract::extract_answer(&response, verify_config.multiple_boxed, |a, b| a == b).map(|(a, _)| a);
             row.correct = None;
+            row.verdict = None;
             row.verifier = None;
         }
     }

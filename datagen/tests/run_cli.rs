@@ -106,6 +106,10 @@ fn killed_runs_resume_and_store_every_sample_exactly_once() {
     let stats: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
     assert_eq!((stats["samples"].as_u64(), stats["k"].as_u64(), stats["accepted"].as_u64()), (Some(36), Some(3), Some(correct as u64)));
     assert!((stats["pass_at_1"].as_f64().unwrap() - correct as f64 / 36.0).abs() < 1e-9, "{stats}");
+    assert_eq!(stats["verdicts"]["correct"].as_u64(), Some(correct as u64), "{stats}");
+    let classes = ["correct", "wrong", "no_answer", "unparsable"];
+    let counted: u64 = classes.iter().filter_map(|c| stats["verdicts"][c].as_u64()).sum();
+    assert_eq!(counted, 36, "every verified sample has a verdict class: {stats}");
     let text = datagen(&["stats", &out_text]);
     assert!(String::from_utf8_lossy(&text.stdout).contains("cons@3"));
 

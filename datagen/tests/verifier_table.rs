@@ -23,7 +23,7 @@ fn agrees_with_at_least_99_percent_of_the_table() {
     let mut wrong = Vec::new();
     for (line, case) in cases.iter().enumerate() {
         let verdict = verify(case["gold"].as_str().unwrap(), case["pred"].as_str().unwrap(), &config);
-        if verdict.correct != case["expected"].as_bool().unwrap() {
+        if verdict.correct() != case["expected"].as_bool().unwrap() {
             wrong.push(format!(
                 "line {} [{}] gold {:?} pred {:.80?} expected {} ({})",
                 line + 1,

@@ -6,7 +6,10 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use num_complex::Complex64;
 
-use super::evaluate::{Budget, EvalError, Value, evaluate, plus_minus_count, variables};
+use num_traits::CheckedSub;
+
+use super::evaluate::{Budget, EvalError, Rational, Value, evaluate, parse_decimal, plus_minus_count, to_f64, variables};
+use super::ROUNDED_MIN_DIGITS;
 use super::parse::{Answer, Constant, Expr, Relation};
 
 /// Points at which expressions with free variables are compared: irrational-ish, distinct per
@@ -99,6 +102,34 @@ impl Comparer<'_> {
             agreeing += 1;
         }
         Ok(agreeing >= 3)
+    }
+
+    /// Whether `decimal` (a plain decimal literal as written) is `gold`'s value rounded to the
+    /// places it shows, with at least [`ROUNDED_MIN_DIGITS`] significant digits.
+    pub fn rounds_to(&mut self, gold: &Expr, decimal: &str) -> Result<bool, EvalError> {
+        let mut names = BTreeSet::new();
+        variables(gold, &mut names);
+        if !names.is_empty() || plus_minus_count(gold) > 0 {
+            return Ok(false);
+        }
+        let places = decimal.split_once('.').map_or(0, |(_, fraction)| fraction.len());
+        let significant = decimal.chars().filter(char::is_ascii_digit).skip_while(|&c| c == '0').count();
+        let (Some(shown), Some(denominator)) = (parse_decimal(decimal), 10i128.checked_pow(places as u32).and_then(|p| p.checked_mul(2)))
+        else {
+            return Ok(false);
+        };
+        if places == 0 || significant < ROUNDED_MIN_DIGITS {
+            return Ok(false);
+        }
+        let half = Rational::new(1, denominator);
+        let value = evaluate(gold, &BTreeMap::new(), &mut || false, self.budget)?;
+        Ok(match value.exact {
+            Some(exact) => exact.checked_sub(&shown).is_some_and(|d| d <= half && d >= -half),
+            None => {
+                let x = value.approx;
+                x.re.is_finite() && x.im.abs() <= 1e-12 * x.norm().max(1.0) && (x.re - to_f64(shown)).abs() <= to_f64(half) * (1.0 + 1e-9)
+            }
+        })
     }
 
     /// `lhs op rhs` as `f op' 0` with `op'` one of `=`, `≠`, `<`, `≤` (sides swapped for `>`, `≥`).

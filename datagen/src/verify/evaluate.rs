@@ -29,7 +29,7 @@ impl Value {
     }
 }
 
-fn to_f64(r: Rational) -> f64 {
+pub(crate) fn to_f64(r: Rational) -> f64 {
     r.numer().to_f64().unwrap_or(f64::NAN) / r.denom().to_f64().unwrap_or(f64::NAN)
 }
 

@@ -98,6 +98,11 @@ static HOPE: LazyLock<Regex> = LazyLock::new(|| Regex::new(r"(?i)[.\s]*I hope it
 static INLINE_MATH: LazyLock<Regex> =
     LazyLock::new(|| Regex::new(r"\$\$([^$]+)\$\$|\\\[(.+?)\\\]|\\\((.+?)\\\)|\$([^$]+)\$").expect("static regex"));
 
+/// A word of prose: two or more letters that are not a LaTeX command's name.
+static WORD: LazyLock<Regex> = LazyLock::new(|| Regex::new(r"(?:^|[^\\a-zA-Z])[a-zA-Z]{2,}").expect("static regex"));
+/// A bare answer has fewer words than this ("no solution", "x = 2 and x = -1"); more is a sentence.
+const MAX_BARE_WORDS: usize = 3;
+
 /// The answer of a response, and where it was found. `None` when there is none.
 /// `same` decides whether two boxed answers agree (for [`MultipleBoxed::AllAgree`]).
 pub fn extract_answer(
@@ -130,9 +135,11 @@ pub fn extract_answer(
             return Some((math.to_string(), Source::LastMath));
         }
     }
-    // A bare answer ("42", "x = 3") rather than a worked response.
+    // A bare answer ("42", "x = 3", "no solution"), never a sentence: "I could not finish the
+    // computation." is no answer, not a product of letters to compare with the gold.
     let trimmed = text.trim();
-    if !trimmed.is_empty() && trimmed.chars().count() <= 80 && !trimmed.contains('\n') {
+    let words = WORD.find_iter(trimmed).count();
+    if !trimmed.is_empty() && trimmed.chars().count() <= 80 && !trimmed.contains('\n') && words < MAX_BARE_WORDS {
         return Some((trimmed.to_string(), Source::WholeText));
     }
     None
@@ -164,7 +171,7 @@ mod tests {
     use super::*;
 
     fn extract_answer(response: &str, multiple: MultipleBoxed) -> Option<(String, Source)> {
-        super::extract_answer(response, multiple, |a, b| crate::verify::verify_answers(b, a, &Default::default()).correct)
+        super::extract_answer(response, multiple, |a, b| crate::verify::verify_answers(b, a, &Default::default()).correct())
     }
 
     #[test]
@@ -192,6 +199,10 @@ mod tests {
         assert_eq!(extract_answer("So x = 4. The answer is 4.", MultipleBoxed::Last).unwrap().0, "4");
         assert_eq!(extract_answer("The answer is **9**.", MultipleBoxed::Last).unwrap().0, "9");
         assert_eq!(extract_answer("**Final Answer**\n\\[ 17 \\]", MultipleBoxed::Last).unwrap().0, "17");
+        assert_eq!(extract_answer("no solution", MultipleBoxed::Last).unwrap().0, "no solution");
+        assert_eq!(extract_answer(r"5 \text{ apples}", MultipleBoxed::Last).unwrap().0, r"5 \text{ apples}");
+        assert_eq!(extract_answer("I could not finish the computation.", MultipleBoxed::Last), None);
+        assert_eq!(extract_answer("<think>\\boxed{5}</think>I am not sure.", MultipleBoxed::Last), None);
         assert_eq!(extract_answer("we get $y$ and finally $7$ apples.\nmore words here to be long enough", MultipleBoxed::Last).unwrap().0, "7");
     }
 }

@@ -22,9 +22,28 @@ use evaluate::{Budget, EvalError};
 use normalize::normalize;
 use parse::{Answer, parse_answer};
 
+/// How a decimal prediction of a value it cannot write exactly is judged (`0.333` for `\frac13`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, serde::Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum Decimals {
+    /// A decimal must be the value: exactly for a rational gold, within `relative_tolerance`
+    /// otherwise. `0.333` is not `\frac13`; `0.5` is `\frac12`.
+    #[default]
+    Exact,
+    /// Also accept a decimal that is the gold value rounded to the places it shows, when it shows
+    /// at least three significant digits: `0.333` and `0.3333` for `\frac13`, `3.14` for `\pi`;
+    /// never a truncation (`0.666` for `\frac23`) or a short one (`0.3`).
+    Rounded,
+}
+
+/// Significant digits a rounded decimal must show under [`Decimals::Rounded`].
+pub const ROUNDED_MIN_DIGITS: usize = 3;
+
 #[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct VerifyConfig {
     pub multiple_boxed: MultipleBoxed,
+    #[serde(default)]
+    pub decimals: Decimals,
     /// Relative tolerance when an answer is not an exact rational (π, radicals, decimals of
     /// irrationals): |a − b| ≤ tol · max(1, |a|, |b|).
     pub relative_tolerance: f64,
@@ -38,6 +57,7 @@ impl Default for VerifyConfig {
     fn default() -> Self {
         VerifyConfig {
             multiple_boxed: MultipleBoxed::Last,
+            decimals: Decimals::Exact,
             relative_tolerance: 1e-10,
             max_steps: 200_000,
             time_budget: Duration::from_millis(200),
@@ -45,16 +65,93 @@ impl Default for VerifyConfig {
     }
 }
 
+/// The class of a verdict. Only `Correct` is accepted by rejection sampling; the others say why not.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    Correct,
+    /// An answer was found and read, and it is not the gold answer.
+    Wrong,
+    /// Nothing in the response is an answer (no box, answer sentence, math or short bare answer).
+    NoAnswer,
+    /// An answer was found but could not be read as math (or its comparison ran out of budget),
+    /// and its text differs from the gold answer's.
+    Unparsable,
+}
+
+impl Outcome {
+    pub fn name(self) -> &'static str {
+        match self {
+            Outcome::Correct => "correct",
+            Outcome::Wrong => "wrong",
+            Outcome::NoAnswer => "no_answer",
+            Outcome::Unparsable => "unparsable",
+        }
+    }
+}
+
+/// The rule that decided a verdict (`datagen verify --explain`), in the order they are tried.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Rule {
+    /// Nothing was extracted from the response.
+    NoAnswer,
+    /// The reference answer is empty.
+    EmptyGold,
+    /// The two answers are the same string after normalisation.
+    Normalized,
+    /// The gold answer is a choice letter; the prediction's letter decides.
+    ChoiceLetter,
+    /// The gold answer is words: compared as text, ignoring case, spacing and markup.
+    Text,
+    /// One side is not parsable math; only text equal with its structure kept may match.
+    StructureText,
+    /// Compared as values: numbers exactly or within the tolerance, expressions at sample points,
+    /// sets unordered, tuples in order, relations up to a factor, intervals against inequalities.
+    Equivalence,
+    /// A decimal that rounds the gold value ([`Decimals::Rounded`]).
+    RoundedDecimal,
+    /// The comparison ran out of steps or time.
+    Budget,
+    /// An expression has no value (division by zero, a domain error).
+    Undefined,
+}
+
+impl Rule {
+    pub fn name(self) -> &'static str {
+        match self {
+            Rule::NoAnswer => "no_answer",
+            Rule::EmptyGold => "empty_gold",
+            Rule::Normalized => "normalized",
+            Rule::ChoiceLetter => "choice_letter",
+            Rule::Text => "text",
+            Rule::StructureText => "structure_text",
+            Rule::Equivalence => "equivalence",
+            Rule::RoundedDecimal => "rounded_decimal",
+            Rule::Budget => "budget",
+            Rule::Undefined => "undefined",
+        }
+    }
+}
+
 /// The verdict on one (gold, prediction) pair.
 #[derive(Debug, Clone, Serialize)]
 pub struct Verdict {
-    pub correct: bool,
+    pub outcome: Outcome,
+    /// The rule that decided.
+    pub rule: Rule,
     /// The answer found in the prediction, as written.
     pub extracted: Option<String>,
     /// Where it was found.
     pub source: Option<Source>,
-    /// Why the pair matched or not.
+    /// Why the pair matched or not, with the values compared.
     pub explanation: String,
+}
+
+impl Verdict {
+    pub fn correct(&self) -> bool {
+        self.outcome == Outcome::Correct
+    }
 }
 
 /// Answers longer than this are compared as text only: no real final answer is that long,
@@ -93,11 +190,15 @@ fn is_text_answer(normalized: &str) -> bool {
 
 /// Compares two answers (not whole responses).
 pub fn verify_answers(gold: &str, pred: &str, config: &VerifyConfig) -> Verdict {
-    let verdict = |correct: bool, explanation: String| Verdict {
-        correct,
+    let verdict = |outcome: Outcome, rule: Rule, explanation: String| Verdict {
+        outcome,
+        rule,
         extracted: Some(pred.to_string()),
         source: None,
         explanation,
+    };
+    let decided = |correct: bool, rule: Rule, explanation: String| {
+        verdict(if correct { Outcome::Correct } else { Outcome::Wrong }, rule, explanation)
     };
     let g = normalize(gold);
     // "2,74" against a gold "2.74" is a decimal comma: the gold answer says it is one number.
@@ -106,33 +207,33 @@ pub fn verify_answers(gold: &str, pred: &str, config: &VerifyConfig) -> Verdict 
         _ => normalize(pred),
     };
     if g.is_empty() {
-        return verdict(false, "the gold answer is empty".into());
+        return verdict(Outcome::Unparsable, Rule::EmptyGold, "the gold answer is empty".into());
     }
     if g == p {
-        return verdict(true, format!("identical after normalisation: {g}"));
+        return decided(true, Rule::Normalized, format!("identical after normalisation: {g}"));
     }
     if let Some(gold_letter) = CHOICE.captures(&g) {
         let letter = gold_letter[1].to_uppercase();
         let found = PRED_CHOICE.captures(&p).map(|c| c[1].to_uppercase());
         return match found {
-            Some(choice) if choice == letter => verdict(true, format!("choice {letter}")),
-            Some(choice) => verdict(false, format!("choice {choice}, gold {letter}")),
-            None => verdict(false, format!("no choice letter in the prediction (gold {letter})")),
+            Some(choice) => decided(choice == letter, Rule::ChoiceLetter, format!("choice {choice}, gold {letter}")),
+            None => decided(false, Rule::ChoiceLetter, format!("no choice letter in the prediction (gold {letter})")),
         };
     }
     // Words compare leniently (markup, case, spacing and dots ignored); mathematics never does,
     // since dropping a brace or a dot changes the value (`2^{n+1}` / `2^n+1`, `10.5` / `105`).
     if is_text_answer(&g) {
-        return if text_key(&g) == text_key(&p) {
-            verdict(true, "equal as text (case and spacing ignored)".into())
-        } else {
-            verdict(false, format!("text answers differ: {g:?} vs {p:?}"))
-        };
+        let same = text_key(&g) == text_key(&p);
+        let why = if same { "equal as text (case and spacing ignored)".into() } else { format!("text answers differ: {g:?} vs {p:?}") };
+        return decided(same, Rule::Text, why);
     }
     // Where parsing fails, only text that keeps every brace, dot and exponent may still match.
-    let same_text = structure_key(&g) == structure_key(&p);
     let unparsed = |why: String| {
-        if same_text { verdict(true, format!("equal as text with its structure kept ({why})")) } else { verdict(false, why) }
+        if structure_key(&g) == structure_key(&p) {
+            decided(true, Rule::StructureText, format!("equal as text with its structure kept ({why})"))
+        } else {
+            verdict(Outcome::Unparsable, Rule::StructureText, why)
+        }
     };
     if g.len() > MAX_PARSED_LENGTH || p.len() > MAX_PARSED_LENGTH {
         return unparsed("too long to parse; the texts differ".into());
@@ -147,11 +248,19 @@ pub fn verify_answers(gold: &str, pred: &str, config: &VerifyConfig) -> Verdict 
     };
     let mut budget = Budget::new(config.max_steps, Instant::now() + config.time_budget);
     let mut comparer = Comparer { relative_tolerance: config.relative_tolerance, budget: &mut budget };
-    match comparer.answers_equal(&gold_answer, &pred_answer) {
-        Ok(true) => verdict(true, format!("equivalent as {}", shape(&gold_answer))),
-        Ok(false) => verdict(false, format!("not equivalent as {}: {g} vs {p}", shape(&gold_answer))),
-        Err(EvalError::Budget) => verdict(false, "budget exhausted before equivalence was shown".into()),
-        Err(EvalError::Undefined(why)) => verdict(false, format!("cannot evaluate: {why}")),
+    let equal = comparer.answers_equal(&gold_answer, &pred_answer);
+    if config.decimals == Decimals::Rounded && matches!(equal, Ok(false)) && DECIMAL_POINT.is_match(&p) {
+        if let Answer::Expr(gold_expr) = &gold_answer {
+            if comparer.rounds_to(gold_expr, &p).unwrap_or(false) {
+                return decided(true, Rule::RoundedDecimal, format!("{p} is {g} rounded to the places shown"));
+            }
+        }
+    }
+    match equal {
+        Ok(true) => decided(true, Rule::Equivalence, format!("equivalent as {}", shape(&gold_answer))),
+        Ok(false) => decided(false, Rule::Equivalence, format!("not equivalent as {}: {g} vs {p}", shape(&gold_answer))),
+        Err(EvalError::Budget) => verdict(Outcome::Unparsable, Rule::Budget, "budget exhausted before equivalence was shown".into()),
+        Err(EvalError::Undefined(why)) => decided(false, Rule::Undefined, format!("cannot evaluate: {why}")),
     }
 }
 
@@ -174,10 +283,11 @@ pub fn gold_answer(gold: &str) -> String {
 /// Verifies a whole model response (or a bare answer) against a gold answer.
 pub fn verify(gold: &str, response: &str, config: &VerifyConfig) -> Verdict {
     let gold = gold_answer(gold);
-    let extracted = extract_answer(response, config.multiple_boxed, |a, b| verify_answers(a, b, config).correct);
+    let extracted = extract_answer(response, config.multiple_boxed, |a, b| verify_answers(a, b, config).correct());
     match extracted {
         None => Verdict {
-            correct: false,
+            outcome: Outcome::NoAnswer,
+            rule: Rule::NoAnswer,
             extracted: None,
             source: None,
             explanation: "no answer found in the prediction".into(),
