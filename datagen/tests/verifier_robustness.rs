@@ -47,6 +47,36 @@ fn adversarial_inputs_end_within_the_step_budget() {
 }
 
 #[test]
+fn big_numbers_are_exact_or_refused_never_rounded_equal() {
+    let config = VerifyConfig::default();
+    let wrong = [
+        ("2^{200}+1", "2^{200}"),
+        (r"\frac{10^{40}+1}{10^{40}}", "1"),
+        ("99999999999999999999999999999999999999999", "99999999999999999999999999999999999999998"),
+        ("30!", "265252859812191058636308480000001"),
+        ("40!", "815915283247897734345611269596115894272000000001"),
+        (r"\pi \cdot 2^{2000}", r"\pi \cdot 2^{2001}"),
+        ("e^{1000}", "e^{1001}"),
+        ("2^{100000}", "2^{100001}"),
+        ("1.00000000000000000000000000000000000000001", "1"),
+    ];
+    for (gold, pred) in wrong {
+        let verdict = verify(gold, pred, &config);
+        assert!(!verdict.correct(), "{gold} vs {pred}: {}", verdict.explanation);
+    }
+    let right = [
+        ("2^{64}", "18446744073709551616"),
+        ("40!", "815915283247897734345611269596115894272000000000"),
+        ("2^{300}", r"2^{150}\cdot 2^{150}"),
+        (r"\frac{10^{40}+1}{10^{40}}", "1.0000000000000000000000000000000000000001"),
+    ];
+    for (gold, pred) in right {
+        let verdict = verify(gold, pred, &config);
+        assert!(verdict.correct(), "{gold} vs {pred}: {}", verdict.explanation);
+    }
+}
+
+#[test]
 fn thread_safe_under_concurrent_use() {
     let pairs: Vec<(String, String, bool)> = vec![
         ("\\frac{1}{2}".into(), "0.5".into(), true),

@@ -6,7 +6,8 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use num_complex::Complex64;
 
-use num_traits::CheckedSub;
+use num_bigint::BigInt;
+use num_traits::{One, Signed};
 
 use super::evaluate::{Budget, EvalError, Rational, Value, evaluate, parse_decimal, plus_minus_count, to_f64, variables};
 use super::ROUNDED_MIN_DIGITS;
@@ -33,7 +34,7 @@ pub struct Comparer<'a> {
 }
 
 fn values_close(a: &Value, b: &Value, tolerance: f64) -> bool {
-    if let (Some(x), Some(y)) = (a.exact, b.exact) {
+    if let (Some(x), Some(y)) = (&a.exact, &b.exact) {
         return x == y;
     }
     let (x, y) = (a.approx, b.approx);
@@ -114,20 +115,17 @@ impl Comparer<'_> {
         }
         let places = decimal.split_once('.').map_or(0, |(_, fraction)| fraction.len());
         let significant = decimal.chars().filter(char::is_ascii_digit).skip_while(|&c| c == '0').count();
-        let (Some(shown), Some(denominator)) = (parse_decimal(decimal), 10i128.checked_pow(places as u32).and_then(|p| p.checked_mul(2)))
-        else {
-            return Ok(false);
-        };
-        if places == 0 || significant < ROUNDED_MIN_DIGITS {
+        let Some(shown) = parse_decimal(decimal) else { return Ok(false) };
+        if places == 0 || places > 300 || significant < ROUNDED_MIN_DIGITS {
             return Ok(false);
         }
-        let half = Rational::new(1, denominator);
+        let half = Rational::new(BigInt::one(), BigInt::from(2) * BigInt::from(10).pow(places as u32));
         let value = evaluate(gold, &BTreeMap::new(), &mut || false, self.budget)?;
         Ok(match value.exact {
-            Some(exact) => exact.checked_sub(&shown).is_some_and(|d| d <= half && d >= -half),
+            Some(exact) => (exact - &shown).abs() <= half,
             None => {
                 let x = value.approx;
-                x.re.is_finite() && x.im.abs() <= 1e-12 * x.norm().max(1.0) && (x.re - to_f64(shown)).abs() <= to_f64(half) * (1.0 + 1e-9)
+                x.re.is_finite() && x.im.abs() <= 1e-12 * x.norm().max(1.0) && (x.re - to_f64(&shown)).abs() <= to_f64(&half) * (1.0 + 1e-9)
             }
         })
     }

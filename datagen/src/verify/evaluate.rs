@@ -1,36 +1,65 @@
-//! Numeric evaluation of parsed expressions: exact rationals while the arithmetic stays
-//! rational and fits, complex floating point otherwise, under a work budget.
+//! Numeric evaluation of parsed expressions: exact (arbitrary-precision) rationals while the
+//! arithmetic stays rational, complex floating point otherwise, under a work budget.
+//!
+//! A rational too large to hold exactly, or a float that overflows, is never rounded into a value
+//! that could compare equal to a neighbour (`2^{200}` against `2^{200}+1`, `40!` against its
+//! digits plus one): evaluation stops with [`EvalError::Budget`] instead.
 
 use std::collections::BTreeMap;
 use std::time::Instant;
 
+use num_bigint::BigInt;
 use num_complex::Complex64;
-use num_rational::Ratio;
-use num_traits::{CheckedAdd, CheckedDiv, CheckedMul, CheckedSub, Signed, ToPrimitive, Zero};
+use num_traits::{One, Signed, ToPrimitive, Zero};
 
 use super::parse::{Constant, Expr};
 
-pub type Rational = Ratio<i128>;
+pub type Rational = num_rational::BigRational;
+
+/// Bits of numerator plus denominator beyond which an exact value is not kept (a 19,700-digit
+/// number): no final answer is that long, and arithmetic on it would only spend the budget.
+const MAX_EXACT_BITS: u64 = 1 << 16;
+/// The largest `n` whose `n!` is computed exactly (2,000! has 19,000 digits).
+const MAX_EXACT_FACTORIAL: u32 = 2_000;
 
 /// A value: exact when it can be, always with its complex approximation.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Value {
     pub exact: Option<Rational>,
     pub approx: Complex64,
 }
 
 impl Value {
-    fn exact(r: Rational) -> Value {
-        Value { exact: Some(r), approx: Complex64::new(to_f64(r), 0.0) }
+    fn exact(r: Rational) -> Result<Value, EvalError> {
+        if r.numer().bits() + r.denom().bits() > MAX_EXACT_BITS {
+            return Err(EvalError::Budget);
+        }
+        Ok(Value { approx: Complex64::new(to_f64(&r), 0.0), exact: Some(r) })
     }
 
     fn approx(c: Complex64) -> Value {
         Value { exact: None, approx: c }
     }
+
+    /// An inexact result. A float that overflowed from finite operands has lost the value, and
+    /// so has one computed from an exact operand beyond f64's range (`\pi \cdot 2^{2000}`).
+    fn computed(c: Complex64, operands: &[&Value]) -> Result<Value, EvalError> {
+        let finite = |c: Complex64| c.re.is_finite() && c.im.is_finite();
+        let overflowed = !finite(c) && !c.re.is_nan() && !c.im.is_nan() && operands.iter().all(|v| finite(v.approx));
+        if overflowed || operands.iter().any(|v| v.exact.is_some() && !finite(v.approx)) {
+            return Err(EvalError::Budget);
+        }
+        Ok(Value::approx(c))
+    }
 }
 
-pub(crate) fn to_f64(r: Rational) -> f64 {
-    r.numer().to_f64().unwrap_or(f64::NAN) / r.denom().to_f64().unwrap_or(f64::NAN)
+/// The nearest f64 (±∞ past its range).
+pub(crate) fn to_f64(r: &Rational) -> f64 {
+    r.to_f64().unwrap_or(f64::NAN)
+}
+
+fn integer(n: i64) -> Rational {
+    Rational::from_integer(BigInt::from(n))
 }
 
 /// Out of budget: the verdict is "not shown equal".
@@ -66,27 +95,22 @@ impl Budget {
     }
 }
 
-/// Parses a decimal literal ("12", "0.25", "1.5e-3") exactly.
+/// Parses a decimal literal ("12", "0.25", "1.5e-3") exactly; `None` past 10,000 digits or an
+/// exponent of 10,000.
 pub fn parse_decimal(text: &str) -> Option<Rational> {
     let (mantissa, exponent) = match text.find(['e', 'E']) {
         Some(at) => (&text[..at], text[at + 1..].parse::<i32>().ok()?),
         None => (text, 0),
     };
     let (whole, fraction) = mantissa.split_once('.').unwrap_or((mantissa, ""));
-    if whole.len() + fraction.len() > 30 {
+    if whole.len() + fraction.len() > 10_000 || exponent.unsigned_abs() > 10_000 {
         return None;
     }
-    let digits: i128 = format!("{whole}{fraction}").parse().ok()?;
-    let mut value = Rational::new(digits, 10i128.checked_pow(fraction.len() as u32)?);
-    if exponent != 0 {
-        let power = Rational::from_integer(10i128.checked_pow(exponent.unsigned_abs())?);
-        value = if exponent > 0 { value.checked_mul(&power)? } else { value.checked_div(&power)? };
-    }
-    Some(value)
-}
-
-fn factorial(n: u32) -> Option<i128> {
-    (1..=n as i128).try_fold(1i128, |acc, k| acc.checked_mul(k))
+    let digits: BigInt = format!("{whole}{fraction}").parse().ok()?;
+    let ten = BigInt::from(10);
+    let value = Rational::new(digits, ten.pow(fraction.len() as u32));
+    let power = Rational::from_integer(ten.pow(exponent.unsigned_abs()));
+    Some(if exponent >= 0 { value * power } else { value / power })
 }
 
 fn gamma_factorial(x: f64) -> f64 {
@@ -105,7 +129,7 @@ pub fn evaluate(
     let mut eval = |e: &Expr, budget: &mut Budget| evaluate(e, variables, choose_minus, budget);
     Ok(match expr {
         Expr::Number(text) => match parse_decimal(text) {
-            Some(r) => Value::exact(r),
+            Some(r) => Value::exact(r)?,
             None => Value::approx(Complex64::new(text.parse::<f64>().map_err(|_| EvalError::Undefined(text.clone()))?, 0.0)),
         },
         Expr::Variable(name) => match variables.get(name) {
@@ -127,51 +151,40 @@ pub fn evaluate(
                 Expr::PlusMinus(..) => choose_minus(),
                 _ => false,
             };
-            let exact = match (a.exact, b.exact) {
-                (Some(x), Some(y)) => if minus { x.checked_sub(&y) } else { x.checked_add(&y) },
-                _ => None,
-            };
-            let approx = if minus { a.approx - b.approx } else { a.approx + b.approx };
-            Value { exact, approx }
+            match (&a.exact, &b.exact) {
+                (Some(x), Some(y)) => Value::exact(if minus { x - y } else { x + y })?,
+                _ => Value::computed(if minus { a.approx - b.approx } else { a.approx + b.approx }, &[&a, &b])?,
+            }
         }
         Expr::Mul(a, b) => {
             let (a, b) = (eval(a, budget)?, eval(b, budget)?);
-            let exact = match (a.exact, b.exact) {
-                (Some(x), Some(y)) => x.checked_mul(&y),
-                _ => None,
-            };
-            Value { exact, approx: a.approx * b.approx }
+            match (&a.exact, &b.exact) {
+                (Some(x), Some(y)) => Value::exact(x * y)?,
+                _ => Value::computed(a.approx * b.approx, &[&a, &b])?,
+            }
         }
         Expr::Div(a, b) => {
             let (a, b) = (eval(a, budget)?, eval(b, budget)?);
-            if b.exact.is_some_and(|r| r.is_zero()) || b.approx.norm() == 0.0 {
+            if b.exact.as_ref().is_some_and(Zero::is_zero) || b.approx.norm() == 0.0 {
                 return Err(EvalError::Undefined("division by zero".into()));
             }
-            let exact = match (a.exact, b.exact) {
-                (Some(x), Some(y)) => x.checked_div(&y),
-                _ => None,
-            };
-            Value { exact, approx: a.approx / b.approx }
+            match (&a.exact, &b.exact) {
+                (Some(x), Some(y)) => Value::exact(x / y)?,
+                _ => Value::computed(a.approx / b.approx, &[&a, &b])?,
+            }
         }
         Expr::Pow(a, b) => {
             let (base, exponent) = (eval(a, budget)?, eval(b, budget)?);
-            let exact = match (base.exact, exponent.exact) {
-                (Some(x), Some(n)) if n.is_integer() && n.numer().abs() <= 256 => {
-                    let k = *n.numer() as i32;
-                    if x.is_zero() && k < 0 {
-                        None
-                    } else {
-                        let magnitude = k.unsigned_abs();
-                        let mut acc = Some(Rational::from_integer(1));
-                        for _ in 0..magnitude {
-                            budget.spend()?;
-                            acc = acc.and_then(|v| v.checked_mul(&x));
-                        }
-                        if k < 0 { acc.and_then(|v| Rational::from_integer(1).checked_div(&v)) } else { acc }
-                    }
+            if let (Some(x), Some(n)) = (&base.exact, &exponent.exact) {
+                if n.is_integer() && !(x.is_zero() && n.is_negative()) {
+                    // The result's size is known before it is computed: |n| · bits(x).
+                    let k = n.numer().abs().to_u64().filter(|&k| k.saturating_mul(x.numer().bits() + x.denom().bits()) <= MAX_EXACT_BITS);
+                    let Some(k) = k else { return Err(EvalError::Budget) };
+                    budget.spend()?;
+                    let power = Rational::new(x.numer().pow(k as u32), x.denom().pow(k as u32));
+                    return Value::exact(if n.is_negative() { power.recip() } else { power });
                 }
-                _ => None,
-            };
+            }
             let approx = if base.approx.im == 0.0 && exponent.approx.im == 0.0 && base.approx.re >= 0.0 {
                 Complex64::new(base.approx.re.powf(exponent.approx.re), 0.0)
             } else if base.approx.im == 0.0 && exponent.approx.im == 0.0 && exponent.approx.re.fract() == 0.0 {
@@ -179,16 +192,17 @@ pub fn evaluate(
             } else {
                 base.approx.powc(exponent.approx)
             };
-            Value { exact, approx }
+            Value::computed(approx, &[&base, &exponent])?
         }
         Expr::Root(index, radicand) => {
             let (n, x) = (eval(index, budget)?, eval(radicand, budget)?);
-            let exact = match (n.exact, x.exact) {
-                (Some(n), Some(x)) if n == Rational::from_integer(2) && !x.is_negative() => {
-                    exact_sqrt(*x.numer()).zip(exact_sqrt(*x.denom())).map(|(a, b)| Rational::new(a, b))
+            if let (Some(n), Some(x)) = (&n.exact, &x.exact) {
+                if *n == integer(2) && !x.is_negative() {
+                    if let (Some(a), Some(b)) = (exact_sqrt(x.numer()), exact_sqrt(x.denom())) {
+                        return Value::exact(Rational::new(a, b));
+                    }
                 }
-                _ => None,
-            };
+            }
             let approx = if x.approx.im == 0.0 && x.approx.re >= 0.0 {
                 Complex64::new(x.approx.re.powf(1.0 / n.approx.re), 0.0)
             } else if x.approx.im == 0.0 && n.approx.re % 2.0 == 1.0 {
@@ -199,36 +213,43 @@ pub fn evaluate(
                 let imaginary = if x.approx.im == 0.0 { 0.0 } else { x.approx.im };
                 Complex64::new(x.approx.re, imaginary).powf(1.0 / n.approx.re)
             };
-            Value { exact, approx }
+            Value::computed(approx, &[&n, &x])?
         }
         Expr::Factorial(a) => {
             let a = eval(a, budget)?;
-            match a.exact {
-                Some(n) if n.is_integer() && !n.is_negative() && *n.numer() <= 33 => {
-                    Value::exact(Rational::from_integer(factorial(*n.numer() as u32).unwrap_or(0)))
+            match &a.exact {
+                Some(n) if n.is_integer() && !n.is_negative() => {
+                    let n = n.numer().to_u32().filter(|&n| n <= MAX_EXACT_FACTORIAL).ok_or(EvalError::Budget)?;
+                    let mut product = BigInt::one();
+                    for k in 2..=n {
+                        budget.spend()?;
+                        product *= k;
+                    }
+                    Value::exact(Rational::from_integer(product))?
                 }
-                _ => Value::approx(Complex64::new(gamma_factorial(a.approx.re), 0.0)),
+                _ => Value::computed(Complex64::new(gamma_factorial(a.approx.re), 0.0), &[&a])?,
             }
         }
         Expr::Abs(a) => {
             let a = eval(a, budget)?;
-            Value { exact: a.exact.map(|r| r.abs()), approx: Complex64::new(a.approx.norm(), 0.0) }
+            Value { exact: a.exact.as_ref().map(Signed::abs), approx: Complex64::new(a.approx.norm(), 0.0) }
         }
         Expr::Log(base, x) => {
             let (base, x) = (eval(base, budget)?, eval(x, budget)?);
-            Value::approx(x.approx.ln() / base.approx.ln())
+            Value::computed(x.approx.ln() / base.approx.ln(), &[&base, &x])?
         }
         Expr::Function(name, a) if name == "floor" || name == "ceil" => {
             let a = eval(a, budget)?;
             let floor = name == "floor";
-            match a.exact {
-                Some(r) => Value::exact(if floor { r.floor() } else { r.ceil() }),
+            match &a.exact {
+                Some(r) => Value::exact(if floor { r.floor() } else { r.ceil() })?,
                 None => Value::approx(Complex64::new(if floor { a.approx.re.floor() } else { a.approx.re.ceil() }, 0.0)),
             }
         }
         Expr::Function(name, a) => {
-            let x = eval(a, budget)?.approx;
-            Value::approx(match name.as_str() {
+            let a = eval(a, budget)?;
+            let x = a.approx;
+            let value = match name.as_str() {
                 "sin" => x.sin(),
                 "cos" => x.cos(),
                 "tan" => x.tan(),
@@ -245,17 +266,18 @@ pub fn evaluate(
                 "log" => x.ln() / std::f64::consts::LN_10,
                 "exp" => x.exp(),
                 other => return Err(EvalError::Undefined(format!("function {other}"))),
-            })
+            };
+            Value::computed(value, &[&a])?
         }
     })
 }
 
-fn exact_sqrt(n: i128) -> Option<i128> {
-    if n < 0 {
+fn exact_sqrt(n: &BigInt) -> Option<BigInt> {
+    if n.is_negative() {
         return None;
     }
-    let root = (n as f64).sqrt().round() as i128;
-    (root.checked_mul(root) == Some(n)).then_some(root)
+    let root = n.sqrt();
+    (&root * &root == *n).then_some(root)
 }
 
 /// Free variables of an expression, sorted.
