@@ -14,7 +14,8 @@ get REASON, to be written by hand:
 
     .venv/bin/python tests/verifier/math_verify_reference.py --report tests/verifier/DISAGREEMENTS.md \
         --set tests/verifier/cases.jsonl:pred:/tmp/table.jsonl \
-        --set tests/verifier/model_written.jsonl:response:/tmp/written.jsonl
+        --set tests/verifier/model_written.jsonl:response:/tmp/written.jsonl \
+        --set tests/verifier/outsider.jsonl:response:/tmp/outsider.jsonl
 """
 
 import argparse
@@ -29,11 +30,13 @@ from math_verify import parse, verify
 
 HEADER = """# Where the datagen verifier and Math-Verify disagree
 
-Made by `tests/verifier/math_verify_reference.py` with math-verify 0.9.0 on the verifier's two
-labelled sets, then each row's reason written by hand (the script keeps the reasons of rows that
+Made by `tests/verifier/math_verify_reference.py` with math-verify 0.9.0 on the verifier's three
+labelled sets (the table, the model-written answers of issue #11, and the outsider's set written by
+an independent tester who read neither the verifier nor its cases), then each row's reason written by hand (the script keeps the reasons of rows that
 still disagree). Every pair on which the two verifiers differ is listed, with its label. In the
 table (`cases.jsonl`) bare answers are wrapped in `$…$`, as Math-Verify's LaTeX extraction needs;
-in `model_written.jsonl` Math-Verify is given the whole response, as graders give it. The
+in `model_written.jsonl` and `outsider.jsonl` Math-Verify is given the whole response, as graders
+give it. The
 `datagen` column is the verdict class (`correct`, `wrong`, `no_answer`, `unparsable`); a label or
 verdict other than `correct`/True counts as not correct.
 
@@ -44,9 +47,11 @@ To remake it:
 D=target/release/datagen   # cargo build --release -p datagen
 $D verify --input tests/verifier/cases.jsonl --explain > /tmp/table.jsonl
 $D verify --input tests/verifier/model_written.jsonl --pred-field response --explain > /tmp/written.jsonl
+$D verify --input tests/verifier/outsider.jsonl --pred-field response --explain > /tmp/outsider.jsonl
 .venv/bin/python tests/verifier/math_verify_reference.py --report tests/verifier/DISAGREEMENTS.md \\
     --set tests/verifier/cases.jsonl:pred:/tmp/table.jsonl \\
-    --set tests/verifier/model_written.jsonl:response:/tmp/written.jsonl   # then fill in each REASON
+    --set tests/verifier/model_written.jsonl:response:/tmp/written.jsonl \\
+    --set tests/verifier/outsider.jsonl:response:/tmp/outsider.jsonl   # then fill in each REASON
 ```
 
 """

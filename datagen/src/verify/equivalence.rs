@@ -194,10 +194,18 @@ impl Comparer<'_> {
     pub fn answers_equal(&mut self, gold: &Answer, pred: &Answer) -> Result<bool, EvalError> {
         match (gold, pred) {
             (Answer::Expr(g), Answer::Expr(p)) => self.expressions_equal(g, p),
-            // gold 5, pred `x = 5`.
-            (Answer::Expr(g), Answer::Relations(relations)) if relations.len() == 1 => {
-                let (lhs, op, rhs) = &relations[0];
-                if *op == Relation::Eq && matches!(lhs, Expr::Variable(_)) { self.expressions_equal(g, rhs) } else { Ok(false) }
+            // gold 5, pred `x = 5`, or a chain `x = 2 \cdot 3 = 6` whose every member is the value.
+            (Answer::Expr(g), Answer::Relations(relations)) => {
+                let named = relations.first().is_some_and(|r| matches!(r.0, Expr::Variable(_)));
+                if !named || relations.iter().any(|r| r.1 != Relation::Eq) {
+                    return Ok(false);
+                }
+                for (_, _, rhs) in relations {
+                    if !self.expressions_equal(g, rhs)? {
+                        return Ok(false);
+                    }
+                }
+                Ok(true)
             }
             // gold `1 \pm \sqrt{2}`, pred `1 + \sqrt{2}, 1 - \sqrt{2}`.
             (Answer::Expr(g), Answer::Set(items)) if plus_minus_count(g) > 0 => {

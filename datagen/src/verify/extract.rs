@@ -98,6 +98,7 @@ static HOPE: LazyLock<Regex> = LazyLock::new(|| Regex::new(r"(?i)[.\s]*I hope it
 static INLINE_MATH: LazyLock<Regex> =
     LazyLock::new(|| Regex::new(r"\$\$([^$]+)\$\$|\\\[(.+?)\\\]|\\\((.+?)\\\)|\$([^$]+)\$").expect("static regex"));
 
+static BOLD_LINE: LazyLock<Regex> = LazyLock::new(|| Regex::new(r"^\*\*([^*]{1,80})\*\*\.?$").expect("static regex"));
 /// A word of prose: two or more letters that are not a LaTeX command's name.
 static WORD: LazyLock<Regex> = LazyLock::new(|| Regex::new(r"(?:^|[^\\a-zA-Z])[a-zA-Z]{2,}").expect("static regex"));
 /// A bare answer has fewer words than this ("no solution", "x = 2 and x = -1"); more is a sentence.
@@ -129,11 +130,20 @@ pub fn extract_answer(
     if let Some(answer) = phrase_answer(text) {
         return Some((answer, Source::FinalAnswerPhrase));
     }
+    // A last line in bold (`**40**`) is how chat models set off an answer.
+    if let Some(bold) = text.lines().rev().find(|l| !l.trim().is_empty()).and_then(|l| BOLD_LINE.captures(l.trim())) {
+        return Some((bold[1].trim().to_string(), Source::FinalAnswerPhrase));
+    }
+    // The last math span, unless prose after it holds a number: in "Given $42$ apples, the
+    // total is 50." the math is a premise and the answer is in words; nothing is extracted.
     if let Some(captures) = INLINE_MATH.captures_iter(text).last() {
+        let span = captures.get(0).map_or(text.len(), |m| m.end());
         let math = captures.iter().skip(1).flatten().next().map(|m| m.as_str().trim()).unwrap_or("");
-        if !math.is_empty() {
+        let empty_box = math.replace("\\boxed{}", "").trim().is_empty();
+        if !empty_box && !text[span..].chars().any(|c| c.is_ascii_digit()) {
             return Some((math.to_string(), Source::LastMath));
         }
+        return None;
     }
     // A bare answer ("42", "x = 3", "no solution"), never a sentence: "I could not finish the
     // computation." is no answer, not a product of letters to compare with the gold.
@@ -200,6 +210,10 @@ mod tests {
         assert_eq!(extract_answer("The answer is **9**.", MultipleBoxed::Last).unwrap().0, "9");
         assert_eq!(extract_answer("**Final Answer**\n\\[ 17 \\]", MultipleBoxed::Last).unwrap().0, "17");
         assert_eq!(extract_answer("no solution", MultipleBoxed::Last).unwrap().0, "no solution");
+        assert_eq!(extract_answer("Since $6 \\cdot 7 = 42$, we subtract 2.\n\n**40**", MultipleBoxed::Last).unwrap().0, "40");
+        assert_eq!(extract_answer("Given $42$ apples, the total is 50.", MultipleBoxed::Last), None);
+        assert_eq!(extract_answer("So it is $\\boxed{}$.", MultipleBoxed::Last), None);
+        assert_eq!(extract_answer("The total is $50$ apples.", MultipleBoxed::Last).unwrap().0, "50");
         assert_eq!(extract_answer(r"5 \text{ apples}", MultipleBoxed::Last).unwrap().0, r"5 \text{ apples}");
         assert_eq!(extract_answer("I could not finish the computation.", MultipleBoxed::Last), None);
         assert_eq!(extract_answer("<think>\\boxed{5}</think>I am not sure.", MultipleBoxed::Last), None);

@@ -9,6 +9,7 @@ pub mod extract;
 pub mod normalize;
 pub mod parse;
 
+use std::collections::BTreeSet;
 use std::sync::LazyLock;
 use std::time::{Duration, Instant};
 
@@ -161,6 +162,11 @@ const MAX_PARSED_LENGTH: usize = 2_000;
 static CHOICE: LazyLock<Regex> = LazyLock::new(|| Regex::new(r"^\(?([A-Ea-e])\)?$").expect("static regex"));
 static PRED_CHOICE: LazyLock<Regex> =
     LazyLock::new(|| Regex::new(r"^(?:\\text\{)?\(?([A-Ea-e])\)?(?:$|[\s.:)}])").expect("static regex"));
+/// Every choice a prediction names: `(A)`, or a capital letter standing alone (`A, C`).
+static CHOICES_NAMED: LazyLock<Regex> =
+    LazyLock::new(|| Regex::new(r"\(([A-Ea-e])\)|(?:^|[^A-Za-z\\])([A-E])(?:$|[^A-Za-z])").expect("static regex"));
+/// An AMC gold answer: the letter and its value, `\textbf{(C)}\ 15` → `(C) 15`.
+static CHOICE_WITH_VALUE: LazyLock<Regex> = LazyLock::new(|| Regex::new(r"^\(([A-E])\)\s*(.+)$").expect("static regex"));
 static DECIMAL_POINT: LazyLock<Regex> = LazyLock::new(|| Regex::new(r"^-?\d+\.\d+$").expect("static regex"));
 static DECIMAL_COMMA: LazyLock<Regex> = LazyLock::new(|| Regex::new(r"^-?\d+,\d+$").expect("static regex"));
 static ENVIRONMENT: LazyLock<Regex> = LazyLock::new(|| Regex::new(r"\\(?:begin|end)\{[a-z*]*\}").expect("static regex"));
@@ -212,12 +218,21 @@ pub fn verify_answers(gold: &str, pred: &str, config: &VerifyConfig) -> Verdict 
     if g == p {
         return decided(true, Rule::Normalized, format!("identical after normalisation: {g}"));
     }
-    if let Some(gold_letter) = CHOICE.captures(&g) {
-        let letter = gold_letter[1].to_uppercase();
+    let gold_choice = CHOICE.captures(&g).map(|c| (c[1].to_uppercase(), None));
+    let gold_choice = gold_choice.or_else(|| CHOICE_WITH_VALUE.captures(&g).map(|c| (c[1].to_string(), Some(c[2].to_string()))));
+    if let Some((letter, value)) = gold_choice {
+        let named: BTreeSet<String> =
+            CHOICES_NAMED.captures_iter(&p).filter_map(|c| c.get(1).or(c.get(2))).map(|m| m.as_str().to_uppercase()).collect();
         let found = PRED_CHOICE.captures(&p).map(|c| c[1].to_uppercase());
-        return match found {
-            Some(choice) => decided(choice == letter, Rule::ChoiceLetter, format!("choice {choice}, gold {letter}")),
-            None => decided(false, Rule::ChoiceLetter, format!("no choice letter in the prediction (gold {letter})")),
+        return match (found, value) {
+            // "(A) and (B)", "(A) is false; (C)": naming several choices answers none of them.
+            (Some(_), _) if named.len() > 1 => {
+                decided(false, Rule::ChoiceLetter, format!("several choices named ({}), gold {letter}", named.into_iter().collect::<Vec<_>>().join(", ")))
+            }
+            (Some(choice), _) => decided(choice == letter, Rule::ChoiceLetter, format!("choice {choice}, gold {letter}")),
+            // An AMC gold `(C) 15` also accepts its value alone.
+            (None, Some(value)) => verify_answers(&value, pred, config),
+            (None, None) => decided(false, Rule::ChoiceLetter, format!("no choice letter in the prediction (gold {letter})")),
         };
     }
     // Words compare leniently (markup, case, spacing and dots ignored); mathematics never does,

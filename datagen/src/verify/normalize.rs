@@ -30,6 +30,11 @@ static NAMED: LazyLock<Regex> =
 static ARRAY_MATRIX: LazyLock<Regex> = LazyLock::new(|| {
     Regex::new(r"(?s)^[(\[]\s*\\begin\{array\}\{[lcr|]*\}(.*)\\end\{array\}\s*[)\]]$").expect("static regex")
 });
+/// A label inside the answer: `\boxed{\text{Answer: } 14}`.
+static ANSWER_LABEL: LazyLock<Regex> =
+    LazyLock::new(|| Regex::new(r"(?i)^(?:the\s+)?(?:final\s+)?answer(?:\s+is)?\s*:\s*").expect("static regex"));
+/// A mixed number in plain text: `4 1/2`.
+static PLAIN_MIXED: LazyLock<Regex> = LazyLock::new(|| Regex::new(r"^(-?\d+)\s+(\d+)\s*/\s*(\d+)$").expect("static regex"));
 static CHOOSE: LazyLock<Regex> = LazyLock::new(|| Regex::new(r"\{([^{}]*)\\choose([^{}]*)\}").expect("static regex"));
 /// Stands in for `\\` while spacing commands are removed.
 const ROW_BREAK: &str = "\u{1}";
@@ -135,6 +140,12 @@ pub fn normalize(answer: &str) -> String {
     s = QUALIFIER.replace(&s, "").into_owned();
     // A name for the answer that the gold does not write: `P = (8,-2)`, `(p,q) = (3,2)`, `x \in [1,2]`.
     s = NAMED.replace(&s, "$1").into_owned();
+    s = ANSWER_LABEL.replace(&s, "").into_owned();
+    s = PLAIN_MIXED.replace(&s, "$1\\frac{$2}{$3}").into_owned();
+    // The real line, as an interval.
+    if matches!(s.as_str(), "\\mathbb{R}" | "\\mathbb R" | "\\R" | "\\Bbb{R}" | "\\Bbb R") {
+        s = "(-\\infty,\\infty)".to_string();
+    }
     // "x = 2 and x = -1", "3 or 4": lists of answers.
     if s.chars().any(|c| c.is_ascii_digit() || c == '\\') {
         s = CONJUNCTION.replace_all(&s, ", ").into_owned();
@@ -199,6 +210,9 @@ mod tests {
         assert_eq!(normalize("x = 5"), "x = 5");
         assert_eq!(normalize("x >= 5"), r"x \ge 5");
         assert_eq!(normalize(r"0.1\overline{6}"), r"\frac{15}{90}");
+        assert_eq!(normalize(r"\text{Answer: } 14"), "14");
+        assert_eq!(normalize("4 1/2"), r"4\frac{1}{2}");
+        assert_eq!(normalize(r"x \in \mathbb{R}"), r"(-\infty,\infty)");
         assert_eq!(normalize(r"-2.\overline{36}"), r"-\frac{234}{99}");
         assert_eq!(normalize(r"{5 \choose 2}"), r"\binom{5 }{ 2}");
         assert_eq!(normalize("{1}+{2}"), "{1}+{2}");
