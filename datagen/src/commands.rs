@@ -16,6 +16,7 @@ use datagen::schema::Row;
 use datagen::scoring::{Keep, ScoreOptions, score};
 use datagen::store;
 use distill::benchmark::run_reference;
+use datagen::teacher::ERROR_CLASSES;
 use datagen::teacher::pool::percentile;
 
 use crate::VerifierOptions;
@@ -34,9 +35,9 @@ pub struct FilterOptions {
     min_completion_tokens: u64,
     #[arg(long)]
     max_completion_tokens: Option<u64>,
-    /// Which samples are accepted: `correct` (verified and filtered: R1's rejection sampling)
-    /// or `all` (filtered only).
-    #[arg(long, value_enum, default_value = "correct")]
+    /// Which samples are accepted: `correct` (verified and filtered: R1's rejection sampling),
+    /// `all` (filtered only), or verdict classes, e.g. `correct,unparsable`.
+    #[arg(long, default_value = "correct")]
     keep: Keep,
 }
 
@@ -48,7 +49,7 @@ impl FilterOptions {
             list => list.split(',').map(|name| name.trim().parse::<Filter>()).collect::<Result<Vec<_>, _>>().map_err(anyhow::Error::msg)?,
         };
         Ok(ScoreOptions {
-            keep: self.keep,
+            keep: self.keep.clone(),
             filters: FilterConfig {
                 enabled,
                 max_paragraph_chars: self.max_paragraph_chars,
@@ -134,6 +135,11 @@ pub struct RunArgs {
     /// Rows per Parquet shard.
     #[arg(long, default_value_t = 256)]
     shard_rows: usize,
+    /// Ask again for the samples stored as failed: all of them, or those of the given reason
+    /// classes (`context_length,server`; see `error_class`). Each is asked for once more, under
+    /// its own key; the failed row is replaced by the new result.
+    #[arg(long, num_args = 0..=1, default_missing_value = "all", value_name = "CLASSES")]
+    retry_failed: Option<String>,
     /// The teacher's tokenizer folder (tokenizer.json, tokenizer_config.json): counts prompt and
     /// completion tokens when a server sends no usage (`usage_source = local`).
     #[arg(long)]
@@ -222,9 +228,23 @@ pub fn run_command(args: RunArgs) -> Result<()> {
         system_prompt: args.system_prompt.clone(),
     };
     let score_options = args.filters.score_options()?;
+    let retry_classes = match args.retry_failed.as_deref() {
+        None => None,
+        Some("all") => Some(Vec::new()),
+        Some(list) => Some(
+            list.split(',')
+                .map(|c| c.trim().to_string())
+                .map(|c| if ERROR_CLASSES.contains(&c.as_str()) { Ok(c) } else { Err(anyhow::anyhow!("--retry-failed: unknown class `{c}` (expected all, or some of {})", ERROR_CLASSES.join(", "))) })
+                .collect::<Result<Vec<_>>>()?,
+        ),
+    };
     std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
+    let _lock = store::lock(&args.out)?;
     let previous = read_manifest(&args.out).ok();
-    let generation = previous.as_ref().and_then(|m| m["generation"].as_u64()).unwrap_or(0) as u32;
+    let mut generation = previous.as_ref().and_then(|m| m["generation"].as_u64()).unwrap_or(0) as u32;
+    if let (Some(classes), Some(manifest)) = (&retry_classes, &previous) {
+        generation = drop_failed(&args.out, generation, classes, args.shard_rows, manifest.clone())?;
+    }
     let created_at = previous.as_ref().and_then(|m| m["created_at"].as_str().map(String::from)).unwrap_or_else(now);
     let manifest = |status: &str, summary: Option<&datagen::run::Summary>| {
         json!({
@@ -296,6 +316,32 @@ pub fn run_command(args: RunArgs) -> Result<()> {
     Ok(())
 }
 
+/// Removes the failed rows of `classes` (every class when empty) from the run in `out`, as a new
+/// generation written beside the current one and switched to atomically, so that the run asks
+/// for those samples again, under the same keys. Returns the generation to write to.
+fn drop_failed(out: &Path, generation: u32, classes: &[String], shard_rows: usize, mut manifest: serde_json::Value) -> Result<u32> {
+    let data = out.join("data");
+    let retried = |row: &Row| {
+        row.status == "failed" && (classes.is_empty() || row.error_class.as_ref().is_some_and(|c| classes.contains(c)))
+    };
+    let rows = store::read_all(&data, generation)?;
+    let count = rows.iter().filter(|r| retried(r)).count();
+    let which = if classes.is_empty() { "all".to_string() } else { classes.join(", ") };
+    eprintln!("--retry-failed {which}: {count} failed samples to ask for again");
+    if count == 0 {
+        return Ok(generation);
+    }
+    let kept: Vec<Row> = rows.into_iter().filter(|r| !retried(r)).collect();
+    let mut next = generation;
+    store::rewrite(&data, generation, &kept, shard_rows, |g| {
+        next = g;
+        manifest["generation"] = json!(g);
+        manifest["retried_failed_at"] = json!(now());
+        write_manifest(out, &manifest)
+    })?;
+    Ok(next)
+}
+
 fn generation(out: &Path) -> Result<u32> {
     let manifest = read_manifest(out).with_context(|| format!("{} is not a datagen run folder", out.display()))?;
     Ok(manifest["generation"].as_u64().unwrap_or(0) as u32)
@@ -314,6 +360,8 @@ pub struct RescoreArgs {
 /// Re-verifies and re-filters every stored sample with the given options; never calls the
 /// teacher.
 pub fn rescore_command(args: RescoreArgs) -> Result<()> {
+    generation(&args.dir)?; // a run folder, before a lock file is made in it
+    let _lock = store::lock(&args.dir)?;
     let from = generation(&args.dir)?;
     let data = args.dir.join("data");
     let mut rows = store::read_all(&data, from)?;
@@ -370,7 +418,7 @@ pub fn stats_command(args: StatsArgs) -> Result<()> {
     }
     let mut tokens: Vec<u64> = ok.iter().filter_map(|r| r.completion_tokens).collect();
     tokens.sort_unstable();
-    let (pass_at_1, cons_at_k, prompts_scored) = datagen::scoring::pass_and_consensus(&rows);
+    let (pass_at_1, cons_at_k, prompts_scored) = datagen::scoring::pass_and_consensus(&rows, &datagen::verify::VerifyConfig::default());
     let samples_per_prompt = {
         let mut counts: HashMap<&str, usize> = HashMap::new();
         for row in &ok {

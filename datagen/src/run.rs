@@ -153,6 +153,11 @@ async fn sample(
                 refused.store(true, Ordering::SeqCst);
                 return Err((error, Some(endpoint), attempts));
             }
+            // The endpoint is healthy; this request is not (too long, a bad parameter).
+            Err(error) if error.is_request_error() => {
+                lease.succeeded(0);
+                return Err((error, Some(endpoint), attempts));
+            }
             Err(error) => {
                 lease.failed();
                 if attempts > config.max_retries {
@@ -180,6 +185,7 @@ fn row_for(prompt: &Prompt, sample_index: u32, config: &RunConfig, sampling_hash
         sample_index,
         status: "ok".into(),
         error: None,
+        error_class: None,
         reasoning: None,
         content: None,
         messages: None,
@@ -331,6 +337,7 @@ pub async fn run(
             }
             Err((error, endpoint, attempts)) => {
                 row.status = "failed".into();
+                row.error_class = Some(error.class().to_string());
                 row.error = Some(error.to_string());
                 row.endpoint = endpoint;
                 row.attempts = attempts;

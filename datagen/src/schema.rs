@@ -25,6 +25,11 @@ pub struct Row {
     /// `ok`, or `failed` (retries exhausted; `error` says why).
     pub status: String,
     pub error: Option<String>,
+    /// Why a failed sample failed: `context_length`, `invalid_request`, `server`, `timeout`,
+    /// `connection`, `rate_limit`, `protocol`… (see `RequestError::class`); absent in shards
+    /// written before it existed.
+    #[serde(default)]
+    pub error_class: Option<String>,
     pub reasoning: Option<String>,
     pub content: Option<String>,
     pub messages: Option<Vec<Message>>,
@@ -65,6 +70,7 @@ pub fn schema() -> Arc<Schema> {
         Field::new("sample_index", DataType::UInt32, false),
         utf8("status", false),
         utf8("error", true),
+        utf8("error_class", true),
         utf8("reasoning", true),
         utf8("content", true),
         Field::new("messages", DataType::List(Arc::new(Field::new("item", DataType::Struct(message), false))), true),

@@ -1,22 +1,46 @@
 //! Verification and filtering of a stored sample: what `datagen run` does to each completion
 //! and `datagen rescore` redoes from the stored rows, without the teacher.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
 use crate::filters::{self, FilterConfig};
 use crate::schema::Row;
-use crate::verify::{VerifyConfig, verify};
+use crate::verify::{Outcome, VerifyConfig, verify, verify_answers};
 
-/// Rejection sampling: which samples are accepted into the training set.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "kebab-case")]
+/// Rejection sampling: which samples are accepted into the training set (`--keep`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Keep {
     /// Verified correct and passing every enabled filter (R1's rejection sampling).
     Correct,
     /// Passing every enabled filter, right or wrong (and prompts without a reference answer).
     All,
+    /// Passing every enabled filter with one of these verdicts (`correct,unparsable` also keeps
+    /// what the verifier could not read, for a second look).
+    Verdicts(Vec<Outcome>),
+}
+
+impl std::str::FromStr for Keep {
+    type Err = String;
+
+    /// `correct`, `all`, or a comma-separated list of verdict classes.
+    fn from_str(text: &str) -> Result<Keep, String> {
+        match text.trim() {
+            "correct" => Ok(Keep::Correct),
+            "all" => Ok(Keep::All),
+            list => list
+                .split(',')
+                .map(|name| {
+                    Outcome::from_name(name.trim()).ok_or_else(|| {
+                        format!("--keep: unknown verdict `{}` (expected all, or some of correct, wrong, no_answer, unparsable)", name.trim())
+                    })
+                })
+                .collect::<Result<Vec<_>, _>>()
+                .map(Keep::Verdicts),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -62,17 +86,20 @@ pub fn score(row: &mut Row, options: &ScoreOptions, verify_config: &VerifyConfig
     };
     row.filters_failed = filters::failed(&sample, &options.filters).into_iter().map(|f| f.name().to_string()).collect();
     row.accepted = row.filters_failed.is_empty()
-        && match options.keep {
+        && match &options.keep {
             Keep::Correct => row.correct == Some(true),
             Keep::All => true,
+            Keep::Verdicts(classes) => row.verdict.as_deref().and_then(Outcome::from_name).is_some_and(|v| classes.contains(&v)),
         };
 }
 
 /// pass@1 (mean correctness over samples, averaged over prompts) and cons@k (the majority
-/// extracted answer per prompt is correct) over the prompts with a reference answer.
-pub fn pass_and_consensus(rows: &[Row]) -> (Option<f64>, Option<f64>, usize) {
+/// answer per prompt is correct) over the prompts with a reference answer. A failed sample counts
+/// as wrong (it is part of the k drawn). Votes are grouped by the verifier's equivalence, not by
+/// string: `0.5` and `\frac12` are one answer.
+pub fn pass_and_consensus(rows: &[Row], config: &VerifyConfig) -> (Option<f64>, Option<f64>, usize) {
     let mut by_prompt: BTreeMap<&str, Vec<&Row>> = BTreeMap::new();
-    for row in rows.iter().filter(|r| r.status == "ok" && r.correct.is_some()) {
+    for row in rows.iter().filter(|r| r.reference_answer.is_some()) {
         by_prompt.entry(&row.id).or_default().push(row);
     }
     if by_prompt.is_empty() {
@@ -82,25 +109,25 @@ pub fn pass_and_consensus(rows: &[Row]) -> (Option<f64>, Option<f64>, usize) {
     let mut consensus = 0.0;
     for samples in by_prompt.values() {
         pass += samples.iter().filter(|r| r.correct == Some(true)).count() as f64 / samples.len() as f64;
-        let mut votes: HashMap<&str, (usize, bool)> = HashMap::new();
-        for row in samples {
-            if let Some(answer) = row.extracted_answer.as_deref() {
-                let entry = votes.entry(answer).or_insert((0, false));
-                entry.0 += 1;
-                entry.1 |= row.correct == Some(true);
+        // (representative answer, votes, correct), in order of first appearance.
+        let mut groups: Vec<(&str, usize, bool)> = Vec::new();
+        for row in samples.iter().filter(|r| r.status == "ok") {
+            let Some(answer) = row.extracted_answer.as_deref() else { continue };
+            let group = groups.iter().position(|(seen, _, _)| *seen == answer || verify_answers(seen, answer, config).correct());
+            match group {
+                Some(index) => {
+                    groups[index].1 += 1;
+                    groups[index].2 |= row.correct == Some(true);
+                }
+                None => groups.push((answer, 1, row.correct == Some(true))),
             }
         }
         // Ties go to the answer seen first, as in the usual majority-vote evaluations.
-        let mut best: Option<(&str, usize, bool)> = None;
-        for row in samples {
-            if let Some(answer) = row.extracted_answer.as_deref() {
-                let (count, correct) = votes[answer];
-                if best.is_none_or(|(_, c, _)| count > c) {
-                    best = Some((answer, count, correct));
-                }
-            }
-        }
-        consensus += best.is_some_and(|(_, _, correct)| correct) as u8 as f64;
+        let best = groups.iter().fold(None, |best: Option<&(&str, usize, bool)>, group| match best {
+            Some(b) if b.1 >= group.1 => Some(b),
+            _ => Some(group),
+        });
+        consensus += best.is_some_and(|(_, _, correct)| *correct) as u8 as f64;
     }
     let n = by_prompt.len() as f64;
     (Some(pass / n), Some(consensus / n), by_prompt.len())
@@ -131,9 +158,46 @@ mod tests {
             row("a", "1", true), row("a", "5", false), row("a", "5", false),
             row("b", "7", true), row("b", "7", true), row("b", "8", false),
         ];
-        let (pass, consensus, prompts) = pass_and_consensus(&rows);
+        let (pass, consensus, prompts) = pass_and_consensus(&rows, &VerifyConfig::default());
         assert_eq!(prompts, 2);
         assert!((pass.unwrap() - (1.0 / 3.0 + 2.0 / 3.0) / 2.0).abs() < 1e-12);
         assert_eq!(consensus, Some(0.5));
+    }
+
+    #[test]
+    fn votes_group_by_equivalence_and_failed_samples_count_as_wrong() {
+        // "0.5" and "\frac12" are one answer with two votes against "3" with two: the first seen
+        // wins the tie only when they are grouped (else "3" would win with 2 against 1 and 1).
+        let rows = vec![
+            row("a", "3", false), row("a", "0.5", true), row("a", "\\frac12", true), row("a", "3", false), row("a", "\\frac{1}{2}", true),
+        ];
+        let (_, consensus, _) = pass_and_consensus(&rows, &VerifyConfig::default());
+        assert_eq!(consensus, Some(1.0));
+        // A failed sample is one of the k: 1 right of 2, not 1 of 1.
+        let mut failed = row("b", "", false);
+        failed.status = "failed".into();
+        failed.extracted_answer = None;
+        failed.correct = None;
+        let (pass, _, _) = pass_and_consensus(&[row("b", "7", true), failed], &VerifyConfig::default());
+        assert_eq!(pass, Some(0.5));
+    }
+
+    #[test]
+    fn keep_by_verdict_class() {
+        assert_eq!("correct".parse::<Keep>(), Ok(Keep::Correct));
+        assert_eq!("all".parse::<Keep>(), Ok(Keep::All));
+        assert_eq!("correct, unparsable".parse::<Keep>(), Ok(Keep::Verdicts(vec![Outcome::Correct, Outcome::Unparsable])));
+        assert!("correct,maybe".parse::<Keep>().unwrap_err().contains("unknown verdict `maybe`"));
+        let options = |keep: &str| ScoreOptions { keep: keep.parse().unwrap(), filters: FilterConfig { enabled: Vec::new(), ..FilterConfig::default() } };
+        let config = VerifyConfig::default();
+        let mut unreadable = row("a", "x", false);
+        unreadable.content = Some("So the answer is $\\boxed{3^{2}^{2}}$.".into());
+        score(&mut unreadable, &options("correct"), &config);
+        assert_eq!(unreadable.verdict.as_deref(), Some("unparsable"));
+        assert!(!unreadable.accepted);
+        score(&mut unreadable, &options("correct,unparsable"), &config);
+        assert!(unreadable.accepted);
+        score(&mut unreadable, &options("wrong"), &config);
+        assert!(!unreadable.accepted);
     }
 }

@@ -19,6 +19,36 @@ use crate::schema::{self, Row};
 pub enum StoreError {
     #[error("{path}: {message}")]
     File { path: PathBuf, message: String },
+    #[error("{dir} is being written by another datagen process{holder}; wait for it to finish, or give this one another folder")]
+    Locked { dir: PathBuf, holder: String },
+}
+
+/// The lock file of a run folder.
+const LOCK: &str = ".datagen.lock";
+
+/// Holds the one-writer lock of a run folder (`datagen run`, `rescore`) until dropped. The
+/// operating system releases it when the process ends, however it ends, so a kill never leaves a
+/// stale lock behind.
+pub struct FolderLock {
+    _file: File,
+}
+
+/// Takes the one-writer lock of `dir`, or says who holds it.
+pub fn lock(dir: &Path) -> Result<FolderLock, StoreError> {
+    let path = dir.join(LOCK);
+    let mut file = OpenOptions::new().create(true).truncate(false).read(true).write(true).open(&path).map_err(|e| file_error(&path, e))?;
+    match file.try_lock() {
+        Ok(()) => {
+            // The holder's pid, for the message a second process prints.
+            file.set_len(0).and_then(|_| file.write_all(std::process::id().to_string().as_bytes())).map_err(|e| file_error(&path, e))?;
+            Ok(FolderLock { _file: file })
+        }
+        Err(fs::TryLockError::WouldBlock) => {
+            let holder = fs::read_to_string(&path).ok().filter(|pid| !pid.trim().is_empty()).map(|pid| format!(" (pid {})", pid.trim())).unwrap_or_default();
+            Err(StoreError::Locked { dir: dir.to_path_buf(), holder })
+        }
+        Err(fs::TryLockError::Error(e)) => Err(file_error(&path, e)),
+    }
 }
 
 fn file_error(path: &Path, message: impl ToString) -> StoreError {

@@ -258,3 +258,145 @@ fn a_local_teacher_fills_the_same_schema() {
     ]);
     assert_clean_failure(&output, &["wgpu has no BF16 compute", "--dtype"]);
 }
+
+/// `args` with `flag` set to `value` (replaced where `run_args` set it already).
+fn set<'a>(args: &mut Vec<&'a str>, flag: &'a str, value: &'a str) {
+    match args.iter().position(|a| *a == flag) {
+        Some(at) => args[at + 1] = value,
+        None => args.extend([flag, value]),
+    }
+}
+
+/// Rows of the run in `out`, at its current generation.
+fn rows_of(out: &Path) -> Vec<datagen::schema::Row> {
+    let manifest = datagen::run::read_manifest(out).unwrap();
+    datagen::store::read_all(&out.join("data"), manifest["generation"].as_u64().unwrap() as u32).unwrap()
+}
+
+/// A prompt past the server's context gets vLLM's 400: that sample is stored as failed with the
+/// reason class `context_length` and the run goes on; a resume does not stop at it;
+/// `--retry-failed context_length` asks for exactly those samples once more.
+#[test]
+fn a_prompt_past_the_context_is_stored_as_failed_and_the_run_goes_on() {
+    let answers = common::bundled_answers(&common::math_prompts(3));
+    let server = serve(Behaviour { max_prompt_chars: Some(3000), ..Behaviour::default() }, answers);
+    let dir = tempfile::tempdir().unwrap();
+    let prompts = common::prompt_file(dir.path(), 3);
+    let mut text = std::fs::read_to_string(&prompts).unwrap();
+    text.push_str(&serde_json::json!({"id": "long", "problem": "Sum these numbers: ".to_string() + &"7 + ".repeat(1000) + "7.", "answer": "7007"}).to_string());
+    text.push('\n');
+    std::fs::write(&prompts, text).unwrap();
+    let out = dir.path().join("out");
+    let (prompts, url, out_text) = (prompts.to_str().unwrap().to_string(), server.url(), out.to_str().unwrap().to_string());
+    let mut args = run_args(&prompts, &url, &out_text);
+    set(&mut args, "--samples", "2");
+    let output = datagen(&args);
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert!(stderr(&output).contains("2 failed"), "{}", stderr(&output));
+    let rows = rows_of(&out);
+    assert_eq!(rows.len(), 8);
+    for row in &rows {
+        if row.id == "long" {
+            assert_eq!((row.status.as_str(), row.error_class.as_deref()), ("failed", Some("context_length")));
+            assert!(row.error.as_deref().unwrap().contains("maximum context length"), "{:?}", row.error);
+            assert_eq!(row.attempts, 1, "a request error is not retried");
+        } else {
+            assert_eq!(row.status, "ok");
+        }
+    }
+    // A resume asks for nothing: the failed samples are stored.
+    let before = server.requests();
+    let output = datagen(&args);
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert_eq!(server.requests(), before);
+    // Retrying another class asks for nothing either; retrying this one asks for the two again.
+    let mut retry = args.clone();
+    retry.extend(["--retry-failed", "server"]);
+    assert!(datagen(&retry).status.success());
+    assert_eq!(server.requests(), before);
+    let mut retry = args.clone();
+    retry.extend(["--retry-failed", "context_length"]);
+    let output = datagen(&retry);
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert!(stderr(&output).contains("2 failed samples to ask for again"), "{}", stderr(&output));
+    assert_eq!(server.requests(), before + 2);
+    let rows = rows_of(&out);
+    let keys: std::collections::HashSet<_> = rows.iter().map(|r| r.key.clone()).collect();
+    assert_eq!((rows.len(), keys.len()), (8, 8), "each key once");
+    let mut bad = args.clone();
+    bad.extend(["--retry-failed", "flaky"]);
+    assert_clean_failure(&datagen(&bad), &["--retry-failed", "unknown class `flaky`", "context_length"]);
+}
+
+/// Samples that failed while the server was down are asked for again by `--retry-failed` and
+/// replaced by their results, each key once.
+#[test]
+fn retry_failed_replaces_failed_samples_with_their_results() {
+    let answers = common::bundled_answers(&common::math_prompts(3));
+    let server = serve(Behaviour { faults: vec![common::Fault::ServerError; 6], ..Behaviour::default() }, answers);
+    let dir = tempfile::tempdir().unwrap();
+    let prompts = common::prompt_file(dir.path(), 3);
+    let out = dir.path().join("out");
+    let (prompts, url, out_text) = (prompts.to_str().unwrap().to_string(), server.url(), out.to_str().unwrap().to_string());
+    let mut args = run_args(&prompts, &url, &out_text);
+    set(&mut args, "--samples", "2");
+    set(&mut args, "--concurrency", "1");
+    set(&mut args, "--max-retries", "0");
+    let output = datagen(&args);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let rows = rows_of(&out);
+    assert_eq!(rows.len(), 6);
+    assert!(rows.iter().all(|r| r.status == "failed" && r.error_class.as_deref() == Some("server")), "{rows:?}");
+    args.push("--retry-failed");
+    let output = datagen(&args);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let rows = rows_of(&out);
+    let keys: std::collections::HashSet<_> = rows.iter().map(|r| r.key.clone()).collect();
+    assert_eq!((rows.len(), keys.len()), (6, 6));
+    assert!(rows.iter().all(|r| r.status == "ok" && r.verdict.is_some()), "{rows:?}");
+    assert_eq!(datagen::run::read_manifest(&out).unwrap()["generation"], 1);
+}
+
+/// DeepSeek's 402 (balance spent) stops the run at once with the server's message.
+#[test]
+fn a_spent_balance_stops_the_run() {
+    let server = serve(Behaviour { faults: vec![common::Fault::PaymentRequired; 100], ..Behaviour::default() }, Default::default());
+    let dir = tempfile::tempdir().unwrap();
+    let prompts = common::prompt_file(dir.path(), 12);
+    let out = dir.path().join("out");
+    let url = server.url();
+    let output = datagen(&run_args(prompts.to_str().unwrap(), &url, out.to_str().unwrap()));
+    assert_clean_failure(&output, &["HTTP 402", "Insufficient Balance", "not retried"]);
+    assert!(server.requests() <= 4, "{} requests after a fatal answer (concurrency 4)", server.requests());
+    assert_eq!(datagen::run::read_manifest(&out).unwrap()["status"], "stopped");
+}
+
+/// One writer per folder: a second `run` or `rescore` on a folder being written is refused,
+/// naming the holder; the lock goes with the process that held it, even when it is killed.
+#[test]
+fn a_second_process_on_the_same_folder_is_refused() {
+    let answers = common::bundled_answers(&common::math_prompts(4));
+    let server = serve(Behaviour { delay: Duration::from_millis(300), ..Behaviour::default() }, answers);
+    let dir = tempfile::tempdir().unwrap();
+    let prompts = common::prompt_file(dir.path(), 4);
+    let out = dir.path().join("out");
+    let (prompts, url, out_text) = (prompts.to_str().unwrap().to_string(), server.url(), out.to_str().unwrap().to_string());
+    let mut args = run_args(&prompts, &url, &out_text);
+    set(&mut args, "--concurrency", "1");
+    let mut first = Command::new(env!("CARGO_BIN_EXE_datagen")).args(&args).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    // The first holds the lock once its manifest says it is running.
+    let started = std::time::Instant::now();
+    while datagen::run::read_manifest(&out).ok().is_none_or(|m| m["status"] != "running") {
+        assert!(started.elapsed() < Duration::from_secs(60), "the first run never started");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let second = datagen(&args);
+    assert_clean_failure(&second, &["being written by another datagen process", &format!("pid {}", first.id())]);
+    let rescore = datagen(&["rescore", &out_text]);
+    assert_clean_failure(&rescore, &["being written by another datagen process"]);
+    first.kill().unwrap(); // SIGKILL: the lock is released with the process
+    first.wait().unwrap();
+    let output = datagen(&args);
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert_eq!(rows_of(&out).len(), 12);
+}

@@ -120,6 +120,23 @@ fn faults_are_retried_and_every_sample_lands() {
     }
 }
 
+/// `Retry-After` as an HTTP date (two seconds ahead, whole seconds) is waited out.
+#[test]
+fn retry_after_as_an_http_date_is_honoured() {
+    let server = serve(Behaviour { faults: vec![Fault::TooManyRequestsUntil(2)], ..Behaviour::default() }, common::bundled_answers(&common::math_prompts(1)));
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config(dir.path(), vec![server.url()], false);
+    config.concurrency = 1;
+    config.samples = 1;
+    config.backoff_base = Duration::from_millis(1);
+    let started = std::time::Instant::now();
+    let (summary, rows) = go(1, config);
+    assert_eq!(summary.unwrap().failed, 0);
+    assert_eq!(rows[0].attempts, 2);
+    // Without the date the backoff would have been 1 ms; the date asked for one to two seconds.
+    assert!(started.elapsed() >= Duration::from_millis(900), "{:?}", started.elapsed());
+}
+
 #[test]
 fn a_prompt_that_exhausts_its_retries_is_stored_as_failed() {
     let server = serve(Behaviour { faults: vec![Fault::ServerError; 100], ..Behaviour::default() }, Default::default());

@@ -41,6 +41,10 @@ pub enum Fault {
     CutStream,
     /// 401 with a plain-text body.
     Unauthorized,
+    /// 402 as the DeepSeek API answers a spent balance.
+    PaymentRequired,
+    /// 429 with `Retry-After` as an HTTP date this many seconds ahead.
+    TooManyRequestsUntil(u64),
 }
 
 pub struct Behaviour {
@@ -55,11 +59,22 @@ pub struct Behaviour {
     pub no_done: bool,
     /// Send SSE comments / keep-alives between chunks.
     pub keep_alives: bool,
+    /// Answer a prompt longer than this many characters as vLLM answers one past
+    /// `--max-model-len`: 400 with its context-length message.
+    pub max_prompt_chars: Option<usize>,
 }
 
 impl Default for Behaviour {
     fn default() -> Self {
-        Behaviour { shape: Shape::ReasoningContent, faults: Vec::new(), delay: Duration::ZERO, omit_usage: false, no_done: false, keep_alives: true }
+        Behaviour {
+            shape: Shape::ReasoningContent,
+            faults: Vec::new(),
+            delay: Duration::ZERO,
+            omit_usage: false,
+            no_done: false,
+            keep_alives: true,
+            max_prompt_chars: None,
+        }
     }
 }
 
@@ -187,8 +202,19 @@ async fn handle(mut stream: TcpStream, shared: Arc<Shared>) -> std::io::Result<(
     if !request_line.starts_with("POST /v1/chat/completions") {
         return respond(&mut stream, "404 Not Found", "text/plain", "", "no such route").await;
     }
-    let fault_index = shared.faults_served.fetch_add(1, Ordering::SeqCst);
     let behaviour = &shared.behaviour;
+    let problem = body["messages"].as_array().and_then(|m| m.last()).and_then(|m| m["content"].as_str()).unwrap_or_default().to_string();
+    if behaviour.max_prompt_chars.is_some_and(|limit| problem.chars().count() > limit) {
+        let max_tokens = body["max_tokens"].as_u64().unwrap_or(0);
+        let message = format!(
+            "This model's maximum context length is 4096 tokens. However, you requested {} tokens ({} in the messages, {max_tokens} in the completion). Please reduce the length of the messages or completion.",
+            problem.len() + max_tokens as usize,
+            problem.len()
+        );
+        let error = json!({"object": "error", "message": message, "type": "BadRequestError", "param": null, "code": 400});
+        return respond(&mut stream, "400 Bad Request", "application/json", "", &error.to_string()).await;
+    }
+    let fault_index = shared.faults_served.fetch_add(1, Ordering::SeqCst);
     let fault = behaviour.faults.get(fault_index).cloned();
     match &fault {
         Some(Fault::TooManyRequests(seconds)) => {
@@ -197,11 +223,20 @@ async fn handle(mut stream: TcpStream, shared: Arc<Shared>) -> std::io::Result<(
         }
         Some(Fault::ServerError) => return respond(&mut stream, "500 Internal Server Error", "text/html", "", "<html>upstream died</html>").await,
         Some(Fault::Unauthorized) => return respond(&mut stream, "401 Unauthorized", "text/plain", "", "Invalid API key").await,
+        Some(Fault::PaymentRequired) => {
+            return respond(&mut stream, "402 Payment Required", "application/json", "",
+                r#"{"error": {"message": "Insufficient Balance", "type": "unknown_error", "param": null, "code": "invalid_request_error"}}"#).await;
+        }
+        Some(Fault::TooManyRequestsUntil(seconds)) => {
+            let at = chrono::Utc::now() + chrono::Duration::seconds(*seconds as i64);
+            let date = at.format("%a, %d %b %Y %H:%M:%S GMT");
+            return respond(&mut stream, "429 Too Many Requests", "application/json", &format!("Retry-After: {date}\r\n"),
+                r#"{"error": {"message": "rate limited", "type": "rate_limit"}}"#).await;
+        }
         Some(Fault::Hang(duration)) => tokio::time::sleep(*duration).await,
         _ => {}
     }
     tokio::time::sleep(behaviour.delay).await;
-    let problem = body["messages"].as_array().and_then(|m| m.last()).and_then(|m| m["content"].as_str()).unwrap_or_default().to_string();
     let (reasoning, answer) = completion_text(&shared, &problem);
     let (reasoning_content, reasoning_field, content) = match behaviour.shape {
         Shape::ReasoningContent => (Some(reasoning), None, answer),

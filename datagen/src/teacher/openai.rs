@@ -69,9 +69,7 @@ pub async fn chat(
             .headers()
             .get(reqwest::header::RETRY_AFTER)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<f64>().ok())
-            .filter(|s| s.is_finite() && *s >= 0.0)
-            .map(Duration::from_secs_f64);
+            .and_then(|v| super::parse_retry_after(v, chrono::Utc::now()));
         let body = response.text().await.unwrap_or_default();
         return Err(RequestError::Status { status: status.as_u16(), message: error_message(&body), retry_after });
     }

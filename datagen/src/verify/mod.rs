@@ -81,6 +81,10 @@ pub enum Outcome {
 }
 
 impl Outcome {
+    pub fn from_name(name: &str) -> Option<Outcome> {
+        [Outcome::Correct, Outcome::Wrong, Outcome::NoAnswer, Outcome::Unparsable].into_iter().find(|o| o.name() == name)
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Outcome::Correct => "correct",
