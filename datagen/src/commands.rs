@@ -132,6 +132,15 @@ pub struct RunArgs {
     /// Deadline of one request, in seconds (a 32k-token trace at 20 tokens/s takes ~27 min).
     #[arg(long, default_value_t = 3600)]
     request_timeout: u64,
+    /// Seconds without a streamed chunk (or keep-alive) after which a request is given up and
+    /// retried: a stalled stream.
+    #[arg(long, default_value_t = 300)]
+    stall_timeout: u64,
+    /// How long to wait out an outage — every endpoint failing (refused connections, 5xx,
+    /// stalls) — before samples start to fail: `30m`, `2h`, `90s`. Retries during an outage do
+    /// not spend --max-retries.
+    #[arg(long, default_value = "30m", value_parser = parse_duration)]
+    max_outage: Duration,
     /// Rows per Parquet shard.
     #[arg(long, default_value_t = 256)]
     shard_rows: usize,
@@ -258,7 +267,7 @@ pub fn run_command(args: RunArgs) -> Result<()> {
             "sampling": sampling,
             "sampling_hash": sampling.hash(),
             "samples_per_prompt": args.samples,
-            "retries": {"max_retries": args.max_retries, "length_retries": args.length_retries, "request_timeout_s": args.request_timeout},
+            "retries": {"max_retries": args.max_retries, "length_retries": args.length_retries, "request_timeout_s": args.request_timeout, "stall_timeout_s": args.stall_timeout, "max_outage_s": args.max_outage.as_secs()},
             "scoring": score_options,
             "verifier": datagen::scoring::VERIFIER,
             "summary": summary,
@@ -276,6 +285,8 @@ pub fn run_command(args: RunArgs) -> Result<()> {
         max_retries: args.max_retries,
         length_retries: args.length_retries,
         request_timeout: Duration::from_secs(args.request_timeout.max(1)),
+        stall_timeout: Duration::from_secs(args.stall_timeout.max(1)),
+        max_outage: args.max_outage,
         backoff_base: Duration::from_millis(500),
         backoff_cap: Duration::from_secs(60),
         score: score_options.clone(),
@@ -314,6 +325,20 @@ pub fn run_command(args: RunArgs) -> Result<()> {
         eprintln!("run the same command again to continue");
     }
     Ok(())
+}
+
+/// `90s`, `30m`, `2h` or plain seconds.
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let (number, unit) = text.split_at(text.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(text.len()));
+    let value: f64 = number.parse().map_err(|_| format!("`{text}`: expected a duration such as 90s, 30m or 2h"))?;
+    let seconds = match unit {
+        "" | "s" => value,
+        "m" => value * 60.0,
+        "h" => value * 3600.0,
+        _ => return Err(format!("`{text}`: the unit must be s, m or h")),
+    };
+    Ok(Duration::from_secs_f64(seconds))
 }
 
 /// Removes the failed rows of `classes` (every class when empty) from the run in `out`, as a new
@@ -572,7 +597,7 @@ pub fn bench_client(args: BenchClientArgs) -> Result<()> {
             let permit = permits.clone().acquire_owned().await.expect("open semaphore");
             let (http, url, request) = (http.clone(), url.clone(), request.clone());
             tasks.spawn(async move {
-                let result = datagen::teacher::openai::chat(&http, &url, None, &request, Duration::from_secs(60)).await;
+                let result = datagen::teacher::openai::chat(&http, &url, None, &request, Duration::from_secs(60), Duration::from_secs(60)).await;
                 drop(permit);
                 result.is_err()
             });

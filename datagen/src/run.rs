@@ -66,6 +66,10 @@ pub struct RunConfig {
     /// Extra attempts for a completion cut by `max_tokens` (0: keep it, rejected).
     pub length_retries: u32,
     pub request_timeout: Duration,
+    /// Longest wait between two streamed chunks.
+    pub stall_timeout: Duration,
+    /// How long an outage (every endpoint failing) is waited out before retries count again.
+    pub max_outage: Duration,
     pub backoff_base: Duration,
     pub backoff_cap: Duration,
     pub score: ScoreOptions,
@@ -130,6 +134,8 @@ async fn sample(
     refused: Arc<AtomicBool>,
 ) -> Result<(Completion, String, u32), (RequestError, Option<String>, u32)> {
     let mut attempts = 0u32;
+    // Retries spent against --max-retries (those waiting out an outage are not).
+    let mut counted = 0u32;
     let mut length_retries = 0u32;
     if let Some(teacher) = config.local.clone() {
         let completion = teacher.complete(&request).await.map_err(|e| (e, None, 1))?;
@@ -139,7 +145,7 @@ async fn sample(
         attempts += 1;
         let lease = pool.acquire();
         let endpoint = lease.url().to_string();
-        match chat(&http, &endpoint, config.api_key.as_deref(), &request, config.request_timeout).await {
+        match chat(&http, &endpoint, config.api_key.as_deref(), &request, config.request_timeout, config.stall_timeout).await {
             Ok(completion) => {
                 lease.succeeded(completion.latency_ms);
                 if completion.finish_reason.as_deref() == Some("length") && length_retries < config.length_retries {
@@ -160,7 +166,13 @@ async fn sample(
             }
             Err(error) => {
                 lease.failed();
-                if attempts > config.max_retries {
+                // While every endpoint is failing the teacher is down, not this sample: wait it
+                // out (up to --max-outage) without spending the sample's retries.
+                let waiting_out = pool.outage_since().is_some_and(|since| since.elapsed() < config.max_outage);
+                if !waiting_out {
+                    counted += 1;
+                }
+                if counted > config.max_retries {
                     return Err((error, Some(endpoint), attempts));
                 }
                 let wait = backoff(attempts - 1, config.backoff_base, config.backoff_cap, error.retry_after(), rand::random::<f64>());

@@ -33,6 +33,8 @@ fn config(out: &Path, endpoints: Vec<String>, stream: bool) -> RunConfig {
         max_retries: 4,
         length_retries: 0,
         request_timeout: Duration::from_secs(10),
+        stall_timeout: Duration::from_secs(10),
+        max_outage: Duration::ZERO,
         backoff_base: Duration::from_millis(10),
         backoff_cap: Duration::from_millis(100),
         score: ScoreOptions { keep: Keep::Correct, filters: FilterConfig::default() },
@@ -118,6 +120,43 @@ fn faults_are_retried_and_every_sample_lands() {
         // Retry-After: 1 was honoured (and the hang cut at the 1 s deadline).
         assert!(started.elapsed() >= Duration::from_secs(2), "{:?}", started.elapsed());
     }
+}
+
+/// A teacher down for longer than a sample's retry budget (every request a 5xx), then back: the
+/// outage is waited out and nothing is stored as failed; with no --max-outage, samples fail.
+#[test]
+fn an_outage_longer_than_the_retry_budget_is_waited_out() {
+    for (max_outage, failed) in [(Duration::from_secs(600), 0), (Duration::ZERO, 2)] {
+        let server = serve(Behaviour { faults: vec![Fault::ServerError; 12], ..Behaviour::default() }, common::bundled_answers(&common::math_prompts(2)));
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = config(dir.path(), vec![server.url()], false);
+        (config.concurrency, config.samples, config.max_retries) = (1, 1, 2);
+        (config.backoff_base, config.backoff_cap, config.max_outage) = (Duration::from_millis(1), Duration::from_millis(20), max_outage);
+        let (summary, rows) = go(2, config);
+        let summary = summary.unwrap();
+        assert_eq!((summary.stored, summary.failed), (2, failed), "max_outage {max_outage:?}");
+        if failed == 0 {
+            // The first sample rode out all twelve failures; the second found the teacher back.
+            let attempts: Vec<u32> = rows.iter().map(|r| r.attempts).collect();
+            assert_eq!(attempts.iter().sum::<u32>(), 12 + 2, "{attempts:?}");
+        } else {
+            // Each spent its three attempts (1 + --max-retries 2).
+            assert!(rows.iter().all(|r| r.error_class.as_deref() == Some("server") && r.attempts == 3));
+        }
+    }
+}
+
+/// A stream that goes silent is given up after --stall-timeout and retried.
+#[test]
+fn a_stalled_stream_is_retried() {
+    let server = serve(Behaviour { faults: vec![Fault::Stall(Duration::from_secs(5))], ..Behaviour::default() }, common::bundled_answers(&common::math_prompts(1)));
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config(dir.path(), vec![server.url()], true);
+    (config.concurrency, config.samples, config.stall_timeout) = (1, 1, Duration::from_millis(300));
+    config.backoff_base = Duration::from_millis(1);
+    let (summary, rows) = go(1, config);
+    assert_eq!(summary.unwrap().failed, 0);
+    assert_eq!((rows[0].status.as_str(), rows[0].attempts), ("ok", 2));
 }
 
 /// `Retry-After` as an HTTP date (two seconds ahead, whole seconds) is waited out.

@@ -43,6 +43,8 @@ pub enum Fault {
     Unauthorized,
     /// 402 as the DeepSeek API answers a spent balance.
     PaymentRequired,
+    /// A stream that goes silent this long after a few chunks (no keep-alives), then goes on.
+    Stall(Duration),
     /// 429 with `Retry-After` as an HTTP date this many seconds ahead.
     TooManyRequestsUntil(u64),
 }
@@ -285,6 +287,11 @@ async fn handle(mut stream: TcpStream, shared: Arc<Shared>) -> std::io::Result<(
     for (index, event) in events.iter().enumerate() {
         if fault == Some(Fault::CutStream) && index == 4 {
             return stream.shutdown().await;
+        }
+        if let Some(Fault::Stall(silence)) = &fault
+            && index == 3
+        {
+            tokio::time::sleep(*silence).await;
         }
         if behaviour.keep_alives && index % 5 == 2 {
             stream.write_all(b": ping\n\n").await?;

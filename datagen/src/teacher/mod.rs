@@ -27,6 +27,8 @@ pub enum RequestError {
     Status { status: u16, message: String, retry_after: Option<Duration> },
     #[error("no response within the request deadline")]
     Timeout,
+    #[error("the stream stalled: nothing for {0:?}")]
+    Stalled(Duration),
     #[error("connection failed: {0}")]
     Transport(String),
     #[error("malformed response: {0}")]
@@ -71,6 +73,7 @@ impl RequestError {
             RequestError::Status { status: 429, .. } => "rate_limit",
             RequestError::Status { .. } => "server",
             RequestError::Timeout => "timeout",
+            RequestError::Stalled(_) => "stall",
             RequestError::Transport(_) => "connection",
             RequestError::Protocol(_) => "protocol",
         }
@@ -86,7 +89,7 @@ impl RequestError {
 
 /// Every reason class [`RequestError::class`] gives.
 pub const ERROR_CLASSES: &[&str] =
-    &["context_length", "invalid_request", "auth", "balance", "not_found", "rate_limit", "server", "timeout", "connection", "protocol"];
+    &["context_length", "invalid_request", "auth", "balance", "not_found", "rate_limit", "server", "timeout", "stall", "connection", "protocol"];
 
 /// A `Retry-After` header in either of its forms: delay-seconds, or an HTTP date (`Wed, 21 Oct
 /// 2015 07:28:00 GMT`), which is turned into the wait from `now`. `None` when it is neither.

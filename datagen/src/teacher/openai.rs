@@ -55,6 +55,7 @@ pub async fn chat(
     api_key: Option<&str>,
     request: &ChatRequest,
     deadline: Duration,
+    stall: Duration,
 ) -> Result<Completion, RequestError> {
     let started = Instant::now();
     let url = format!("{}/chat/completions", endpoint.trim_end_matches('/'));
@@ -74,7 +75,7 @@ pub async fn chat(
         return Err(RequestError::Status { status: status.as_u16(), message: error_message(&body), retry_after });
     }
     let mut completion = if request.stream {
-        read_stream(response, deadline.saturating_sub(started.elapsed())).await?
+        read_stream(response, deadline.saturating_sub(started.elapsed()), stall).await?
     } else {
         let body = response.text().await.map_err(transport_error)?;
         let value: Value = serde_json::from_str(&body)
@@ -170,14 +171,18 @@ fn parse_response(value: &Value) -> Result<Completion, RequestError> {
     Ok(parts.into_completion())
 }
 
-async fn read_stream(response: reqwest::Response, deadline: Duration) -> Result<Completion, RequestError> {
+/// Reads a server-sent event stream until `[DONE]` or a finish reason, within `deadline` in all
+/// and `stall` between two chunks (keep-alive comments count: the server is alive).
+async fn read_stream(response: reqwest::Response, deadline: Duration, stall: Duration) -> Result<Completion, RequestError> {
     let mut parts = Parts::default();
     let mut pending = Vec::<u8>::new();
     let mut done = false;
     let mut stream = response.bytes_stream();
     let until = tokio::time::Instant::now() + deadline;
     'read: loop {
-        let chunk = match tokio::time::timeout_at(until, stream.next()).await {
+        let next = (tokio::time::Instant::now() + stall).min(until);
+        let chunk = match tokio::time::timeout_at(next, stream.next()).await {
+            Err(_) if next < until => return Err(RequestError::Stalled(stall)),
             Err(_) => return Err(RequestError::Timeout),
             Ok(None) => break,
             Ok(Some(chunk)) => chunk.map_err(transport_error)?,

@@ -22,6 +22,8 @@ pub struct Pool {
     pub failure_threshold: u32,
     /// How long it stays aside.
     pub cool_down: Duration,
+    /// Since when every endpoint has been failing (`None` while one works).
+    outage: Mutex<Option<Instant>>,
 }
 
 /// Per-endpoint figures for `datagen stats` and the manifest.
@@ -55,6 +57,8 @@ impl Lease<'_> {
         state.set_aside_until = None;
         state.completed += 1;
         state.latency_ms.push(latency_ms);
+        drop(states);
+        *self.pool.outage.lock().expect("pool lock") = None;
     }
 
     pub fn failed(mut self) {
@@ -66,6 +70,9 @@ impl Lease<'_> {
         state.consecutive_failures += 1;
         if state.consecutive_failures >= self.pool.failure_threshold {
             state.set_aside_until = Some(Instant::now() + self.pool.cool_down);
+        }
+        if states.iter().all(|s| s.consecutive_failures >= self.pool.failure_threshold) {
+            self.pool.outage.lock().expect("pool lock").get_or_insert_with(Instant::now);
         }
     }
 }
@@ -85,7 +92,7 @@ impl Pool {
             .iter()
             .map(|_| State { outstanding: 0, consecutive_failures: 0, set_aside_until: None, completed: 0, failed: 0, latency_ms: Vec::new() })
             .collect();
-        Pool { urls, states: Mutex::new(states), failure_threshold: failure_threshold.max(1), cool_down }
+        Pool { urls, states: Mutex::new(states), failure_threshold: failure_threshold.max(1), cool_down, outage: Mutex::new(None) }
     }
 
     /// The available endpoint with the fewest requests in flight. When every endpoint is set
@@ -102,6 +109,12 @@ impl Pool {
             .expect("at least one endpoint");
         states[index].outstanding += 1;
         Lease { pool: self, index, finished: false }
+    }
+
+    /// Since when every endpoint has failed `failure_threshold` times in a row: an outage of
+    /// the teacher, which a success anywhere ends.
+    pub fn outage_since(&self) -> Option<Instant> {
+        *self.outage.lock().expect("pool lock")
     }
 
     pub fn report(&self) -> Vec<EndpointReport> {
