@@ -13,7 +13,7 @@ use crate::prompts::Prompt;
 use crate::schema::{Message, Row};
 use crate::scoring::{ScoreOptions, score};
 use crate::store::{Store, StoreError};
-use crate::teacher::openai::{ChatRequest, chat};
+use crate::teacher::openai::{ChatRequest, advertised_context, chat};
 use crate::teacher::pool::{EndpointReport, Pool};
 use crate::teacher::{Completion, RequestError, backoff};
 use crate::verify::VerifyConfig;
@@ -88,6 +88,11 @@ pub enum RunError {
     Store(#[from] StoreError),
     #[error("the teacher refused the request ({endpoint}): {error}; fix the request, the model name or the API key (this is not retried)")]
     Fatal { endpoint: String, error: RequestError },
+    #[error(
+        "--max-tokens {max_tokens} leaves no room for the prompt: {endpoint} serves {model} with a context of {context} tokens (max_model_len); \
+         lower --max-tokens, or give --tokenizer (the teacher's tokenizer folder) so that each request asks for what fits after its prompt"
+    )]
+    NoRoom { endpoint: String, model: String, context: u64, max_tokens: u64 },
 }
 
 /// What a run did.
@@ -257,6 +262,24 @@ pub async fn run(
         .connect_timeout(Duration::from_secs(10))
         .build()
         .map_err(|e| RunError::Fatal { endpoint: String::new(), error: RequestError::Transport(e.to_string()) })?;
+    // The servers' context: --max-tokens must leave room for the prompt (vLLM answers a prompt
+    // plus max_tokens past --max-model-len with a 400 on every request).
+    let mut context: Option<u64> = None;
+    if config.local.is_none() {
+        for endpoint in &config.endpoints {
+            if let Some(length) = advertised_context(&http, endpoint, config.api_key.as_deref(), &config.sampling.model).await {
+                if config.sampling.max_tokens >= length && config.tokenizer.is_none() {
+                    return Err(RunError::NoRoom {
+                        endpoint: endpoint.clone(),
+                        model: config.sampling.model.clone(),
+                        context: length,
+                        max_tokens: config.sampling.max_tokens,
+                    });
+                }
+                context = Some(context.map_or(length, |c| c.min(length)));
+            }
+        }
+    }
     let (sender, mut receiver) = mpsc::channel::<Outcome>(config.concurrency.max(1) * 2);
     let permits = Arc::new(Semaphore::new(config.concurrency.max(1)));
     let mut tasks = tokio::task::JoinSet::new();
@@ -274,12 +297,22 @@ pub async fn run(
                 if refused.load(Ordering::SeqCst) {
                     break;
                 }
+                let messages = config.sampling.messages(&prompts[prompt].problem);
+                // With the server's context and the tokenizer, ask for what fits after the prompt.
+                let max_tokens = match (context, &config.tokenizer) {
+                    (Some(context), Some(tokenizer)) => {
+                        let chat: Vec<distill::text::Message> = messages.iter().map(|(role, content)| distill::text::Message::new(role.as_str(), content.as_str())).collect();
+                        let prompt_tokens = tokenizer.encode_chat(&chat, true).map_or(0, |ids| ids.len() as u64);
+                        config.sampling.max_tokens.min(context.saturating_sub(prompt_tokens).max(1))
+                    }
+                    _ => config.sampling.max_tokens,
+                };
                 let request = ChatRequest {
                     model: config.sampling.model.clone(),
-                    messages: config.sampling.messages(&prompts[prompt].problem),
+                    messages,
                     temperature: config.sampling.temperature,
                     top_p: config.sampling.top_p,
-                    max_tokens: config.sampling.max_tokens,
+                    max_tokens,
                     stream: config.stream,
                     // Only the local teacher uses it: each sample its own draw, reproducibly.
                     seed: config.local.as_ref().map(|_| sample_index as u64),

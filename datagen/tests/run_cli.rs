@@ -402,3 +402,27 @@ fn a_second_process_on_the_same_folder_is_refused() {
     assert!(output.status.success(), "{}", stderr(&output));
     assert_eq!(rows_of(&out).len(), 12);
 }
+
+/// vLLM advertises its context (`max_model_len`); a --max-tokens that leaves no room for the
+/// prompt is refused before any request, and with --tokenizer each request asks for what fits.
+#[test]
+fn max_tokens_is_checked_against_the_servers_context() {
+    let answers = common::bundled_answers(&common::math_prompts(3));
+    let server = serve(Behaviour { max_model_len: Some(4096), ..Behaviour::default() }, answers);
+    let dir = tempfile::tempdir().unwrap();
+    let prompts = common::prompt_file(dir.path(), 3);
+    let out = dir.path().join("out");
+    let (prompts, url, out_text) = (prompts.to_str().unwrap().to_string(), server.url(), out.to_str().unwrap().to_string());
+    let mut args = run_args(&prompts, &url, &out_text);
+    set(&mut args, "--max-tokens", "32768");
+    assert_clean_failure(&datagen(&args), &["--max-tokens 32768", "context of 4096 tokens", "--tokenizer"]);
+    assert_eq!(server.requests(), 0, "refused before any request");
+    args.extend(["--tokenizer", "tests/fixtures/tiny-qwen2"]);
+    let output = datagen(&args);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let asked: Vec<u64> = server.bodies.lock().unwrap().iter().filter_map(|(body, _)| body["max_tokens"].as_u64()).collect();
+    assert_eq!(asked.len(), 9);
+    // The longest bundled prompt (2,039 characters) leaves visibly less than the others.
+    assert!(asked.iter().all(|&n| n < 4096 && n > 3000), "{asked:?}");
+    assert!(asked.iter().min() < asked.iter().max(), "{asked:?}");
+}

@@ -64,6 +64,9 @@ pub struct Behaviour {
     /// Answer a prompt longer than this many characters as vLLM answers one past
     /// `--max-model-len`: 400 with its context-length message.
     pub max_prompt_chars: Option<usize>,
+    /// Advertise this context in `GET /v1/models` (vLLM's `max_model_len`), for every model
+    /// asked about; without it, the route is a 404 as on servers that do not give one.
+    pub max_model_len: Option<u64>,
 }
 
 impl Default for Behaviour {
@@ -76,6 +79,7 @@ impl Default for Behaviour {
             no_done: false,
             keep_alives: true,
             max_prompt_chars: None,
+            max_model_len: None,
         }
     }
 }
@@ -198,6 +202,18 @@ fn completion_text(shared: &Shared, problem_text: &str) -> (String, String) {
 
 async fn handle(mut stream: TcpStream, shared: Arc<Shared>) -> std::io::Result<()> {
     let (request_line, headers, body) = read_request(&mut stream).await?;
+    // The model list is metadata, not a request for the teacher: it is not counted.
+    if request_line.starts_with("GET /v1/models") {
+        return match shared.behaviour.max_model_len {
+            Some(length) => {
+                let models = json!({"object": "list", "data": [
+                    {"id": "deepseek-ai/DeepSeek-R1", "object": "model", "owned_by": "vllm", "max_model_len": length}
+                ]});
+                respond(&mut stream, "200 OK", "application/json", "", &models.to_string()).await
+            }
+            None => respond(&mut stream, "404 Not Found", "text/plain", "", "no such route").await,
+        };
+    }
     shared.requests.fetch_add(1, Ordering::SeqCst);
     let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
     shared.bodies.lock().unwrap().push((body.clone(), headers.get("authorization").cloned()));

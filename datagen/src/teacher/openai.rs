@@ -86,6 +86,19 @@ pub async fn chat(
     Ok(completion)
 }
 
+/// The context length the server advertises for `model`: vLLM's `max_model_len` in
+/// `GET /v1/models` (SGLang and the DeepSeek API do not give one). `None` when it is not there.
+pub async fn advertised_context(http: &reqwest::Client, endpoint: &str, api_key: Option<&str>, model: &str) -> Option<u64> {
+    let url = format!("{}/models", endpoint.trim_end_matches('/'));
+    let mut builder = http.get(&url).timeout(Duration::from_secs(10));
+    if let Some(key) = api_key {
+        builder = builder.bearer_auth(key);
+    }
+    let response = builder.send().await.ok().filter(|r| r.status().is_success())?;
+    let value: Value = response.json().await.ok()?;
+    value["data"].as_array()?.iter().find(|m| m["id"].as_str() == Some(model))?["max_model_len"].as_u64()
+}
+
 fn transport_error(error: reqwest::Error) -> RequestError {
     if error.is_timeout() {
         RequestError::Timeout
