@@ -338,7 +338,7 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
         "h" => value * 3600.0,
         _ => return Err(format!("`{text}`: the unit must be s, m or h")),
     };
-    Ok(Duration::from_secs_f64(seconds))
+    Duration::try_from_secs_f64(seconds).map_err(|_| format!("`{text}`: not a duration this program can wait"))
 }
 
 /// Removes the failed rows of `classes` (every class when empty) from the run in `out`, as a new

@@ -107,6 +107,13 @@ pub struct Summary {
     pub endpoints: Vec<EndpointReport>,
 }
 
+/// Tokens left unasked when --max-tokens is fitted to the server's context after the prompt.
+const CONTEXT_MARGIN: u64 = 16;
+
+/// Answers in a row that are request errors of class `invalid_request`, with no success before
+/// them, after which a run stops: the settings, not the prompts, are wrong.
+const INVALID_BEFORE_STOP: usize = 8;
+
 /// Progress of a run, for a progress bar.
 pub trait Progress: Send {
     fn start(&mut self, samples: usize, prompts: usize);
@@ -166,7 +173,7 @@ async fn sample(
             }
             // The endpoint is healthy; this request is not (too long, a bad parameter).
             Err(error) if error.is_request_error() => {
-                lease.succeeded(0);
+                lease.answered();
                 return Err((error, Some(endpoint), attempts));
             }
             Err(error) => {
@@ -303,7 +310,8 @@ pub async fn run(
                     (Some(context), Some(tokenizer)) => {
                         let chat: Vec<distill::text::Message> = messages.iter().map(|(role, content)| distill::text::Message::new(role.as_str(), content.as_str())).collect();
                         let prompt_tokens = tokenizer.encode_chat(&chat, true).map_or(0, |ids| ids.len() as u64);
-                        config.sampling.max_tokens.min(context.saturating_sub(prompt_tokens).max(1))
+                        // A margin for what a local count can miss (a BOS, a template's detail).
+                        config.sampling.max_tokens.min(context.saturating_sub(prompt_tokens + CONTEXT_MARGIN).max(1))
                     }
                     _ => config.sampling.max_tokens,
                 };
@@ -332,6 +340,8 @@ pub async fn run(
     }
 
     let score_options = config.score.clone();
+    // Answers so far that were all `invalid_request` (0 once anything else came).
+    let mut invalid_only = 0usize;
     tokio::pin!(stop);
     let outcome: Result<(), RunError> = loop {
         let outcome = tokio::select! {
@@ -343,6 +353,10 @@ pub async fn run(
         };
         let Some(Outcome { prompt, sample_index, result }) = outcome else { break Ok(()) };
         let mut row = row_for(&prompts[prompt], sample_index, &config, &sampling_hash);
+        invalid_only = match &result {
+            Err((error, _, _)) if error.class() == "invalid_request" && invalid_only == summary.stored => invalid_only + 1,
+            _ => 0,
+        };
         match result {
             Ok((completion, endpoint, attempts)) => {
                 let user = config.sampling.messages(&prompts[prompt].problem);
@@ -378,6 +392,10 @@ pub async fn run(
                 score(&mut row, &score_options, &config.verify);
             }
             Err((error, endpoint, _)) if error.is_fatal() => {
+                break Err(RunError::Fatal { endpoint: endpoint.unwrap_or_default(), error });
+            }
+            Err((error, endpoint, _)) if error.class() == "invalid_request" && invalid_only >= INVALID_BEFORE_STOP.min(summary.requested) => {
+                // Every answer so far refused the request itself: a setting is wrong for all.
                 break Err(RunError::Fatal { endpoint: endpoint.unwrap_or_default(), error });
             }
             Err((error, endpoint, attempts)) => {

@@ -359,6 +359,23 @@ fn retry_failed_replaces_failed_samples_with_their_results() {
     assert_eq!(datagen::run::read_manifest(&out).unwrap()["generation"], 1);
 }
 
+/// A bad setting refused on every request (a 400 that is not about the prompt's length) stops the
+/// run after the first few answers, instead of storing every prompt as failed.
+#[test]
+fn a_setting_refused_on_every_request_stops_the_run() {
+    let server = serve(Behaviour { faults: vec![common::Fault::BadParameter; 100], ..Behaviour::default() }, Default::default());
+    let dir = tempfile::tempdir().unwrap();
+    let prompts = common::prompt_file(dir.path(), 12);
+    let out = dir.path().join("out");
+    let url = server.url();
+    let output = datagen(&run_args(prompts.to_str().unwrap(), &url, out.to_str().unwrap()));
+    assert_clean_failure(&output, &["HTTP 400", "top_p must be in (0, 1]"]);
+    // It stopped at the eighth such answer: seven failed rows, not 36 (requests already in
+    // flight when it stopped are asked again by the next run, once the setting is fixed).
+    assert_eq!(rows_of(&out).len(), 7);
+    assert_eq!(datagen::run::read_manifest(&out).unwrap()["status"], "stopped");
+}
+
 /// DeepSeek's 402 (balance spent) stops the run at once with the server's message.
 #[test]
 fn a_spent_balance_stops_the_run() {

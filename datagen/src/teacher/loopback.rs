@@ -43,6 +43,8 @@ pub enum Fault {
     Unauthorized,
     /// 402 as the DeepSeek API answers a spent balance.
     PaymentRequired,
+    /// 400 for a bad sampling parameter (the same for every request).
+    BadParameter,
     /// A stream that goes silent this long after a few chunks (no keep-alives), then goes on.
     Stall(Duration),
     /// 429 with `Retry-After` as an HTTP date this many seconds ahead.
@@ -241,6 +243,10 @@ async fn handle(mut stream: TcpStream, shared: Arc<Shared>) -> std::io::Result<(
         }
         Some(Fault::ServerError) => return respond(&mut stream, "500 Internal Server Error", "text/html", "", "<html>upstream died</html>").await,
         Some(Fault::Unauthorized) => return respond(&mut stream, "401 Unauthorized", "text/plain", "", "Invalid API key").await,
+        Some(Fault::BadParameter) => {
+            let error = json!({"object": "error", "message": "top_p must be in (0, 1], got 1.5.", "type": "BadRequestError", "code": 400});
+            return respond(&mut stream, "400 Bad Request", "application/json", "", &error.to_string()).await;
+        }
         Some(Fault::PaymentRequired) => {
             return respond(&mut stream, "402 Payment Required", "application/json", "",
                 r#"{"error": {"message": "Insufficient Balance", "type": "unknown_error", "param": null, "code": "invalid_request_error"}}"#).await;

@@ -64,7 +64,7 @@ impl RequestError {
         match self {
             RequestError::Status { status: 400 | 413 | 422, message, .. } => {
                 let message = message.to_lowercase();
-                let length = ["context length", "context_length", "maximum context", "max_model_len", "too long", "max_tokens", "maximum model length"];
+                let length = ["context length", "context_length", "maximum context", "max_model_len", "too long", "maximum model length"];
                 if length.iter().any(|needle| message.contains(needle)) { "context_length" } else { "invalid_request" }
             }
             RequestError::Status { status: 401 | 403, .. } => "auth",
@@ -96,7 +96,8 @@ pub const ERROR_CLASSES: &[&str] =
 pub fn parse_retry_after(value: &str, now: chrono::DateTime<chrono::Utc>) -> Option<Duration> {
     let value = value.trim();
     if let Ok(seconds) = value.parse::<f64>() {
-        return (seconds.is_finite() && seconds >= 0.0).then(|| Duration::from_secs_f64(seconds));
+        // A server's number, however large (`1e20`), is a wait, never a panic.
+        return (seconds >= 0.0).then(|| Duration::try_from_secs_f64(seconds).unwrap_or(Duration::MAX));
     }
     let date = chrono::DateTime::parse_from_rfc2822(value).ok()?;
     Some((date.with_timezone(&chrono::Utc) - now).to_std().unwrap_or(Duration::ZERO))
@@ -143,6 +144,8 @@ mod tests {
         let bad_parameter = status(422, "temperature must be non-negative");
         assert!(bad_parameter.is_request_error());
         assert_eq!(bad_parameter.class(), "invalid_request");
+        // DeepSeek's answer to a max_tokens out of its range is a bad setting, not a long prompt.
+        assert_eq!(status(400, "Invalid max_tokens value, the valid range of max_tokens is [1, 8192]").class(), "invalid_request");
         for (code, class) in [(401, "auth"), (402, "balance"), (403, "auth"), (404, "not_found")] {
             let error = status(code, "no");
             assert!(error.is_fatal() && !error.is_request_error(), "{code}");
@@ -164,6 +167,7 @@ mod tests {
         assert_eq!(parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT", now), Some(Duration::from_secs(60)));
         assert_eq!(parse_retry_after("Wed, 21 Oct 2015 07:26:00 GMT", now), Some(Duration::ZERO));
         assert_eq!(parse_retry_after("-3", now), None);
+        assert_eq!(parse_retry_after("1e20", now), Some(Duration::MAX));
         assert_eq!(parse_retry_after("soon", now), None);
     }
 }

@@ -185,21 +185,26 @@ fn parse_response(value: &Value) -> Result<Completion, RequestError> {
 }
 
 /// Reads a server-sent event stream until `[DONE]` or a finish reason, within `deadline` in all
-/// and `stall` between two chunks (keep-alive comments count: the server is alive).
+/// and, once the first data chunk has come, `stall` between two chunks (keep-alive comments
+/// count: the server is alive).
 async fn read_stream(response: reqwest::Response, deadline: Duration, stall: Duration) -> Result<Completion, RequestError> {
     let mut parts = Parts::default();
     let mut pending = Vec::<u8>::new();
     let mut done = false;
     let mut stream = response.bytes_stream();
     let until = tokio::time::Instant::now() + deadline;
+    let mut pending_first = true;
     'read: loop {
-        let next = (tokio::time::Instant::now() + stall).min(until);
+        // Before the first chunk a request may wait in the server's queue or prefill for long:
+        // only the deadline applies. After it, silence longer than `stall` is a stall.
+        let next = if pending_first { until } else { tokio::time::Instant::now().checked_add(stall).map_or(until, |t| t.min(until)) };
         let chunk = match tokio::time::timeout_at(next, stream.next()).await {
             Err(_) if next < until => return Err(RequestError::Stalled(stall)),
             Err(_) => return Err(RequestError::Timeout),
             Ok(None) => break,
             Ok(Some(chunk)) => chunk.map_err(transport_error)?,
         };
+        pending_first &= !chunk.windows(5).any(|w| w == b"data:");
         pending.extend_from_slice(&chunk);
         while let Some(end) = pending.iter().position(|&b| b == b'\n') {
             let line: Vec<u8> = pending.drain(..=end).collect();

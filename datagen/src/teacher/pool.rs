@@ -61,6 +61,19 @@ impl Lease<'_> {
         *self.pool.outage.lock().expect("pool lock") = None;
     }
 
+    /// The endpoint answered, but the request was refused (a 400 of its own): the endpoint is
+    /// healthy, and nothing is counted as completed.
+    pub fn answered(mut self) {
+        self.finished = true;
+        let mut states = self.pool.states.lock().expect("pool lock");
+        let state = &mut states[self.index];
+        state.outstanding -= 1;
+        state.consecutive_failures = 0;
+        state.set_aside_until = None;
+        drop(states);
+        *self.pool.outage.lock().expect("pool lock") = None;
+    }
+
     pub fn failed(mut self) {
         self.finished = true;
         let mut states = self.pool.states.lock().expect("pool lock");

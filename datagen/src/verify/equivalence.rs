@@ -92,6 +92,7 @@ impl Comparer<'_> {
             let (a, b) = match (self.expanded_values(gold, &vars), self.expanded_values(pred, &vars)) {
                 (Ok(a), Ok(b)) => (a, b),
                 (Err(EvalError::Budget), _) | (_, Err(EvalError::Budget)) => return Err(EvalError::Budget),
+                // An overflow or a domain error at this point: try the next one.
                 _ => continue,
             };
             if a.iter().chain(&b).any(|v| !v.approx.re.is_finite()) {
@@ -266,8 +267,22 @@ impl Comparer<'_> {
             {
                 self.interval_equals_relations(*open, *close, items, p)
             }
-            // gold `(3, 2)`, pred `p = 3, q = 2`: the values in the prediction's order.
+            // gold `(3, 2)`, pred `p = 3, q = 2`: the values in the prediction's order, each of its
+            // own name (`x = 2, x = 5` is two roots, not a pair).
             (Answer::Tuple { open: '(', close: ')', items }, Answer::Set(p)) if items.len() == p.len() => {
+                let names: BTreeSet<String> = p
+                    .iter()
+                    .filter_map(|a| match a {
+                        Answer::Relations(r) if r.len() == 1 => match &r[0].0 {
+                            Expr::Variable(name) => Some(name.clone()),
+                            _ => None,
+                        },
+                        _ => None,
+                    })
+                    .collect();
+                if names.len() != p.len() {
+                    return Ok(false);
+                }
                 for (item, answer) in items.iter().zip(p) {
                     match answer {
                         Answer::Relations(r) if r.len() == 1 && r[0].1 == Relation::Eq && matches!(r[0].0, Expr::Variable(_)) => {

@@ -3,7 +3,7 @@
 //!
 //! A rational too large to hold exactly, or a float that overflows, is never rounded into a value
 //! that could compare equal to a neighbour (`2^{200}` against `2^{200}+1`, `40!` against its
-//! digits plus one): evaluation stops with [`EvalError::Budget`] instead.
+//! digits plus one): evaluation stops with [`EvalError::Overflow`] instead.
 
 use std::collections::BTreeMap;
 use std::time::Instant;
@@ -32,7 +32,7 @@ pub struct Value {
 impl Value {
     fn exact(r: Rational) -> Result<Value, EvalError> {
         if r.numer().bits() + r.denom().bits() > MAX_EXACT_BITS {
-            return Err(EvalError::Budget);
+            return Err(EvalError::Overflow);
         }
         Ok(Value { approx: Complex64::new(to_f64(&r), 0.0), exact: Some(r) })
     }
@@ -47,7 +47,7 @@ impl Value {
         let finite = |c: Complex64| c.re.is_finite() && c.im.is_finite();
         let overflowed = !finite(c) && !c.re.is_nan() && !c.im.is_nan() && operands.iter().all(|v| finite(v.approx));
         if overflowed || operands.iter().any(|v| v.exact.is_some() && !finite(v.approx)) {
-            return Err(EvalError::Budget);
+            return Err(EvalError::Overflow);
         }
         Ok(Value::approx(c))
     }
@@ -66,6 +66,9 @@ fn integer(n: i64) -> Rational {
 #[derive(Debug, Clone, PartialEq)]
 pub enum EvalError {
     Budget,
+    /// A value too large to hold (exactly or as a float): at a sample point of an expression
+    /// with variables that point is skipped; a constant expression cannot be compared.
+    Overflow,
     Undefined(String),
 }
 
@@ -154,7 +157,8 @@ pub fn evaluate(
     Ok(match expr {
         Expr::Number(text) => match parse_decimal(text) {
             Some(r) => Value::exact(r)?,
-            None => Value::approx(Complex64::new(text.parse::<f64>().map_err(|_| EvalError::Undefined(text.clone()))?, 0.0)),
+            // Past parse_decimal's exponent limit: `1e20000` is not infinity.
+            None => Value::computed(Complex64::new(text.parse::<f64>().map_err(|_| EvalError::Undefined(text.clone()))?, 0.0), &[])?,
         },
         Expr::Variable(name) => match variables.get(name) {
             Some(value) => Value::approx(*value),
@@ -189,7 +193,8 @@ pub fn evaluate(
         }
         Expr::Div(a, b) => {
             let (a, b) = (eval(a, budget)?, eval(b, budget)?);
-            if b.exact.as_ref().is_some_and(Zero::is_zero) || b.approx.norm() == 0.0 {
+            // An exact divisor decides by its exact value: 10^{-400} is not zero, though its f64 is.
+            if b.exact.as_ref().map_or(b.approx.norm() == 0.0, Zero::is_zero) {
                 return Err(EvalError::Undefined("division by zero".into()));
             }
             match (&a.exact, &b.exact) {
@@ -202,8 +207,11 @@ pub fn evaluate(
             if let (Some(x), Some(n)) = (&base.exact, &exponent.exact) {
                 if n.is_integer() && !(x.is_zero() && n.is_negative()) {
                     // The result's size is known before it is computed: |n| · bits(x).
-                    let k = n.numer().abs().to_u64().filter(|&k| k.saturating_mul(x.numer().bits() + x.denom().bits()) <= MAX_EXACT_BITS);
-                    let Some(k) = k else { return Err(EvalError::Budget) };
+                    // 0, 1 and -1 stay small whatever the power; the denominator 1 adds nothing.
+                    let bits = |n: &BigInt| if n.abs().is_one() { 0 } else { n.bits() };
+                    let size = bits(x.numer()) + bits(x.denom());
+                    let k = n.numer().abs().to_u64().filter(|&k| x.is_zero() || k.saturating_mul(size) <= MAX_EXACT_BITS || k <= u32::MAX as u64 && size == 0);
+                    let Some(k) = k.filter(|&k| k <= u32::MAX as u64) else { return Err(EvalError::Overflow) };
                     budget.spend()?;
                     let power = Rational::new(x.numer().pow(k as u32), x.denom().pow(k as u32));
                     return Value::exact(if n.is_negative() { power.recip() } else { power });
@@ -243,7 +251,7 @@ pub fn evaluate(
             let a = eval(a, budget)?;
             match &a.exact {
                 Some(n) if n.is_integer() && !n.is_negative() => {
-                    let n = n.numer().to_u32().filter(|&n| n <= MAX_EXACT_FACTORIAL).ok_or(EvalError::Budget)?;
+                    let n = n.numer().to_u32().filter(|&n| n <= MAX_EXACT_FACTORIAL).ok_or(EvalError::Overflow)?;
                     let mut product = BigInt::one();
                     for k in 2..=n {
                         budget.spend()?;

@@ -98,11 +98,12 @@ static HOPE: LazyLock<Regex> = LazyLock::new(|| Regex::new(r"(?i)[.\s]*I hope it
 static INLINE_MATH: LazyLock<Regex> =
     LazyLock::new(|| Regex::new(r"\$\$([^$]+)\$\$|\\\[(.+?)\\\]|\\\((.+?)\\\)|\$([^$]+)\$").expect("static regex"));
 
+static LEADING_CHOICE: LazyLock<Regex> = LazyLock::new(|| Regex::new(r"^\(?[A-E]\)[\s.:]").expect("static regex"));
 static BOLD_LINE: LazyLock<Regex> = LazyLock::new(|| Regex::new(r"^\*\*([^*]{1,80})\*\*\.?$").expect("static regex"));
 /// A word of prose: two or more letters that are not a LaTeX command's name.
 static WORD: LazyLock<Regex> = LazyLock::new(|| Regex::new(r"(?:^|[^\\a-zA-Z])[a-zA-Z]{2,}").expect("static regex"));
-/// A bare answer has fewer words than this ("no solution", "x = 2 and x = -1"); more is a sentence.
-const MAX_BARE_WORDS: usize = 3;
+/// A bare answer has fewer words than this ("no solution", "all real numbers"); more is a sentence.
+const MAX_BARE_WORDS: usize = 4;
 
 /// The answer of a response, and where it was found. `None` when there is none.
 /// `same` decides whether two boxed answers agree (for [`MultipleBoxed::AllAgree`]).
@@ -168,6 +169,8 @@ fn phrase_answer(text: &str) -> Option<String> {
     }
     let answer = HOPE.replace(&answer, "").into_owned();
     let answer = match INLINE_MATH.captures_iter(&answer).last() {
+        // `(D) $x^2+C$`: a choice letter with its value; the letter is the answer.
+        Some(_) if LEADING_CHOICE.is_match(answer.trim_start_matches('*')) => answer.replace('$', ""),
         Some(math) => math.iter().skip(1).flatten().next().map_or(String::new(), |m| m.as_str().to_string()),
         None => answer,
     };
@@ -216,7 +219,7 @@ mod tests {
         assert_eq!(extract_answer("The total is $50$ apples.", MultipleBoxed::Last).unwrap().0, "50");
         assert_eq!(extract_answer(r"5 \text{ apples}", MultipleBoxed::Last).unwrap().0, r"5 \text{ apples}");
         assert_eq!(extract_answer("I could not finish the computation.", MultipleBoxed::Last), None);
-        assert_eq!(extract_answer("<think>\\boxed{5}</think>I am not sure.", MultipleBoxed::Last), None);
+        assert_eq!(extract_answer("<think>\\boxed{5}</think>I am not sure about this.", MultipleBoxed::Last), None);
         assert_eq!(extract_answer("we get $y$ and finally $7$ apples.\nmore words here to be long enough", MultipleBoxed::Last).unwrap().0, "7");
     }
 }

@@ -75,8 +75,8 @@ pub enum Outcome {
     Wrong,
     /// Nothing in the response is an answer (no box, answer sentence, math or short bare answer).
     NoAnswer,
-    /// An answer was found but could not be read as math (or its comparison ran out of budget),
-    /// and its text differs from the gold answer's.
+    /// An answer was found but it, or the gold answer, could not be read as math (or the
+    /// comparison ran out of budget or met a value too large to hold), and the texts differ.
     Unparsable,
 }
 
@@ -166,9 +166,11 @@ const MAX_PARSED_LENGTH: usize = 2_000;
 static CHOICE: LazyLock<Regex> = LazyLock::new(|| Regex::new(r"^\(?([A-Ea-e])\)?$").expect("static regex"));
 static PRED_CHOICE: LazyLock<Regex> =
     LazyLock::new(|| Regex::new(r"^(?:\\text\{)?\(?([A-Ea-e])\)?(?:$|[\s.:)}])").expect("static regex"));
-/// Every choice a prediction names: `(A)`, or a capital letter standing alone (`A, C`).
-static CHOICES_NAMED: LazyLock<Regex> =
-    LazyLock::new(|| Regex::new(r"\(([A-Ea-e])\)|(?:^|[^A-Za-z\\])([A-E])(?:$|[^A-Za-z])").expect("static regex"));
+/// Choices in parentheses: `(A) and (B)`, `(A) is false; (C)`.
+static CHOICES_NAMED: LazyLock<Regex> = LazyLock::new(|| Regex::new(r"\(([A-Ea-e])\)").expect("static regex"));
+/// Bare letters listed: `A, C`, `A and C`, `A C`, `A/C`.
+static CHOICE_LIST: LazyLock<Regex> =
+    LazyLock::new(|| Regex::new(r"^\(?[A-E]\)?(?:\s*(?:,|;|/|&|\band\b|\bor\b|\s)\s*\(?[A-E]\)?)+\.?$").expect("static regex"));
 /// An AMC gold answer: the letter and its value, `\textbf{(C)}\ 15` → `(C) 15`.
 static CHOICE_WITH_VALUE: LazyLock<Regex> = LazyLock::new(|| Regex::new(r"^\(([A-E])\)\s*(.+)$").expect("static regex"));
 static DECIMAL_POINT: LazyLock<Regex> = LazyLock::new(|| Regex::new(r"^-?\d+\.\d+$").expect("static regex"));
@@ -225,8 +227,10 @@ pub fn verify_answers(gold: &str, pred: &str, config: &VerifyConfig) -> Verdict 
     let gold_choice = CHOICE.captures(&g).map(|c| (c[1].to_uppercase(), None));
     let gold_choice = gold_choice.or_else(|| CHOICE_WITH_VALUE.captures(&g).map(|c| (c[1].to_string(), Some(c[2].to_string()))));
     if let Some((letter, value)) = gold_choice {
-        let named: BTreeSet<String> =
-            CHOICES_NAMED.captures_iter(&p).filter_map(|c| c.get(1).or(c.get(2))).map(|m| m.as_str().to_uppercase()).collect();
+        let mut named: BTreeSet<String> = CHOICES_NAMED.captures_iter(&p).map(|c| c[1].to_uppercase()).collect();
+        if CHOICE_LIST.is_match(p.trim()) {
+            named.extend(p.chars().filter(|c| ('A'..='E').contains(c)).map(String::from));
+        }
         let found = PRED_CHOICE.captures(&p).map(|c| c[1].to_uppercase());
         return match (found, value) {
             // "(A) and (B)", "(A) is false; (C)": naming several choices answers none of them.
@@ -279,6 +283,7 @@ pub fn verify_answers(gold: &str, pred: &str, config: &VerifyConfig) -> Verdict 
         Ok(true) => decided(true, Rule::Equivalence, format!("equivalent as {}", shape(&gold_answer))),
         Ok(false) => decided(false, Rule::Equivalence, format!("not equivalent as {}: {g} vs {p}", shape(&gold_answer))),
         Err(EvalError::Budget) => verdict(Outcome::Unparsable, Rule::Budget, "budget exhausted before equivalence was shown".into()),
+        Err(EvalError::Overflow) => verdict(Outcome::Unparsable, Rule::Budget, "a value too large to compare exactly".into()),
         Err(EvalError::Undefined(why)) => decided(false, Rule::Undefined, format!("cannot evaluate: {why}")),
     }
 }

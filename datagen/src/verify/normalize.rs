@@ -141,7 +141,13 @@ pub fn normalize(answer: &str) -> String {
     // A name for the answer that the gold does not write: `P = (8,-2)`, `(p,q) = (3,2)`, `x \in [1,2]`.
     s = NAMED.replace(&s, "$1").into_owned();
     s = ANSWER_LABEL.replace(&s, "").into_owned();
-    s = PLAIN_MIXED.replace(&s, "$1\\frac{$2}{$3}").into_owned();
+    // `-4 1/2` is −(4 + 1/2).
+    s = PLAIN_MIXED
+        .replace(&s, |c: &regex::Captures| match c[1].strip_prefix('-') {
+            Some(whole) => format!("-({whole}\\frac{{{}}}{{{}}})", &c[2], &c[3]),
+            None => format!("{}\\frac{{{}}}{{{}}}", &c[1], &c[2], &c[3]),
+        })
+        .into_owned();
     // The real line, as an interval.
     if matches!(s.as_str(), "\\mathbb{R}" | "\\mathbb R" | "\\R" | "\\Bbb{R}" | "\\Bbb R") {
         s = "(-\\infty,\\infty)".to_string();
@@ -212,6 +218,7 @@ mod tests {
         assert_eq!(normalize(r"0.1\overline{6}"), r"\frac{15}{90}");
         assert_eq!(normalize(r"\text{Answer: } 14"), "14");
         assert_eq!(normalize("4 1/2"), r"4\frac{1}{2}");
+        assert_eq!(normalize("-4 1/2"), r"-(4\frac{1}{2})");
         assert_eq!(normalize(r"x \in \mathbb{R}"), r"(-\infty,\infty)");
         assert_eq!(normalize(r"-2.\overline{36}"), r"-\frac{234}{99}");
         assert_eq!(normalize(r"{5 \choose 2}"), r"\binom{5 }{ 2}");
