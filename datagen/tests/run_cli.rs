@@ -359,35 +359,26 @@ fn retry_failed_replaces_failed_samples_with_their_results() {
     assert_eq!(datagen::run::read_manifest(&out).unwrap()["generation"], 1);
 }
 
-/// A bad setting refused on every request (a 400 that is not about the prompt's length) stops the
-/// run after the first few answers, instead of storing every prompt as failed.
+/// What no prompt can get past stops the run with the server's message: DeepSeek's 402 (balance
+/// spent) at once; a bad setting refused on every request (a 400 not about the prompt's length)
+/// at the eighth such answer, instead of storing every prompt as failed.
 #[test]
-fn a_setting_refused_on_every_request_stops_the_run() {
-    let server = serve(Behaviour { faults: vec![common::Fault::BadParameter; 100], ..Behaviour::default() }, Default::default());
-    let dir = tempfile::tempdir().unwrap();
-    let prompts = common::prompt_file(dir.path(), 12);
-    let out = dir.path().join("out");
-    let url = server.url();
-    let output = datagen(&run_args(prompts.to_str().unwrap(), &url, out.to_str().unwrap()));
-    assert_clean_failure(&output, &["HTTP 400", "top_p must be in (0, 1]"]);
-    // It stopped at the eighth such answer: seven failed rows, not 36 (requests already in
-    // flight when it stopped are asked again by the next run, once the setting is fixed).
-    assert_eq!(rows_of(&out).len(), 7);
-    assert_eq!(datagen::run::read_manifest(&out).unwrap()["status"], "stopped");
-}
-
-/// DeepSeek's 402 (balance spent) stops the run at once with the server's message.
-#[test]
-fn a_spent_balance_stops_the_run() {
-    let server = serve(Behaviour { faults: vec![common::Fault::PaymentRequired; 100], ..Behaviour::default() }, Default::default());
-    let dir = tempfile::tempdir().unwrap();
-    let prompts = common::prompt_file(dir.path(), 12);
-    let out = dir.path().join("out");
-    let url = server.url();
-    let output = datagen(&run_args(prompts.to_str().unwrap(), &url, out.to_str().unwrap()));
-    assert_clean_failure(&output, &["HTTP 402", "Insufficient Balance", "not retried"]);
-    assert!(server.requests() <= 4, "{} requests after a fatal answer (concurrency 4)", server.requests());
-    assert_eq!(datagen::run::read_manifest(&out).unwrap()["status"], "stopped");
+fn refusals_that_no_prompt_gets_past_stop_the_run() {
+    let cases = [
+        (common::Fault::PaymentRequired, ["HTTP 402", "Insufficient Balance"], 0),
+        (common::Fault::BadParameter, ["HTTP 400", "top_p must be in (0, 1]"], 7),
+    ];
+    for (fault, needles, stored) in cases {
+        let server = serve(Behaviour { faults: vec![fault; 100], ..Behaviour::default() }, Default::default());
+        let dir = tempfile::tempdir().unwrap();
+        let prompts = common::prompt_file(dir.path(), 12);
+        let out = dir.path().join("out");
+        let output = datagen(&run_args(prompts.to_str().unwrap(), &server.url(), out.to_str().unwrap()));
+        assert_clean_failure(&output, &needles);
+        // Requests in flight when it stopped are asked again by the next run.
+        assert_eq!(rows_of(&out).len(), stored);
+        assert_eq!(datagen::run::read_manifest(&out).unwrap()["status"], "stopped");
+    }
 }
 
 /// One writer per folder: a second `run` or `rescore` on a folder being written is refused,

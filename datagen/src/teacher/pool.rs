@@ -48,21 +48,17 @@ impl Lease<'_> {
         &self.pool.urls[self.index]
     }
 
-    pub fn succeeded(mut self, latency_ms: u64) {
-        self.finished = true;
-        let mut states = self.pool.states.lock().expect("pool lock");
-        let state = &mut states[self.index];
-        state.outstanding -= 1;
-        state.consecutive_failures = 0;
-        state.set_aside_until = None;
-        state.completed += 1;
-        state.latency_ms.push(latency_ms);
-        drop(states);
-        *self.pool.outage.lock().expect("pool lock") = None;
+    pub fn succeeded(self, latency_ms: u64) {
+        let index = self.index;
+        let pool = self.pool;
+        self.answered();
+        let mut states = pool.states.lock().expect("pool lock");
+        states[index].completed += 1;
+        states[index].latency_ms.push(latency_ms);
     }
 
-    /// The endpoint answered, but the request was refused (a 400 of its own): the endpoint is
-    /// healthy, and nothing is counted as completed.
+    /// The endpoint answered, but maybe refused the request (a 400 of its own): the endpoint is
+    /// healthy (its failure run and any outage end), and nothing is counted as completed.
     pub fn answered(mut self) {
         self.finished = true;
         let mut states = self.pool.states.lock().expect("pool lock");
