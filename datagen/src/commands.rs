@@ -504,9 +504,10 @@ pub fn stats_command(args: StatsArgs) -> Result<()> {
 pub struct ExportArgs {
     /// Run folder written by `datagen run`.
     dir: PathBuf,
-    /// `open-r1`: one row per problem as in open-r1's OpenR1-Math-220k (`generations`,
-    /// `correctness_math_verify`, `is_reasoning_complete`, `finish_reasons`,
-    /// `correctness_count`, and `messages` of the first accepted generation).
+    /// `open-r1`: one row per problem with every column of open-r1's OpenR1-Math-220k
+    /// (`problem, solution, answer, problem_type, question_type, source, uuid,
+    /// is_reasoning_complete, generations, correctness_math_verify, correctness_llama,
+    /// finish_reasons, correctness_count, messages`); see datasets/SCHEMA.md.
     #[arg(long, value_parser = ["open-r1"], default_value = "open-r1")]
     format: String,
     /// The Parquet file to write.
@@ -516,7 +517,23 @@ pub struct ExportArgs {
 
 pub fn export_command(args: ExportArgs) -> Result<()> {
     let rows = store::read_all(&args.dir.join("data"), generation(&args.dir)?)?;
-    let problems = datagen::schema::open_r1_rows(&rows);
+    // `solution`, `problem_type` and `question_type` come from the prompt file the run recorded,
+    // when it is still there.
+    let manifest = read_manifest(&args.dir)?;
+    let mut info = HashMap::new();
+    if let Some(path) = manifest["prompts"]["path"].as_str() {
+        let field = |name: &str, default: &str| manifest["prompts"][name].as_str().unwrap_or(default).to_string();
+        let fields = PromptFields { id: field("id_field", "id"), problem: field("problem_field", "problem"), answer: field("answer_field", "answer") };
+        match read_prompts(Path::new(path), &fields) {
+            Ok(prompts) => {
+                for p in prompts {
+                    info.insert(p.id, datagen::schema::ProblemInfo { solution: p.solution, problem_type: p.problem_type, question_type: p.question_type });
+                }
+            }
+            Err(e) => eprintln!("the run's prompt file is not readable ({e}); `solution`, `problem_type` and `question_type` are left null"),
+        }
+    }
+    let problems = datagen::schema::open_r1_rows(&rows, &info);
     if problems.is_empty() {
         bail!("{}: no successful samples to export", args.dir.display());
     }

@@ -14,6 +14,11 @@ pub struct Prompt {
     pub problem: String,
     pub answer: Option<String>,
     pub source: Option<String>,
+    /// Carried into the open-r1 export when the prompt file has them (OpenR1-Math-220k's
+    /// `solution`, `problem_type`, `question_type`).
+    pub solution: Option<String>,
+    pub problem_type: Option<String>,
+    pub question_type: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -85,7 +90,16 @@ pub fn read_prompts(path: &Path, fields: &PromptFields) -> Result<Vec<Prompt>, P
         if let Some(first) = seen.insert(id.clone(), record.location()) {
             return Err(PromptError::Duplicate { id, first, second: record.location() });
         }
-        prompts.push(Prompt { id, problem, answer, source });
+        let optional = |name: &str| record.fields.get(name).and_then(text);
+        prompts.push(Prompt {
+            id,
+            problem,
+            answer,
+            source,
+            solution: optional("solution"),
+            problem_type: optional("problem_type"),
+            question_type: optional("question_type"),
+        });
     }
     if prompts.is_empty() {
         return Err(PromptError::Empty(path.display().to_string()));

@@ -115,45 +115,75 @@ pub fn from_batch(batch: &RecordBatch) -> Result<Vec<Row>, String> {
 }
 
 /// One problem in the per-problem layout of open-r1's OpenR1-Math-220k
-/// (`datagen export --format open-r1`).
+/// (`datagen export --format open-r1`), column for column.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct OpenR1Row {
-    pub uuid: String,
     pub problem: String,
+    /// The prompt file's reference solution (`solution`), null without one.
+    pub solution: Option<String>,
     pub answer: Option<String>,
+    /// The prompt file's `problem_type` / `question_type`, null without them.
+    pub problem_type: Option<String>,
+    pub question_type: Option<String>,
     pub source: Option<String>,
+    pub uuid: String,
+    /// Per generation: the trace closes its reasoning and then answers, and was not cut by
+    /// `max_tokens` — computed from the trace, whatever filters the run used.
+    pub is_reasoning_complete: Vec<bool>,
     /// The assistant turns (`<think>…</think>` + answer), by sample index.
     pub generations: Vec<String>,
     pub correctness_math_verify: Vec<bool>,
-    pub is_reasoning_complete: Vec<bool>,
+    /// open-r1's second judge (Llama-3.3-70B); this toolkit has none: always null.
+    pub correctness_llama: Option<Vec<bool>>,
     pub finish_reasons: Vec<Option<String>>,
-    pub correctness_count: u64,
+    pub correctness_count: i64,
     /// The conversation of the first accepted generation; null when none was accepted.
     pub messages: Option<Vec<Message>>,
 }
 
 pub fn open_r1_schema() -> Arc<Schema> {
     let utf8 = |name: &str, nullable: bool| Field::new(name, DataType::Utf8, nullable);
-    let list = |name: &str, item: DataType, nullable_items: bool| {
-        Field::new(name, DataType::List(Arc::new(Field::new("item", item, nullable_items))), false)
+    let list = |name: &str, item: DataType, nullable_items: bool, nullable: bool| {
+        Field::new(name, DataType::List(Arc::new(Field::new("item", item, nullable_items))), nullable)
     };
     let message = Fields::from(vec![utf8("role", false), utf8("content", false)]);
     Arc::new(Schema::new(vec![
-        utf8("uuid", false),
         utf8("problem", false),
+        utf8("solution", true),
         utf8("answer", true),
+        utf8("problem_type", true),
+        utf8("question_type", true),
         utf8("source", true),
-        list("generations", DataType::Utf8, false),
-        list("correctness_math_verify", DataType::Boolean, false),
-        list("is_reasoning_complete", DataType::Boolean, false),
-        list("finish_reasons", DataType::Utf8, true),
-        Field::new("correctness_count", DataType::UInt64, false),
+        utf8("uuid", false),
+        list("is_reasoning_complete", DataType::Boolean, false, false),
+        list("generations", DataType::Utf8, false, false),
+        list("correctness_math_verify", DataType::Boolean, false, false),
+        list("correctness_llama", DataType::Boolean, false, true),
+        list("finish_reasons", DataType::Utf8, true, false),
+        Field::new("correctness_count", DataType::Int64, false),
         Field::new("messages", DataType::List(Arc::new(Field::new("item", DataType::Struct(message), false))), true),
     ]))
 }
 
+/// Whether a stored sample's reasoning is complete: it was not cut by `max_tokens`, its
+/// reasoning is closed (a `</think>` in the assistant turn, or reasoning the server split off),
+/// and an answer follows it.
+pub fn reasoning_complete(row: &Row) -> bool {
+    let closed = row.reasoning.as_deref().is_some_and(|r| !r.trim().is_empty())
+        || row.messages.as_ref().and_then(|m| m.last()).is_some_and(|m| m.content.contains("</think>"));
+    row.finish_reason.as_deref() != Some("length") && closed && row.content.as_deref().is_some_and(|c| !c.trim().is_empty())
+}
+
+/// Per-problem fields of the prompt file, by id, for the open-r1 export.
+#[derive(Debug, Clone, Default)]
+pub struct ProblemInfo {
+    pub solution: Option<String>,
+    pub problem_type: Option<String>,
+    pub question_type: Option<String>,
+}
+
 /// Groups a run's successful samples by problem, in the order problems first appear.
-pub fn open_r1_rows(rows: &[Row]) -> Vec<OpenR1Row> {
+pub fn open_r1_rows(rows: &[Row], info: &std::collections::HashMap<String, ProblemInfo>) -> Vec<OpenR1Row> {
     let mut order: Vec<&str> = Vec::new();
     let mut groups: std::collections::HashMap<&str, Vec<&Row>> = std::collections::HashMap::new();
     for row in rows.iter().filter(|r| r.status == "ok") {
@@ -172,16 +202,21 @@ pub fn open_r1_rows(rows: &[Row]) -> Vec<OpenR1Row> {
             samples.sort_by_key(|r| r.sample_index);
             let first = samples[0];
             let assistant = |r: &Row| r.messages.as_ref().and_then(|m| m.last()).map(|m| m.content.clone()).unwrap_or_default();
+            let problem = info.get(id).cloned().unwrap_or_default();
             OpenR1Row {
-                uuid: first.id.clone(),
                 problem: first.problem.clone(),
+                solution: problem.solution,
                 answer: first.reference_answer.clone(),
+                problem_type: problem.problem_type,
+                question_type: problem.question_type,
                 source: first.source.clone(),
+                uuid: first.id.clone(),
+                is_reasoning_complete: samples.iter().map(|r| reasoning_complete(r)).collect(),
                 generations: samples.iter().map(|r| assistant(r)).collect(),
                 correctness_math_verify: samples.iter().map(|r| r.correct == Some(true)).collect(),
-                is_reasoning_complete: samples.iter().map(|r| !r.filters_failed.iter().any(|f| f == "incomplete")).collect(),
+                correctness_llama: None,
                 finish_reasons: samples.iter().map(|r| r.finish_reason.clone()).collect(),
-                correctness_count: samples.iter().filter(|r| r.correct == Some(true)).count() as u64,
+                correctness_count: samples.iter().filter(|r| r.correct == Some(true)).count() as i64,
                 messages: samples.iter().find(|r| r.accepted).and_then(|r| r.messages.clone()),
             }
         })

@@ -148,6 +148,12 @@ fn killed_runs_resume_and_store_every_sample_exactly_once() {
     writer.finish().unwrap();
     let problems: Vec<serde_json::Value> = serde_json::from_slice(&writer.into_inner()).unwrap();
     assert_eq!(problems.len(), 12);
+    // OpenR1-Math-220k's columns, in its order.
+    let names: Vec<String> = datagen::schema::open_r1_schema().fields().iter().map(|f| f.name().clone()).collect();
+    assert_eq!(names, [
+        "problem", "solution", "answer", "problem_type", "question_type", "source", "uuid", "is_reasoning_complete",
+        "generations", "correctness_math_verify", "correctness_llama", "finish_reasons", "correctness_count", "messages",
+    ]);
     let total_correct: u64 = problems.iter().map(|p| p["correctness_count"].as_u64().unwrap()).sum();
     assert_eq!(total_correct, correct as u64);
     for problem in &problems {
@@ -155,6 +161,10 @@ fn killed_runs_resume_and_store_every_sample_exactly_once() {
         assert!(problem["generations"][0].as_str().unwrap().starts_with("<think>\n"));
         assert_eq!(problem["correctness_math_verify"].as_array().unwrap().len(), 3);
         assert_eq!(problem["messages"].as_array().unwrap().len(), 2, "every sample accepted after --keep all");
+        assert_eq!(problem["is_reasoning_complete"], serde_json::json!([true, true, true]));
+        assert!(problem.get("correctness_llama").is_none_or(|v| v.is_null()), "no second judge: null");
+        // The bundled prompts carry MATH's problem type (`type`), not open-r1's `problem_type`.
+        assert!(problem.get("solution").is_none_or(|v| v.is_null() || v.is_string()));
     }
     assert!(datagen::store::shards(&out.join("data"), 0).unwrap().is_empty(), "old generation removed");
     let rows = datagen::store::read_all(&out.join("data"), 1).unwrap();
@@ -282,7 +292,12 @@ fn a_prompt_past_the_context_is_stored_as_failed_and_the_run_goes_on() {
     let server = serve(Behaviour { max_prompt_chars: Some(3000), ..Behaviour::default() }, answers);
     let dir = tempfile::tempdir().unwrap();
     let prompts = common::prompt_file(dir.path(), 3);
-    let mut text = std::fs::read_to_string(&prompts).unwrap();
+    // The first prompt also carries open-r1's per-problem fields, for the export.
+    let mut lines: Vec<serde_json::Value> = std::fs::read_to_string(&prompts).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    lines[0]["solution"] = "Expand and count.".into();
+    lines[0]["problem_type"] = "Algebra".into();
+    lines[0]["question_type"] = "math-word-problem".into();
+    let mut text: String = lines.iter().map(|l| l.to_string() + "\n").collect();
     text.push_str(&serde_json::json!({"id": "long", "problem": "Sum these numbers: ".to_string() + &"7 + ".repeat(1000) + "7.", "answer": "7007"}).to_string());
     text.push('\n');
     std::fs::write(&prompts, text).unwrap();
@@ -323,6 +338,20 @@ fn a_prompt_past_the_context_is_stored_as_failed_and_the_run_goes_on() {
     let rows = rows_of(&out);
     let keys: std::collections::HashSet<_> = rows.iter().map(|r| r.key.clone()).collect();
     assert_eq!((rows.len(), keys.len()), (8, 8), "each key once");
+    // The export fills open-r1's per-problem fields from the run's prompt file; the failed
+    // problem has no generation and is left out.
+    let exported = dir.path().join("open-r1.parquet");
+    let output = datagen(&["export", &out_text, "--out", exported.to_str().unwrap()]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let file = std::fs::File::open(&exported).unwrap();
+    let batch = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file).unwrap().build().unwrap().next().unwrap().unwrap();
+    let mut writer = arrow::json::ArrayWriter::new(Vec::new());
+    writer.write(&batch).unwrap();
+    writer.finish().unwrap();
+    let problems: Vec<serde_json::Value> = serde_json::from_slice(&writer.into_inner()).unwrap();
+    assert_eq!(problems.len(), 3);
+    let first = problems.iter().find(|p| p["uuid"] == lines[0]["id"]).unwrap();
+    assert_eq!((first["solution"].as_str(), first["problem_type"].as_str(), first["question_type"].as_str()), (Some("Expand and count."), Some("Algebra"), Some("math-word-problem")));
     let mut bad = args.clone();
     bad.extend(["--retry-failed", "flaky"]);
     assert_clean_failure(&datagen(&bad), &["--retry-failed", "unknown class `flaky`", "context_length"]);
