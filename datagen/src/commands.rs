@@ -144,6 +144,11 @@ pub struct RunArgs {
     /// Rows per Parquet shard.
     #[arg(long, default_value_t = 256)]
     shard_rows: usize,
+    /// Add samples made with other sampling settings (model, temperature, top-p, max tokens,
+    /// template) to a folder that holds some already; refused without it, so that settings never
+    /// mix silently. Each sample's key carries its settings' hash either way.
+    #[arg(long)]
+    allow_mixed: bool,
     /// Ask again for the samples stored as failed: all of them, or those of the given reason
     /// classes (`context_length,server`; see `error_class`). Each is asked for once more, under
     /// its own key; the failed row is replaced by the new result.
@@ -255,6 +260,27 @@ pub fn run_command(args: RunArgs) -> Result<()> {
         generation = drop_failed(&args.out, generation, classes, args.shard_rows, manifest.clone())?;
     }
     let created_at = previous.as_ref().and_then(|m| m["created_at"].as_str().map(String::from)).unwrap_or_else(now);
+    // Every earlier run's settings, kept in order; this run's entry is added (and updated) last.
+    let mut history: Vec<serde_json::Value> = previous.as_ref().and_then(|m| m["runs"].as_array().cloned()).unwrap_or_default();
+    if history.is_empty()
+        && let Some(m) = &previous
+        && m.get("sampling_hash").is_some()
+    {
+        // A folder written before the history existed: its last run is its first entry.
+        history.push(json!({"started_at": m["updated_at"], "sampling": m["sampling"], "sampling_hash": m["sampling_hash"], "samples_per_prompt": m["samples_per_prompt"], "status": m["status"]}));
+    }
+    let other_settings: Vec<&serde_json::Value> = history.iter().filter(|run| run["sampling_hash"].as_str() != Some(&sampling.hash())).collect();
+    if let Some(earlier) = other_settings.first()
+        && !args.allow_mixed
+    {
+        bail!(
+            "{} holds samples made with other sampling settings ({}); this run's are {}. Use another --out, or --allow-mixed to add these beside them",
+            args.out.display(),
+            earlier["sampling"],
+            json!(sampling)
+        );
+    }
+    let started_at = now();
     let manifest = |status: &str, summary: Option<&datagen::run::Summary>| {
         json!({
             "tool": concat!("datagen ", env!("CARGO_PKG_VERSION")),
@@ -271,6 +297,10 @@ pub fn run_command(args: RunArgs) -> Result<()> {
             "scoring": score_options,
             "verifier": datagen::scoring::VERIFIER,
             "summary": summary,
+            "runs": history.iter().cloned().chain([json!({
+                "started_at": started_at, "sampling": sampling, "sampling_hash": sampling.hash(),
+                "samples_per_prompt": args.samples, "retry_failed": args.retry_failed, "status": status, "summary": summary,
+            })]).collect::<Vec<_>>(),
         })
     };
     write_manifest(&args.out, &manifest("running", None))?;

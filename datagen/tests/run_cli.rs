@@ -463,3 +463,33 @@ fn max_tokens_is_checked_against_the_servers_context() {
     assert!(asked.iter().all(|&n| n < 4096 && n > 3000), "{asked:?}");
     assert!(asked.iter().min() < asked.iter().max(), "{asked:?}");
 }
+
+/// Samples made with other sampling settings never mix silently: a resume with another
+/// temperature is refused before anything is written, `--allow-mixed` adds them beside the
+/// first ones (each key carries its settings' hash), and the manifest keeps every run in order.
+#[test]
+fn other_settings_are_refused_unless_allowed_and_every_run_is_recorded() {
+    let server = serve(Behaviour::default(), common::bundled_answers(&common::math_prompts(2)));
+    let dir = tempfile::tempdir().unwrap();
+    let prompts = common::prompt_file(dir.path(), 2);
+    let out = dir.path().join("out");
+    let (prompts, url, out_text) = (prompts.to_str().unwrap().to_string(), server.url(), out.to_str().unwrap().to_string());
+    let args = run_args(&prompts, &url, &out_text);
+    assert!(datagen(&args).status.success());
+    let mut warmer = args.clone();
+    set(&mut warmer, "--temperature", "0.7");
+    let before = std::fs::read_to_string(out.join("manifest.json")).unwrap();
+    assert_clean_failure(&datagen(&warmer), &["other sampling settings", "\"temperature\":0.6", "--allow-mixed"]);
+    assert_eq!(std::fs::read_to_string(out.join("manifest.json")).unwrap(), before, "a refused run writes nothing");
+    warmer.push("--allow-mixed");
+    let output = datagen(&warmer);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let rows = rows_of(&out);
+    assert_eq!(rows.len(), 12);
+    let hashes: std::collections::BTreeSet<_> = rows.iter().map(|r| r.key.rsplit('/').next().unwrap().to_string()).collect();
+    assert_eq!(hashes.len(), 2);
+    let runs = datagen::run::read_manifest(&out).unwrap()["runs"].as_array().unwrap().clone();
+    assert_eq!(runs.len(), 2);
+    assert_eq!((runs[0]["sampling"]["temperature"].as_f64(), runs[1]["sampling"]["temperature"].as_f64()), (Some(0.6), Some(0.7)));
+    assert!(runs.iter().all(|r| r["status"] == "complete"));
+}
