@@ -144,6 +144,11 @@ pub struct RunArgs {
     /// Rows per Parquet shard.
     #[arg(long, default_value_t = 256)]
     shard_rows: usize,
+    /// Take only part `I` of `N` of the prompts (`0/4` … `3/4`), chosen by a hash of each id, so
+    /// that N processes or machines with their own --out share a prompt set without overlap;
+    /// `datagen merge` joins their folders afterwards.
+    #[arg(long, value_name = "I/N", value_parser = parse_shard)]
+    prompt_shard: Option<(u64, u64)>,
     /// Add samples made with other sampling settings (model, temperature, top-p, max tokens,
     /// template) to a folder that holds some already; refused without it, so that settings never
     /// mix silently. Each sample's key carries its settings' hash either way.
@@ -219,7 +224,11 @@ pub fn run_command(args: RunArgs) -> Result<()> {
         bail!("--samples and --concurrency must be at least 1");
     }
     let fields = PromptFields { id: args.id_field.clone(), problem: args.problem_field.clone(), answer: args.answer_field.clone() };
-    let prompts = read_prompts(&args.prompts, &fields)?;
+    let mut prompts = read_prompts(&args.prompts, &fields)?;
+    if let Some((part, parts)) = args.prompt_shard {
+        prompts.retain(|p| datagen::prompts::shard_of(&p.id, parts) == part);
+        eprintln!("--prompt-shard {part}/{parts}: {} prompts", prompts.len());
+    }
     let local = match &args.teacher {
         Some(spec) => {
             let dir = spec.strip_prefix("local:").with_context(|| format!("--teacher {spec}: expected local:DIR"))?;
@@ -288,7 +297,7 @@ pub fn run_command(args: RunArgs) -> Result<()> {
             "updated_at": now(),
             "status": status,
             "generation": generation,
-            "prompts": {"path": args.prompts, "count": prompts.len(), "id_field": args.id_field, "problem_field": args.problem_field, "answer_field": args.answer_field},
+            "prompts": {"path": args.prompts, "count": prompts.len(), "id_field": args.id_field, "problem_field": args.problem_field, "answer_field": args.answer_field, "shard": args.prompt_shard.map(|(i, n)| format!("{i}/{n}"))},
             "teacher": {"endpoints": args.endpoints, "local": args.teacher, "max_batch_size": args.teacher.as_ref().map(|_| args.max_batch_size), "dtype": args.teacher.as_ref().map(|_| &args.dtype), "api_key_env": args.api_key_env, "stream": !args.no_stream},
             "sampling": sampling,
             "sampling_hash": sampling.hash(),
@@ -355,6 +364,85 @@ pub fn run_command(args: RunArgs) -> Result<()> {
         eprintln!("run the same command again to continue");
     }
     Ok(())
+}
+
+/// `I/N` with I < N.
+fn parse_shard(text: &str) -> Result<(u64, u64), String> {
+    let (part, parts) = text.split_once('/').ok_or_else(|| format!("`{text}`: expected I/N, e.g. 0/4"))?;
+    let (part, parts) = (part.trim().parse::<u64>(), parts.trim().parse::<u64>());
+    match (part, parts) {
+        (Ok(part), Ok(parts)) if part < parts => Ok((part, parts)),
+        _ => Err(format!("`{text}`: expected I/N with 0 ≤ I < N, e.g. 0/4")),
+    }
+}
+
+#[derive(Args)]
+pub struct MergeArgs {
+    /// The new run folder (must not exist yet).
+    #[arg(long)]
+    out: PathBuf,
+    /// Run folders to join, e.g. the parts of a `--prompt-shard` run.
+    #[arg(required = true, num_args = 1..)]
+    dirs: Vec<PathBuf>,
+}
+
+/// Joins run folders into a new one: every stored sample once (a key in two folders is taken
+/// from the first that has it; two different rows under one key are an error), the manifests'
+/// run histories kept. Written beside `--out` and renamed into place when complete.
+pub fn merge_command(args: MergeArgs) -> Result<()> {
+    if args.out.exists() {
+        bail!("--out {} exists; merge writes a new folder", args.out.display());
+    }
+    let name = args.out.file_name().and_then(|n| n.to_str()).context("--out names no folder")?;
+    let staging = args.out.with_file_name(format!(".{name}.merging"));
+    if staging.exists() {
+        std::fs::remove_dir_all(&staging).with_context(|| format!("removing {}", staging.display()))?;
+    }
+    let written = (|| -> Result<usize> {
+        std::fs::create_dir_all(staging.join("data"))?;
+        let mut seen: HashMap<String, (PathBuf, String)> = HashMap::new();
+        let mut rows = Vec::new();
+        let mut runs = Vec::new();
+        let mut first_manifest = None;
+        for dir in &args.dirs {
+            let _lock = store::lock(dir)?; // nobody writes a folder while it is merged
+            let manifest = read_manifest(dir).with_context(|| format!("{} is not a datagen run folder", dir.display()))?;
+            let generation = manifest["generation"].as_u64().unwrap_or(0) as u32;
+            for row in store::read_all(&dir.join("data"), generation)? {
+                let content = serde_json::to_string(&(&row.status, &row.content, &row.reasoning))?;
+                match seen.get(&row.key) {
+                    Some((_, same)) if *same == content => continue,
+                    Some((other, _)) => bail!("key {} is stored differently in {} and {}", row.key, other.display(), dir.display()),
+                    None => {
+                        seen.insert(row.key.clone(), (dir.clone(), content));
+                        rows.push(row);
+                    }
+                }
+            }
+            runs.extend(manifest["runs"].as_array().cloned().unwrap_or_default());
+            first_manifest.get_or_insert(manifest);
+        }
+        let mut manifest = first_manifest.context("no folders")?;
+        manifest["generation"] = json!(0);
+        manifest["runs"] = json!(runs);
+        manifest["merged_from"] = json!(args.dirs);
+        manifest["merged_at"] = json!(now());
+        manifest["prompts"]["shard"] = serde_json::Value::Null;
+        store::write_generation(&staging.join("data"), 0, &rows, 256)?;
+        write_manifest(&staging, &manifest)?;
+        Ok(rows.len())
+    })();
+    match written {
+        Ok(count) => {
+            std::fs::rename(&staging, &args.out).with_context(|| format!("renaming {} to {}", staging.display(), args.out.display()))?;
+            eprintln!("merged {count} samples from {} folders into {}", args.dirs.len(), args.out.display());
+            Ok(())
+        }
+        Err(error) => {
+            let _ = std::fs::remove_dir_all(&staging);
+            Err(error)
+        }
+    }
 }
 
 /// `90s`, `30m`, `2h` or plain seconds.

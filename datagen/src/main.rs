@@ -46,6 +46,8 @@ enum Command {
     Stats(commands::StatsArgs),
     /// Write a run's samples in another layout (open-r1's per-problem Parquet).
     Export(commands::ExportArgs),
+    /// Join run folders (e.g. the `--prompt-shard` parts of one run) into a new one, each sample once.
+    Merge(commands::MergeArgs),
     /// Verify JSONL rows {gold, pred, …}; writes each row back with `verdict` (correct, wrong, no_answer, unparsable), `correct` and `extracted`.
     Verify(VerifyArgs),
     /// Benchmarks (not tests): the verifier's speed, the teacher client's overhead.
@@ -139,6 +141,7 @@ fn main() -> Result<()> {
         Command::Rescore(args) => commands::rescore_command(args),
         Command::Stats(args) => commands::stats_command(args),
         Command::Export(args) => commands::export_command(args),
+        Command::Merge(args) => commands::merge_command(args),
         Command::Verify(args) => verify_command(args),
         Command::Bench(BenchCommand::Verify(args)) => bench(args),
         Command::Bench(BenchCommand::Client(args)) => commands::bench_client(args),

@@ -53,6 +53,15 @@ pub fn hash_id(problem: &str) -> String {
     digest.iter().take(8).map(|b| format!("{b:02x}")).collect()
 }
 
+/// The part of `parts` that prompt `id` belongs to (`--prompt-shard`): from a hash of the id, so
+/// it does not depend on the order or the number of prompts in the file.
+pub fn shard_of(id: &str, parts: u64) -> u64 {
+    let digest = Sha256::digest(id.as_bytes());
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&digest[..8]);
+    u64::from_be_bytes(first) % parts.max(1)
+}
+
 /// Numbers are accepted where text is expected (GSM8K answers, integer ids).
 fn text(value: &Value) -> Option<String> {
     match value {

@@ -248,6 +248,18 @@ pub fn read_all(dir: &Path, generation: u32) -> Result<Vec<Row>, StoreError> {
     Ok(rows)
 }
 
+/// Writes `rows` as the shards of `generation` in `dir`, replacing any left from an interrupted
+/// attempt.
+pub fn write_generation(dir: &Path, generation: u32, rows: &[Row], shard_rows: usize) -> Result<(), StoreError> {
+    for stale in shards(dir, generation)? {
+        fs::remove_file(&stale).map_err(|e| file_error(&stale, e))?;
+    }
+    for (index, chunk) in rows.chunks(shard_rows.max(1)).enumerate() {
+        write_shard(&dir.join(format!("samples-g{generation}-{index:06}.parquet")), chunk)?;
+    }
+    Ok(())
+}
+
 /// Replaces generation `from` by `rows` written as generation `from + 1` (`datagen rescore`):
 /// the new shards are complete before `commit` (which records the new generation, e.g. in the
 /// manifest) runs, and the old shards are removed only after it.
@@ -259,12 +271,7 @@ pub fn rewrite(
     commit: impl FnOnce(u32) -> Result<(), StoreError>,
 ) -> Result<(), StoreError> {
     let generation = from + 1;
-    for stale in shards(dir, generation)? {
-        fs::remove_file(&stale).map_err(|e| file_error(&stale, e))?;
-    }
-    for (index, chunk) in rows.chunks(shard_rows.max(1)).enumerate() {
-        write_shard(&dir.join(format!("samples-g{generation}-{index:06}.parquet")), chunk)?;
-    }
+    write_generation(dir, generation, rows, shard_rows)?;
     commit(generation)?;
     for old in shards(dir, from)? {
         fs::remove_file(&old).map_err(|e| file_error(&old, e))?;

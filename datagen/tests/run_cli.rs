@@ -493,3 +493,38 @@ fn other_settings_are_refused_unless_allowed_and_every_run_is_recorded() {
     assert_eq!((runs[0]["sampling"]["temperature"].as_f64(), runs[1]["sampling"]["temperature"].as_f64()), (Some(0.6), Some(0.7)));
     assert!(runs.iter().all(|r| r["status"] == "complete"));
 }
+
+/// `--prompt-shard 0/2` and `1/2` in two folders, joined by `datagen merge`, give exactly the rows
+/// of one run over all the prompts; merging a folder twice stores each sample once.
+#[test]
+fn prompt_shards_merge_into_one_run() {
+    let server = serve(Behaviour::default(), common::bundled_answers(&common::math_prompts(12)));
+    let dir = tempfile::tempdir().unwrap();
+    let prompts = common::prompt_file(dir.path(), 12);
+    let (prompts, url) = (prompts.to_str().unwrap().to_string(), server.url());
+    let folder = |name: &str| dir.path().join(name).to_str().unwrap().to_string();
+    let (whole, part0, part1, merged) = (folder("whole"), folder("part0"), folder("part1"), folder("merged"));
+    assert!(datagen(&run_args(&prompts, &url, &whole)).status.success());
+    let mut counts = Vec::new();
+    for (part, out) in [("0/2", &part0), ("1/2", &part1)] {
+        let mut args = run_args(&prompts, &url, out);
+        set(&mut args, "--prompt-shard", part);
+        let output = datagen(&args);
+        assert!(output.status.success(), "{}", stderr(&output));
+        counts.push(rows_of(Path::new(out)).len());
+    }
+    assert!(counts.iter().all(|&n| n > 0) && counts.iter().sum::<usize>() == 36, "{counts:?}");
+    let output = datagen(&["merge", "--out", &merged, &part0, &part1, &part0]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let keys = |out: &str| -> std::collections::BTreeSet<String> { rows_of(Path::new(out)).into_iter().map(|r| r.key).collect() };
+    assert_eq!(keys(&merged), keys(&whole));
+    assert_eq!(rows_of(Path::new(&merged)).len(), 36);
+    assert_eq!(datagen::run::read_manifest(Path::new(&merged)).unwrap()["runs"].as_array().unwrap().len(), 3);
+    let stats = datagen(&["stats", &merged, "--json"]);
+    assert!(stats.status.success());
+    // Into an existing folder, or with a bad part: clear errors.
+    assert_clean_failure(&datagen(&["merge", "--out", &merged, &part0]), &["exists"]);
+    let mut bad = run_args(&prompts, &url, &part0);
+    set(&mut bad, "--prompt-shard", "2/2");
+    assert_clean_failure(&datagen(&bad), &["--prompt-shard", "0 ≤ I < N"]);
+}
