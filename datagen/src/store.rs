@@ -23,6 +23,28 @@ pub enum StoreError {
     Locked { dir: PathBuf, holder: String },
 }
 
+/// Test-only crash injection: with `DATAGEN_FAILPOINT=NAME` in the environment the process
+/// aborts at the step of the storage protocol called NAME, as a kill at that instant would stop
+/// it (the crash-window tests set it; nothing else does).
+pub fn failpoint(name: &str) {
+    static CHOSEN: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    if CHOSEN.get_or_init(|| std::env::var("DATAGEN_FAILPOINT").ok()).as_deref() == Some(name) {
+        eprintln!("failpoint {name}: aborting");
+        std::process::abort();
+    }
+}
+
+/// Every failpoint of the storage protocol, in the order a run and a rescore reach them.
+pub const FAILPOINTS: &[&str] = &[
+    "journal-torn-line",
+    "journal-appended",
+    "shard-temporary-written",
+    "shard-renamed",
+    "journal-reset",
+    "rescore-shards-written",
+    "rescore-committed",
+];
+
 /// The lock file of a run folder.
 const LOCK: &str = ".datagen.lock";
 
@@ -115,6 +137,9 @@ pub fn write_atomically(path: &Path, write: impl FnOnce(&mut File) -> Result<(),
     let mut file = File::create(&temporary).map_err(|e| file_error(&temporary, e))?;
     write(&mut file).map_err(|e| file_error(&temporary, e))?;
     file.sync_all().map_err(|e| file_error(&temporary, e))?;
+    if name.ends_with(".parquet") {
+        failpoint("shard-temporary-written");
+    }
     fs::rename(&temporary, path).map_err(|e| file_error(path, e))?;
     sync_dir(dir)
 }
@@ -214,7 +239,13 @@ impl Store {
         let path = self.dir.join(JOURNAL);
         let mut line = serde_json::to_vec(&row).map_err(|e| file_error(&path, e))?;
         line.push(b'\n');
+        if std::env::var_os("DATAGEN_FAILPOINT").is_some_and(|f| f == "journal-torn-line") {
+            // Half a line reaches the disk, as a kill during the write would leave it.
+            let _ = self.journal.write_all(&line[..line.len() / 2]).and_then(|_| self.journal.sync_data());
+            failpoint("journal-torn-line");
+        }
         self.journal.write_all(&line).and_then(|_| self.journal.sync_data()).map_err(|e| file_error(&path, e))?;
+        failpoint("journal-appended");
         self.pending.push(row);
         if self.pending.len() >= self.shard_rows {
             self.compact()?;
@@ -228,10 +259,14 @@ impl Store {
         if !self.pending.is_empty() {
             let path = self.dir.join(format!("samples-g{}-{:06}.parquet", self.generation, self.next_shard));
             write_shard(&path, &self.pending)?;
+            failpoint("shard-renamed");
             self.next_shard += 1;
             self.pending.clear();
         }
         write_atomically(&journal_path, |_| Ok(()))?;
+        if self.next_shard > 0 {
+            failpoint("journal-reset");
+        }
         self.journal = OpenOptions::new().append(true).open(&journal_path).map_err(|e| file_error(&journal_path, e))?;
         Ok(())
     }
@@ -272,9 +307,20 @@ pub fn rewrite(
 ) -> Result<(), StoreError> {
     let generation = from + 1;
     write_generation(dir, generation, rows, shard_rows)?;
+    failpoint("rescore-shards-written");
     commit(generation)?;
-    for old in shards(dir, from)? {
-        fs::remove_file(&old).map_err(|e| file_error(&old, e))?;
+    failpoint("rescore-committed");
+    // Every older generation goes, including one left by a rescore killed after its commit.
+    for entry in fs::read_dir(dir).map_err(|e| file_error(dir, e))?.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let old = name
+            .strip_prefix("samples-g")
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|g| g.parse::<u32>().ok())
+            .is_some_and(|g| g < generation);
+        if old && name.ends_with(".parquet") {
+            fs::remove_file(entry.path()).map_err(|e| file_error(&entry.path(), e))?;
+        }
     }
     let journal = dir.join(JOURNAL);
     if journal.exists() {
