@@ -528,6 +528,43 @@ pub fn rescore_command(args: RescoreArgs) -> Result<()> {
 }
 
 #[derive(Args)]
+pub struct EvalArgs {
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+/// `datagen eval`: a run with R1's evaluation protocol (every sample kept, whatever the filters),
+/// then its scoreboard, printed and written to `OUT/scoreboard.json`.
+pub fn eval_command(mut args: EvalArgs) -> Result<()> {
+    args.run.filters.keep = Keep::All;
+    let out = args.run.out.clone();
+    run_command(args.run)?;
+    let manifest = read_manifest(&out)?;
+    if manifest["status"] != "complete" {
+        eprintln!("the run did not finish ({}); the scoreboard covers the samples stored so far", manifest["status"]);
+    }
+    let rows = store::read_all(&out.join("data"), generation(&out)?)?;
+    let board = datagen::scoring::scoreboard(&rows, &datagen::verify::VerifyConfig::default())
+        .context("no prompt has a reference answer: nothing to score (see --answer-field)")?;
+    let text = serde_json::to_string_pretty(&board)?;
+    store::write_atomically(&out.join("scoreboard.json"), |file| std::io::Write::write_all(file, text.as_bytes()).map_err(|e| e.to_string()))?;
+    let line = |name: &str, s: &datagen::scoring::Scores| {
+        println!(
+            "{name:<32} {:>7} {:>8} {:>7} {:>8.1}% {:>8.1}% {:>8.1}%",
+            s.prompts, s.samples, s.failed, 100.0 * s.pass_at_1, 100.0 * s.pass_at_k, 100.0 * s.cons_at_k
+        )
+    };
+    let k = board.overall.k;
+    println!("{:<32} {:>7} {:>8} {:>7} {:>9} {:>9} {:>9}", "source", "prompts", "samples", "failed", "pass@1", format!("pass@{k}"), format!("cons@{k}"));
+    for (source, scores) in &board.by_source {
+        line(source, scores);
+    }
+    line("all", &board.overall);
+    eprintln!("scoreboard written to {}", out.join("scoreboard.json").display());
+    Ok(())
+}
+
+#[derive(Args)]
 pub struct StatsArgs {
     /// Run folder written by `datagen run`.
     dir: PathBuf,

@@ -46,6 +46,9 @@ enum Command {
     Stats(commands::StatsArgs),
     /// Write a run's samples in another layout (open-r1's per-problem Parquet).
     Export(commands::ExportArgs),
+    /// Evaluate a model as R1 reports it: sample every prompt --samples times (R1's temperature 0.6,
+    /// top-p 0.95), then pass@1, the unbiased pass@k and cons@k, overall and by source.
+    Eval(commands::EvalArgs),
     /// Join run folders (e.g. the `--prompt-shard` parts of one run) into a new one, each sample once.
     Merge(commands::MergeArgs),
     /// Verify JSONL rows {gold, pred, …}; writes each row back with `verdict` (correct, wrong, no_answer, unparsable), `correct` and `extracted`.
@@ -142,6 +145,7 @@ fn main() -> Result<()> {
         Command::Stats(args) => commands::stats_command(args),
         Command::Export(args) => commands::export_command(args),
         Command::Merge(args) => commands::merge_command(args),
+        Command::Eval(args) => commands::eval_command(args),
         Command::Verify(args) => verify_command(args),
         Command::Bench(BenchCommand::Verify(args)) => bench(args),
         Command::Bench(BenchCommand::Client(args)) => commands::bench_client(args),

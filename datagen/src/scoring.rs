@@ -133,6 +133,75 @@ pub fn pass_and_consensus(rows: &[Row], config: &VerifyConfig) -> (Option<f64>, 
     (Some(pass / n), Some(consensus / n), by_prompt.len())
 }
 
+/// The unbiased pass@k estimator of Chen et al. (2021): the chance that at least one of `k`
+/// samples drawn without replacement from `n`, of which `c` are correct, is correct.
+pub fn pass_at_k(n: usize, c: usize, k: usize) -> f64 {
+    if k == 0 || k > n {
+        return f64::NAN;
+    }
+    if n - c < k {
+        return 1.0;
+    }
+    // 1 − C(n−c, k) / C(n, k), as a product that neither overflows nor cancels.
+    1.0 - ((n - c + 1)..=n).map(|i| 1.0 - k as f64 / i as f64).product::<f64>()
+}
+
+/// One line of an evaluation scoreboard.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Scores {
+    pub prompts: usize,
+    pub samples: usize,
+    /// Samples whose request failed; they count as wrong.
+    pub failed: usize,
+    pub pass_at_1: f64,
+    /// The samples per prompt that pass@k and cons@k use (the smallest any prompt has).
+    pub k: usize,
+    pub pass_at_k: f64,
+    pub cons_at_k: f64,
+}
+
+/// R1's evaluation report over the prompts with a reference answer: overall and by `source`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Scoreboard {
+    pub overall: Scores,
+    pub by_source: BTreeMap<String, Scores>,
+}
+
+fn scores(rows: &[&Row], config: &VerifyConfig) -> Option<Scores> {
+    let mut by_prompt: BTreeMap<&str, Vec<&Row>> = BTreeMap::new();
+    for row in rows {
+        by_prompt.entry(&row.id).or_default().push(row);
+    }
+    let k = by_prompt.values().map(Vec::len).min()?;
+    let owned: Vec<Row> = rows.iter().map(|r| (*r).clone()).collect();
+    let (pass_at_1, cons_at_k, _) = pass_and_consensus(&owned, config);
+    let pass_k = by_prompt.values().map(|s| pass_at_k(s.len(), s.iter().filter(|r| r.correct == Some(true)).count(), k)).sum::<f64>();
+    Some(Scores {
+        prompts: by_prompt.len(),
+        samples: rows.len(),
+        failed: rows.iter().filter(|r| r.status != "ok").count(),
+        pass_at_1: pass_at_1?,
+        k,
+        pass_at_k: pass_k / by_prompt.len() as f64,
+        cons_at_k: cons_at_k?,
+    })
+}
+
+/// The scoreboard of a run's rows: pass@1 averaged over each prompt's samples, the unbiased
+/// pass@k and cons@k (votes grouped by the verifier's equivalence), failed samples counted as
+/// wrong; `None` when no prompt has a reference answer. It depends only on the stored rows, so a
+/// resumed run scores as one run straight through.
+pub fn scoreboard(rows: &[Row], config: &VerifyConfig) -> Option<Scoreboard> {
+    let scored: Vec<&Row> = rows.iter().filter(|r| r.reference_answer.is_some()).collect();
+    let overall = scores(&scored, config)?;
+    let mut groups: BTreeMap<String, Vec<&Row>> = BTreeMap::new();
+    for row in &scored {
+        groups.entry(row.source.clone().unwrap_or_else(|| "-".into())).or_default().push(row);
+    }
+    let by_source = groups.into_iter().filter_map(|(source, rows)| Some((source, scores(&rows, config)?))).collect();
+    Some(Scoreboard { overall, by_source })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -180,6 +249,15 @@ mod tests {
         failed.correct = None;
         let (pass, _, _) = pass_and_consensus(&[row("b", "7", true), failed], &VerifyConfig::default());
         assert_eq!(pass, Some(0.5));
+    }
+
+    #[test]
+    fn unbiased_pass_at_k() {
+        assert!((pass_at_k(5, 2, 2) - 0.7).abs() < 1e-12); // 1 − C(3,2)/C(5,2)
+        assert_eq!(pass_at_k(4, 0, 4), 0.0);
+        assert_eq!(pass_at_k(4, 1, 4), 1.0);
+        assert!((pass_at_k(64, 16, 1) - 0.25).abs() < 1e-12);
+        assert!(pass_at_k(2, 1, 3).is_nan());
     }
 
     #[test]

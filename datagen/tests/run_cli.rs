@@ -626,3 +626,32 @@ fn the_api_key_is_never_written() {
     assert!(checked >= 3, "manifest, shards and journal checked");
     assert!(!stats.stdout.windows(key.len()).any(|w| w == key.as_bytes()));
 }
+
+/// `datagen eval`: R1's protocol and scoreboard. The loopback teacher answers each problem right on
+/// its even-numbered requests and wrong on the odd ones, so with 4 samples each prompt has 2 right:
+/// pass@1 50%, pass@4 100%, and cons@4 100% (the tie goes to the first answer, the right one). A
+/// resumed evaluation scores the same.
+#[test]
+fn eval_prints_and_writes_r1s_scoreboard() {
+    let server = serve(Behaviour::default(), common::bundled_answers(&common::math_prompts(3)));
+    let dir = tempfile::tempdir().unwrap();
+    let prompts = common::prompt_file(dir.path(), 3);
+    let out = dir.path().join("eval");
+    let url = server.url();
+    let mut args = run_args(prompts.to_str().unwrap(), &url, out.to_str().unwrap());
+    args[0] = "eval";
+    set(&mut args, "--samples", "4");
+    set(&mut args, "--concurrency", "1");
+    let output = datagen(&args);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let board: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("scoreboard.json")).unwrap()).unwrap();
+    let overall = &board["overall"];
+    assert_eq!((overall["prompts"].as_u64(), overall["samples"].as_u64(), overall["failed"].as_u64(), overall["k"].as_u64()), (Some(3), Some(12), Some(0), Some(4)));
+    assert_eq!((overall["pass_at_1"].as_f64(), overall["pass_at_k"].as_f64(), overall["cons_at_k"].as_f64()), (Some(0.5), Some(1.0), Some(1.0)));
+    assert!(board["by_source"].as_object().unwrap().keys().all(|s| s.starts_with("MATH train/")), "{board}");
+    let printed = String::from_utf8_lossy(&output.stdout);
+    assert!(printed.contains("pass@4") && printed.contains("50.0%"), "{printed}");
+    let first = std::fs::read_to_string(out.join("scoreboard.json")).unwrap();
+    assert!(datagen(&args).status.success());
+    assert_eq!(std::fs::read_to_string(out.join("scoreboard.json")).unwrap(), first, "resumed, the same scores");
+}
