@@ -141,6 +141,12 @@ pub struct RunArgs {
     /// not spend --max-retries.
     #[arg(long, default_value = "30m", value_parser = parse_duration)]
     max_outage: Duration,
+    /// Requests per minute at most (a hosted API's account limit); none by default.
+    #[arg(long)]
+    max_requests_per_minute: Option<u32>,
+    /// Prompt + completion tokens per minute at most (a hosted API's account limit).
+    #[arg(long)]
+    max_tokens_per_minute: Option<u64>,
     /// Rows per Parquet shard.
     #[arg(long, default_value_t = 256)]
     shard_rows: usize,
@@ -326,6 +332,8 @@ pub fn run_command(args: RunArgs) -> Result<()> {
         request_timeout: Duration::from_secs(args.request_timeout.max(1)),
         stall_timeout: Duration::from_secs(args.stall_timeout.max(1)),
         max_outage: args.max_outage,
+        max_requests_per_minute: args.max_requests_per_minute,
+        max_tokens_per_minute: args.max_tokens_per_minute,
         backoff_base: Duration::from_millis(500),
         backoff_cap: Duration::from_secs(60),
         score: score_options.clone(),

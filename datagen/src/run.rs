@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Semaphore, mpsc};
@@ -70,6 +70,9 @@ pub struct RunConfig {
     pub stall_timeout: Duration,
     /// How long an outage (every endpoint failing) is waited out before retries count again.
     pub max_outage: Duration,
+    /// Account limits of hosted APIs: requests and tokens (prompt + completion) per minute.
+    pub max_requests_per_minute: Option<u32>,
+    pub max_tokens_per_minute: Option<u64>,
     pub backoff_base: Duration,
     pub backoff_cap: Duration,
     pub score: ScoreOptions,
@@ -114,6 +117,58 @@ const CONTEXT_MARGIN: u64 = 16;
 /// them, after which a run stops: the settings, not the prompts, are wrong.
 const INVALID_BEFORE_STOP: usize = 8;
 
+/// Requests- and tokens-per-minute limits as leaky buckets that refill continuously and hold at
+/// most a second's worth (at least one request): a request waits until both have room, and its
+/// tokens are taken from the bucket when its usage is known, so the next ones wait it off.
+pub struct Limiter {
+    requests_per_second: Option<f64>,
+    tokens_per_second: Option<f64>,
+    state: std::sync::Mutex<(f64, f64, Instant)>,
+}
+
+impl Limiter {
+    pub fn new(requests_per_minute: Option<u32>, tokens_per_minute: Option<u64>) -> Limiter {
+        let requests_per_second = requests_per_minute.filter(|&n| n > 0).map(|n| f64::from(n) / 60.0);
+        let tokens_per_second = tokens_per_minute.filter(|&n| n > 0).map(|n| n as f64 / 60.0);
+        let burst = requests_per_second.map_or(0.0, |r| r.max(1.0));
+        Limiter { requests_per_second, tokens_per_second, state: std::sync::Mutex::new((burst, tokens_per_second.unwrap_or(0.0), Instant::now())) }
+    }
+
+    /// Waits until one more request fits both limits, and takes it.
+    pub async fn admit(&self) {
+        loop {
+            let wait = {
+                let mut state = self.state.lock().expect("limiter lock");
+                let now = Instant::now();
+                let elapsed = now.duration_since(state.2).as_secs_f64();
+                state.2 = now;
+                if let Some(rate) = self.requests_per_second {
+                    state.0 = (state.0 + rate * elapsed).min(rate.max(1.0));
+                }
+                if let Some(rate) = self.tokens_per_second {
+                    state.1 = (state.1 + rate * elapsed).min(rate);
+                }
+                let requests_short = self.requests_per_second.map_or(0.0, |rate| ((1.0 - state.0) / rate).max(0.0));
+                let tokens_short = self.tokens_per_second.map_or(0.0, |rate| (-state.1 / rate).max(0.0));
+                let wait = requests_short.max(tokens_short);
+                if wait <= 0.0 {
+                    state.0 -= 1.0;
+                    return;
+                }
+                wait
+            };
+            tokio::time::sleep(Duration::from_secs_f64(wait.min(60.0))).await;
+        }
+    }
+
+    /// Takes a finished request's tokens from the tokens-per-minute bucket.
+    pub fn spend(&self, tokens: u64) {
+        if self.tokens_per_second.is_some() {
+            self.state.lock().expect("limiter lock").1 -= tokens as f64;
+        }
+    }
+}
+
 /// Progress of a run, for a progress bar.
 pub trait Progress: Send {
     fn start(&mut self, samples: usize, prompts: usize);
@@ -144,6 +199,7 @@ async fn sample(
     config: Arc<RunConfig>,
     request: ChatRequest,
     refused: Arc<AtomicBool>,
+    limiter: Arc<Limiter>,
 ) -> Result<(Completion, String, u32), (RequestError, Option<String>, u32)> {
     let mut attempts = 0u32;
     // Retries spent against --max-retries (those waiting out an outage are not).
@@ -155,11 +211,15 @@ async fn sample(
     }
     loop {
         attempts += 1;
+        limiter.admit().await;
         let lease = pool.acquire();
         let endpoint = lease.url().to_string();
         match chat(&http, &endpoint, config.api_key.as_deref(), &request, config.request_timeout, config.stall_timeout).await {
             Ok(completion) => {
                 lease.succeeded(completion.latency_ms);
+                // Without usage from the server, about four characters a token.
+                let text = completion.reasoning.as_deref().unwrap_or("").len() + completion.content.len();
+                limiter.spend(completion.prompt_tokens.unwrap_or(0) + completion.completion_tokens.unwrap_or(text as u64 / 4));
                 if completion.finish_reason.as_deref() == Some("length") && length_retries < config.length_retries {
                     length_retries += 1;
                     continue;
@@ -287,6 +347,7 @@ pub async fn run(
             }
         }
     }
+    let limiter = Arc::new(Limiter::new(config.max_requests_per_minute, config.max_tokens_per_minute));
     let (sender, mut receiver) = mpsc::channel::<Outcome>(config.concurrency.max(1) * 2);
     let permits = Arc::new(Semaphore::new(config.concurrency.max(1)));
     let mut tasks = tokio::task::JoinSet::new();
@@ -325,9 +386,10 @@ pub async fn run(
                     // Only the local teacher uses it: each sample its own draw, reproducibly.
                     seed: config.local.as_ref().map(|_| sample_index as u64),
                 };
-                let (http, pool, config, sender, refused) = (http.clone(), pool.clone(), config.clone(), sender.clone(), refused.clone());
+                let (http, pool, config, sender, refused, limiter) =
+                    (http.clone(), pool.clone(), config.clone(), sender.clone(), refused.clone(), limiter.clone());
                 inner.spawn(async move {
-                    let result = sample(http, pool, config, request, refused).await;
+                    let result = sample(http, pool, config, request, refused, limiter).await;
                     drop(permit);
                     let _ = sender.send(Outcome { prompt, sample_index, result }).await;
                 });

@@ -35,6 +35,8 @@ fn config(out: &Path, endpoints: Vec<String>, stream: bool) -> RunConfig {
         request_timeout: Duration::from_secs(10),
         stall_timeout: Duration::from_secs(10),
         max_outage: Duration::ZERO,
+        max_requests_per_minute: None,
+        max_tokens_per_minute: None,
         backoff_base: Duration::from_millis(10),
         backoff_cap: Duration::from_millis(100),
         score: ScoreOptions { keep: Keep::Correct, filters: FilterConfig::default() },
@@ -157,6 +159,30 @@ fn a_stalled_stream_is_retried() {
     let (summary, rows) = go(1, config);
     assert_eq!(summary.unwrap().failed, 0);
     assert_eq!((rows[0].status.as_str(), rows[0].attempts), ("ok", 2));
+}
+
+/// --max-requests-per-minute 120 (two a second, a burst of two): six requests take two seconds
+/// at least; --max-tokens-per-minute holds requests back after a large one.
+#[test]
+fn requests_and_tokens_per_minute_are_limited() {
+    let server = serve(Behaviour::default(), common::bundled_answers(&common::math_prompts(3)));
+    let dir = tempfile::tempdir().unwrap();
+    let mut limited = config(dir.path(), vec![server.url()], false);
+    limited.max_requests_per_minute = Some(120);
+    let started = std::time::Instant::now();
+    let (summary, _) = go(3, limited);
+    assert_eq!(summary.unwrap().stored, 6);
+    assert!(started.elapsed() >= Duration::from_millis(1900), "{:?}", started.elapsed());
+    // 50 tokens a request (the server's usage) at 3,000 a minute (50 a second), one second's
+    // worth to start with: after two requests each later one waits a second for its tokens.
+    let server = serve(Behaviour::default(), common::bundled_answers(&common::math_prompts(3)));
+    let dir = tempfile::tempdir().unwrap();
+    let mut limited = config(dir.path(), vec![server.url()], false);
+    (limited.concurrency, limited.max_tokens_per_minute) = (1, Some(3000));
+    let started = std::time::Instant::now();
+    let (summary, _) = go(3, limited);
+    assert_eq!(summary.unwrap().stored, 6);
+    assert!(started.elapsed() >= Duration::from_millis(3500), "{:?}", started.elapsed());
 }
 
 /// `Retry-After` as an HTTP date (two seconds ahead, whole seconds) is waited out.
