@@ -175,14 +175,23 @@ async fn read_request(stream: &mut TcpStream) -> std::io::Result<(String, HashMa
     Ok((request_line, headers, body))
 }
 
-async fn respond(stream: &mut TcpStream, status: &str, content_type: &str, extra: &str, body: &str) -> std::io::Result<()> {
+/// A whole response; the connection stays open for the next request (HTTP/1.1 keep-alive, as
+/// vLLM, SGLang and the hosted APIs keep it).
+async fn respond(stream: &mut TcpStream, status: &str, content_type: &str, extra: &str, body: &str) -> std::io::Result<bool> {
     let head = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n{extra}\r\n",
+        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: keep-alive\r\n{extra}\r\n",
         body.len()
     );
     stream.write_all(head.as_bytes()).await?;
     stream.write_all(body.as_bytes()).await?;
-    stream.shutdown().await
+    Ok(true)
+}
+
+/// One chunk of a chunked (keep-alive) event stream.
+async fn chunk(stream: &mut TcpStream, data: &[u8]) -> std::io::Result<()> {
+    stream.write_all(format!("{:x}\r\n", data.len()).as_bytes()).await?;
+    stream.write_all(data).await?;
+    stream.write_all(b"\r\n").await
 }
 
 fn completion_text(shared: &Shared, problem_text: &str) -> (String, String) {
@@ -202,8 +211,20 @@ fn completion_text(shared: &Shared, problem_text: &str) -> (String, String) {
     (reasoning, content)
 }
 
+/// Answers requests on one connection until the client closes it or a response must end it.
 async fn handle(mut stream: TcpStream, shared: Arc<Shared>) -> std::io::Result<()> {
-    let (request_line, headers, body) = read_request(&mut stream).await?;
+    loop {
+        let request = read_request(&mut stream).await?;
+        if !answer(&mut stream, &shared, request).await? {
+            return stream.shutdown().await;
+        }
+    }
+}
+
+/// Answers one request; `false` when the connection must close after it (a cut or broken stream).
+async fn answer(stream: &mut TcpStream, shared: &Shared, request: (String, HashMap<String, String>, Vec<u8>)) -> std::io::Result<bool> {
+    let (request_line, headers, body) = request;
+    let mut stream = stream;
     // The model list is metadata, not a request for the teacher: it is not counted.
     if request_line.starts_with("GET /v1/models") {
         return match shared.behaviour.max_model_len {
@@ -261,7 +282,7 @@ async fn handle(mut stream: TcpStream, shared: Arc<Shared>) -> std::io::Result<(
         _ => {}
     }
     tokio::time::sleep(behaviour.delay).await;
-    let (reasoning, answer) = completion_text(&shared, &problem);
+    let (reasoning, answer) = completion_text(shared, &problem);
     let (reasoning_content, reasoning_field, content) = match behaviour.shape {
         Shape::ReasoningContent => (Some(reasoning), None, answer),
         Shape::Reasoning => (None, Some(reasoning), answer),
@@ -286,10 +307,13 @@ async fn handle(mut stream: TcpStream, shared: Arc<Shared>) -> std::io::Result<(
         }
         return respond(&mut stream, "200 OK", "application/json", "", &response.to_string()).await;
     }
-    stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\nConnection: close\r\n\r\n").await?;
+    stream
+        .write_all(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\nTransfer-Encoding: chunked\r\nConnection: keep-alive\r\n\r\n")
+        .await?;
     if fault == Some(Fault::MalformedJson) {
-        stream.write_all(b"data: {\"choices\": [{\"delta\": \n\n").await?;
-        return stream.shutdown().await;
+        chunk(stream, b"data: {\"choices\": [{\"delta\": \n\n").await?;
+        chunk(stream, b"").await?;
+        return Ok(true);
     }
     let mut events: Vec<Value> = vec![json!({"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": null}]})];
     let piece = |key: &str, text: &str| -> Vec<Value> {
@@ -308,7 +332,7 @@ async fn handle(mut stream: TcpStream, shared: Arc<Shared>) -> std::io::Result<(
     }
     for (index, event) in events.iter().enumerate() {
         if fault == Some(Fault::CutStream) && index == 4 {
-            return stream.shutdown().await;
+            return Ok(false);
         }
         if let Some(Fault::Stall(silence)) = &fault
             && index == 3
@@ -316,13 +340,14 @@ async fn handle(mut stream: TcpStream, shared: Arc<Shared>) -> std::io::Result<(
             tokio::time::sleep(*silence).await;
         }
         if behaviour.keep_alives && index % 5 == 2 {
-            stream.write_all(b": ping\n\n").await?;
+            chunk(stream, b": ping\n\n").await?;
         }
-        stream.write_all(format!("data: {event}\n\n").as_bytes()).await?;
+        chunk(stream, format!("data: {event}\n\n").as_bytes()).await?;
     }
     if !behaviour.no_done {
-        stream.write_all(b"data: [DONE]\n\n").await?;
+        chunk(stream, b"data: [DONE]\n\n").await?;
     }
-    stream.shutdown().await
+    chunk(stream, b"").await?;
+    Ok(true)
 }
 
