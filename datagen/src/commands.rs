@@ -408,37 +408,47 @@ pub fn merge_command(args: MergeArgs) -> Result<()> {
     }
     let written = (|| -> Result<usize> {
         std::fs::create_dir_all(staging.join("data"))?;
-        let mut seen: HashMap<String, (PathBuf, String)> = HashMap::new();
-        let mut rows = Vec::new();
+        // Per key: the folder it came from and a digest of what was stored, so that memory holds
+        // keys, never traces.
+        let mut seen: HashMap<String, (usize, [u8; 32])> = HashMap::new();
+        let mut writer = store::GenerationWriter::new(&staging.join("data"), 0, 256)?;
         let mut runs = Vec::new();
         let mut first_manifest = None;
-        for dir in &args.dirs {
+        for (index, dir) in args.dirs.iter().enumerate() {
             let _lock = store::lock(dir)?; // nobody writes a folder while it is merged
             let manifest = read_manifest(dir).with_context(|| format!("{} is not a datagen run folder", dir.display()))?;
             let generation = manifest["generation"].as_u64().unwrap_or(0) as u32;
-            for row in store::read_all(&dir.join("data"), generation)? {
-                let content = serde_json::to_string(&(&row.status, &row.content, &row.reasoning))?;
+            let mut conflict = None;
+            store::for_each_row(&dir.join("data"), generation, |row| {
+                use sha2::Digest;
+                let digest: [u8; 32] = sha2::Sha256::digest(serde_json::to_vec(&(&row.status, &row.content, &row.reasoning)).unwrap_or_default()).into();
                 match seen.get(&row.key) {
-                    Some((_, same)) if *same == content => continue,
-                    Some((other, _)) => bail!("key {} is stored differently in {} and {}", row.key, other.display(), dir.display()),
+                    Some((_, same)) if *same == digest => Ok(()),
+                    Some((other, _)) => {
+                        conflict.get_or_insert((row.key.clone(), *other));
+                        Ok(())
+                    }
                     None => {
-                        seen.insert(row.key.clone(), (dir.clone(), content));
-                        rows.push(row);
+                        seen.insert(row.key.clone(), (index, digest));
+                        writer.push(row)
                     }
                 }
+            })?;
+            if let Some((key, other)) = conflict {
+                bail!("key {key} is stored differently in {} and {}", args.dirs[other].display(), dir.display());
             }
             runs.extend(manifest["runs"].as_array().cloned().unwrap_or_default());
             first_manifest.get_or_insert(manifest);
         }
+        let count = writer.finish()?;
         let mut manifest = first_manifest.context("no folders")?;
         manifest["generation"] = json!(0);
         manifest["runs"] = json!(runs);
         manifest["merged_from"] = json!(args.dirs);
         manifest["merged_at"] = json!(now());
         manifest["prompts"]["shard"] = serde_json::Value::Null;
-        store::write_generation(&staging.join("data"), 0, &rows, 256)?;
         write_manifest(&staging, &manifest)?;
-        Ok(rows.len())
+        Ok(count)
     })();
     match written {
         Ok(count) => {
@@ -475,21 +485,29 @@ fn drop_failed(out: &Path, generation: u32, classes: &[String], shard_rows: usiz
     let retried = |row: &Row| {
         row.status == "failed" && (classes.is_empty() || row.error_class.as_ref().is_some_and(|c| classes.contains(c)))
     };
-    let rows = store::read_all(&data, generation)?;
-    let count = rows.iter().filter(|r| retried(r)).count();
+    let mut count = 0;
+    store::for_each_row(&data, generation, |row| {
+        count += usize::from(retried(&row));
+        Ok(())
+    })?;
     let which = if classes.is_empty() { "all".to_string() } else { classes.join(", ") };
     eprintln!("--retry-failed {which}: {count} failed samples to ask for again");
     if count == 0 {
         return Ok(generation);
     }
-    let kept: Vec<Row> = rows.into_iter().filter(|r| !retried(r)).collect();
     let mut next = generation;
-    store::rewrite(&data, generation, &kept, shard_rows, |g| {
-        next = g;
-        manifest["generation"] = json!(g);
-        manifest["retried_failed_at"] = json!(now());
-        write_manifest(out, &manifest)
-    })?;
+    store::rewrite_with(
+        &data,
+        generation,
+        shard_rows,
+        |writer| store::for_each_row(&data, generation, |row| if retried(&row) { Ok(()) } else { writer.push(row) }),
+        |g| {
+            next = g;
+            manifest["generation"] = json!(g);
+            manifest["retried_failed_at"] = json!(now());
+            write_manifest(out, &manifest)
+        },
+    )?;
     Ok(next)
 }
 
@@ -515,23 +533,31 @@ pub fn rescore_command(args: RescoreArgs) -> Result<()> {
     let _lock = store::lock(&args.dir)?;
     let from = generation(&args.dir)?;
     let data = args.dir.join("data");
-    let mut rows = store::read_all(&data, from)?;
     let options = args.filters.score_options()?;
     let verify = args.verifier.config();
-    let (mut before, mut after) = (0, 0);
-    for row in &mut rows {
-        before += row.accepted as usize;
-        score(row, &options, &verify);
-        after += row.accepted as usize;
-    }
+    let (mut before, mut after, mut count) = (0, 0, 0);
     let mut manifest = read_manifest(&args.dir)?;
-    store::rewrite(&data, from, &rows, 256, |generation| {
-        manifest["generation"] = json!(generation);
-        manifest["scoring"] = json!(options);
-        manifest["rescored_at"] = json!(now());
-        write_manifest(&args.dir, &manifest)
-    })?;
-    eprintln!("rescored {} samples: {before} → {after} accepted", rows.len());
+    store::rewrite_with(
+        &data,
+        from,
+        256,
+        |writer| {
+            store::for_each_row(&data, from, |mut row| {
+                before += row.accepted as usize;
+                score(&mut row, &options, &verify);
+                after += row.accepted as usize;
+                count += 1;
+                writer.push(row)
+            })
+        },
+        |generation| {
+            manifest["generation"] = json!(generation);
+            manifest["scoring"] = json!(options);
+            manifest["rescored_at"] = json!(now());
+            write_manifest(&args.dir, &manifest)
+        },
+    )?;
+    eprintln!("rescored {count} samples: {before} → {after} accepted");
     Ok(())
 }
 
@@ -551,7 +577,7 @@ pub fn eval_command(mut args: EvalArgs) -> Result<()> {
     if manifest["status"] != "complete" {
         eprintln!("the run did not finish ({}); the scoreboard covers the samples stored so far", manifest["status"]);
     }
-    let rows = store::read_all(&out.join("data"), generation(&out)?)?;
+    let rows = light_rows(&out)?;
     let board = datagen::scoring::scoreboard(&rows, &datagen::verify::VerifyConfig::default())
         .context("no prompt has a reference answer: nothing to score (see --answer-field)")?;
     let text = serde_json::to_string_pretty(&board)?;
@@ -581,8 +607,24 @@ pub struct StatsArgs {
     json: bool,
 }
 
+/// Every stored row of a run without its texts (problem, reasoning, answer, conversation): what
+/// the figures need, streamed, so that memory holds no trace.
+fn light_rows(dir: &Path) -> Result<Vec<Row>> {
+    let mut rows = Vec::new();
+    store::for_each_row(&dir.join("data"), generation(dir)?, |mut row| {
+        row.problem = String::new();
+        row.reasoning = None;
+        row.messages = None;
+        // The answer's emptiness is all the figures read of it.
+        row.content = row.content.map(|c| if c.trim().is_empty() { String::new() } else { "…".into() });
+        rows.push(row);
+        Ok(())
+    })?;
+    Ok(rows)
+}
+
 pub fn stats_command(args: StatsArgs) -> Result<()> {
-    let rows = store::read_all(&args.dir.join("data"), generation(&args.dir)?)?;
+    let rows = light_rows(&args.dir)?;
     let ok: Vec<&Row> = rows.iter().filter(|r| r.status == "ok").collect();
     let verified: Vec<&Row> = ok.iter().copied().filter(|r| r.correct.is_some()).collect();
     let correct = verified.iter().filter(|r| r.correct == Some(true)).count();
@@ -679,7 +721,6 @@ pub struct ExportArgs {
 }
 
 pub fn export_command(args: ExportArgs) -> Result<()> {
-    let rows = store::read_all(&args.dir.join("data"), generation(&args.dir)?)?;
     // `solution`, `problem_type` and `question_type` come from the prompt file the run recorded,
     // when it is still there.
     let manifest = read_manifest(&args.dir)?;
@@ -696,16 +737,41 @@ pub fn export_command(args: ExportArgs) -> Result<()> {
             Err(e) => eprintln!("the run's prompt file is not readable ({e}); `solution`, `problem_type` and `question_type` are left null"),
         }
     }
-    let problems = datagen::schema::open_r1_rows(&rows, &info);
-    if problems.is_empty() {
+    // Pass 1: how many successful samples each problem has. Pass 2: samples gathered per problem,
+    // each problem written as soon as its last sample is read, in row groups of 16 problems, so
+    // that memory holds the problems whose samples are still coming (about --concurrency
+    // samples, as a run stores them in prompt order), never the whole run.
+    let (data, generation) = (args.dir.join("data"), generation(&args.dir)?);
+    let mut expected: HashMap<String, usize> = HashMap::new();
+    store::for_each_row(&data, generation, |row| {
+        if row.status == "ok" {
+            *expected.entry(row.id).or_default() += 1;
+        }
+        Ok(())
+    })?;
+    if expected.is_empty() {
         bail!("{}: no successful samples to export", args.dir.display());
     }
-    store::write_parquet(&args.out, datagen::schema::open_r1_schema(), &problems)?;
-    let with_messages = problems.iter().filter(|p| p.messages.is_some()).count();
-    eprintln!(
-        "wrote {} problems ({} with an accepted generation in `messages`) to {}",
-        problems.len(), with_messages, args.out.display()
-    );
+    let mut file = store::ParquetStream::create(&args.out, datagen::schema::open_r1_schema(), 16)?;
+    let mut open: HashMap<String, Vec<Row>> = HashMap::new();
+    let mut with_messages = 0;
+    store::for_each_row(&data, generation, |row| {
+        if row.status != "ok" {
+            return Ok(());
+        }
+        let id = row.id.clone();
+        let samples = open.entry(id.clone()).or_default();
+        samples.push(row);
+        if samples.len() == expected[&id] {
+            let samples = open.remove(&id).unwrap_or_default();
+            let problem = datagen::schema::open_r1_row(samples, info.get(&id));
+            with_messages += usize::from(problem.messages.is_some());
+            file.push(problem)?;
+        }
+        Ok(())
+    })?;
+    let problems = file.finish()?;
+    eprintln!("wrote {problems} problems ({with_messages} with an accepted generation in `messages`) to {}", args.out.display());
     Ok(())
 }
 

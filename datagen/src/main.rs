@@ -139,7 +139,20 @@ struct BenchArgs {
 }
 
 fn main() -> Result<()> {
-    match Cli::parse().command {
+    let result = dispatch(Cli::parse().command);
+    // The memory tests read this process's own peak (VmHWM: this program's pages only, not the
+    // parent's that a child's rusage also counts after exec).
+    if std::env::var_os("DATAGEN_REPORT_PEAK_RSS").is_some() {
+        let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+        if let Some(line) = status.lines().find(|l| l.starts_with("VmHWM:")) {
+            eprintln!("peak RSS: {}", line.trim_start_matches("VmHWM:").trim());
+        }
+    }
+    result
+}
+
+fn dispatch(command: Command) -> Result<()> {
+    match command {
         Command::Run(args) => commands::run_command(args),
         Command::Rescore(args) => commands::rescore_command(args),
         Command::Stats(args) => commands::stats_command(args),

@@ -182,43 +182,26 @@ pub struct ProblemInfo {
     pub question_type: Option<String>,
 }
 
-/// Groups a run's successful samples by problem, in the order problems first appear.
-pub fn open_r1_rows(rows: &[Row], info: &std::collections::HashMap<String, ProblemInfo>) -> Vec<OpenR1Row> {
-    let mut order: Vec<&str> = Vec::new();
-    let mut groups: std::collections::HashMap<&str, Vec<&Row>> = std::collections::HashMap::new();
-    for row in rows.iter().filter(|r| r.status == "ok") {
-        groups
-            .entry(&row.id)
-            .or_insert_with(|| {
-                order.push(&row.id);
-                Vec::new()
-            })
-            .push(row);
+/// The open-r1 row of one problem from its successful samples (any order).
+pub fn open_r1_row(mut samples: Vec<Row>, info: Option<&ProblemInfo>) -> OpenR1Row {
+    samples.sort_by_key(|r| r.sample_index);
+    let assistant = |r: &Row| r.messages.as_ref().and_then(|m| m.last()).map(|m| m.content.clone()).unwrap_or_default();
+    let problem = info.cloned().unwrap_or_default();
+    let first = &samples[0];
+    OpenR1Row {
+        problem: first.problem.clone(),
+        solution: problem.solution,
+        answer: first.reference_answer.clone(),
+        problem_type: problem.problem_type,
+        question_type: problem.question_type,
+        source: first.source.clone(),
+        uuid: first.id.clone(),
+        is_reasoning_complete: samples.iter().map(reasoning_complete).collect(),
+        generations: samples.iter().map(assistant).collect(),
+        correctness_math_verify: samples.iter().map(|r| r.correct == Some(true)).collect(),
+        correctness_llama: None,
+        finish_reasons: samples.iter().map(|r| r.finish_reason.clone()).collect(),
+        correctness_count: samples.iter().filter(|r| r.correct == Some(true)).count() as i64,
+        messages: samples.iter().find(|r| r.accepted).and_then(|r| r.messages.clone()),
     }
-    order
-        .into_iter()
-        .map(|id| {
-            let mut samples = groups.remove(id).expect("grouped");
-            samples.sort_by_key(|r| r.sample_index);
-            let first = samples[0];
-            let assistant = |r: &Row| r.messages.as_ref().and_then(|m| m.last()).map(|m| m.content.clone()).unwrap_or_default();
-            let problem = info.get(id).cloned().unwrap_or_default();
-            OpenR1Row {
-                problem: first.problem.clone(),
-                solution: problem.solution,
-                answer: first.reference_answer.clone(),
-                problem_type: problem.problem_type,
-                question_type: problem.question_type,
-                source: first.source.clone(),
-                uuid: first.id.clone(),
-                is_reasoning_complete: samples.iter().map(|r| reasoning_complete(r)).collect(),
-                generations: samples.iter().map(|r| assistant(r)).collect(),
-                correctness_math_verify: samples.iter().map(|r| r.correct == Some(true)).collect(),
-                correctness_llama: None,
-                finish_reasons: samples.iter().map(|r| r.finish_reason.clone()).collect(),
-                correctness_count: samples.iter().filter(|r| r.correct == Some(true)).count() as i64,
-                messages: samples.iter().find(|r| r.accepted).and_then(|r| r.messages.clone()),
-            }
-        })
-        .collect()
 }

@@ -177,6 +177,80 @@ pub fn write_parquet<S: serde::Serialize>(path: &Path, schema: std::sync::Arc<ar
     })
 }
 
+/// A Parquet file written row group by row group (zstd) under a hidden temporary name and renamed
+/// into place when finished: memory holds one group of rows, and a reader never sees half a file.
+pub struct ParquetStream<S: serde::Serialize> {
+    path: PathBuf,
+    temporary: PathBuf,
+    schema: std::sync::Arc<arrow::datatypes::Schema>,
+    writer: Option<parquet::arrow::ArrowWriter<File>>,
+    pending: Vec<S>,
+    group_rows: usize,
+    pub rows: usize,
+}
+
+impl<S: serde::Serialize> ParquetStream<S> {
+    pub fn create(path: &Path, schema: std::sync::Arc<arrow::datatypes::Schema>, group_rows: usize) -> Result<Self, StoreError> {
+        let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
+        let temporary = dir.join(format!(".{name}.tmp"));
+        let file = File::create(&temporary).map_err(|e| file_error(&temporary, e))?;
+        let properties = parquet::file::properties::WriterProperties::builder()
+            .set_compression(parquet::basic::Compression::ZSTD(Default::default()))
+            .set_max_row_group_row_count(Some(group_rows.max(1)))
+            .build();
+        let writer = parquet::arrow::ArrowWriter::try_new(file, schema.clone(), Some(properties)).map_err(|e| file_error(&temporary, e))?;
+        Ok(ParquetStream { path: path.to_path_buf(), temporary, schema, writer: Some(writer), pending: Vec::new(), group_rows: group_rows.max(1), rows: 0 })
+    }
+
+    pub fn push(&mut self, row: S) -> Result<(), StoreError> {
+        self.pending.push(row);
+        self.rows += 1;
+        if self.pending.len() >= self.group_rows {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<(), StoreError> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let error = |e: &dyn std::fmt::Display| file_error(&self.temporary, e);
+        let mut decoder = arrow::json::ReaderBuilder::new(self.schema.clone())
+            .with_batch_size(self.pending.len())
+            .build_decoder()
+            .map_err(|e| error(&e))?;
+        decoder.serialize(&self.pending).map_err(|e| error(&e))?;
+        if let Some(batch) = decoder.flush().map_err(|e| error(&e))? {
+            let writer = self.writer.as_mut().expect("open until finished");
+            writer.write(&batch).map_err(|e| error(&e))?;
+            writer.flush().map_err(|e| error(&e))?;
+        }
+        self.pending.clear();
+        Ok(())
+    }
+
+    /// Writes the last group, closes the file and renames it into place.
+    pub fn finish(mut self) -> Result<usize, StoreError> {
+        self.flush()?;
+        let writer = self.writer.take().expect("open until finished");
+        let file = writer.into_inner().map_err(|e| file_error(&self.temporary, e))?;
+        file.sync_all().map_err(|e| file_error(&self.temporary, e))?;
+        fs::rename(&self.temporary, &self.path).map_err(|e| file_error(&self.path, e))?;
+        Ok(self.rows)
+    }
+}
+
+impl<S: serde::Serialize> Drop for ParquetStream<S> {
+    fn drop(&mut self) {
+        // Not finished (an error on the way): no half-written file stays behind.
+        if self.writer.is_some() {
+            let _ = fs::remove_file(&self.temporary);
+        }
+    }
+}
+
 pub struct Store {
     dir: PathBuf,
     generation: u32,
@@ -272,6 +346,98 @@ impl Store {
     }
 }
 
+/// Rows per record batch when a generation is streamed: 16 traces of 32k tokens (and their
+/// conversations) are about 8 MB, a few times that while decoded.
+pub const STREAM_BATCH_ROWS: usize = 16;
+
+/// Text a writer holds before it writes a shard or a row group, whatever its row count.
+const MAX_PENDING_BYTES: usize = 32 << 20;
+
+/// The text a row holds, roughly: what its encoding costs in memory.
+fn row_bytes(row: &Row) -> usize {
+    row.problem.len()
+        + row.reasoning.as_ref().map_or(0, String::len)
+        + row.content.as_ref().map_or(0, String::len)
+        + row.messages.as_ref().map_or(0, |m| m.iter().map(|m| m.content.len()).sum())
+}
+
+/// Calls `each` with every stored row of `generation` (shards, then journal rows not in them),
+/// each key once, reading record batch by record batch: memory holds one batch of rows and the
+/// set of keys seen, never the whole run.
+pub fn for_each_row(dir: &Path, generation: u32, mut each: impl FnMut(Row) -> Result<(), StoreError>) -> Result<(), StoreError> {
+    use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+    let mut seen = HashSet::new();
+    for path in shards(dir, generation)? {
+        let file = File::open(&path).map_err(|e| file_error(&path, e))?;
+        let reader = ParquetRecordBatchReaderBuilder::try_new(file)
+            .map_err(|e| file_error(&path, e))?
+            .with_batch_size(STREAM_BATCH_ROWS)
+            .build()
+            .map_err(|e| file_error(&path, e))?;
+        for batch in reader {
+            let batch = batch.map_err(|e| file_error(&path, e))?;
+            for row in schema::from_batch(&batch).map_err(|e| file_error(&path, e))? {
+                if seen.insert(row.key.clone()) {
+                    each(row)?;
+                }
+            }
+        }
+    }
+    for row in read_journal(&dir.join(JOURNAL), &mut seen) {
+        each(row)?;
+    }
+    Ok(())
+}
+
+/// Writes rows as the shards of a new generation as they come, `shard_rows` at a time, so that
+/// a rewrite of any size holds one shard's rows at most.
+pub struct GenerationWriter {
+    dir: PathBuf,
+    generation: u32,
+    shard_rows: usize,
+    next_shard: usize,
+    pending: Vec<Row>,
+    pending_bytes: usize,
+    pub rows: usize,
+}
+
+impl GenerationWriter {
+    /// Starts generation `generation` in `dir`, removing shards left by an interrupted attempt.
+    pub fn new(dir: &Path, generation: u32, shard_rows: usize) -> Result<GenerationWriter, StoreError> {
+        for stale in shards(dir, generation)? {
+            fs::remove_file(&stale).map_err(|e| file_error(&stale, e))?;
+        }
+        Ok(GenerationWriter { dir: dir.to_path_buf(), generation, shard_rows: shard_rows.max(1), next_shard: 0, pending: Vec::new(), pending_bytes: 0, rows: 0 })
+    }
+
+    pub fn push(&mut self, row: Row) -> Result<(), StoreError> {
+        self.pending_bytes += row_bytes(&row);
+        self.pending.push(row);
+        self.rows += 1;
+        // Shards of `shard_rows` rows, or fewer when the rows are long.
+        if self.pending.len() >= self.shard_rows || self.pending_bytes >= MAX_PENDING_BYTES {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<(), StoreError> {
+        if !self.pending.is_empty() {
+            write_shard(&self.dir.join(format!("samples-g{}-{:06}.parquet", self.generation, self.next_shard)), &self.pending)?;
+            self.next_shard += 1;
+            self.pending.clear();
+            self.pending_bytes = 0;
+        }
+        Ok(())
+    }
+
+    /// Writes what is left; the generation is complete on disk (not yet switched to).
+    pub fn finish(mut self) -> Result<usize, StoreError> {
+        self.flush()?;
+        Ok(self.rows)
+    }
+}
+
 /// Every stored row of `generation` (shards, then journal rows not in them), each key once.
 pub fn read_all(dir: &Path, generation: u32) -> Result<Vec<Row>, StoreError> {
     let mut seen = HashSet::new();
@@ -283,21 +449,7 @@ pub fn read_all(dir: &Path, generation: u32) -> Result<Vec<Row>, StoreError> {
     Ok(rows)
 }
 
-/// Writes `rows` as the shards of `generation` in `dir`, replacing any left from an interrupted
-/// attempt.
-pub fn write_generation(dir: &Path, generation: u32, rows: &[Row], shard_rows: usize) -> Result<(), StoreError> {
-    for stale in shards(dir, generation)? {
-        fs::remove_file(&stale).map_err(|e| file_error(&stale, e))?;
-    }
-    for (index, chunk) in rows.chunks(shard_rows.max(1)).enumerate() {
-        write_shard(&dir.join(format!("samples-g{generation}-{index:06}.parquet")), chunk)?;
-    }
-    Ok(())
-}
-
-/// Replaces generation `from` by `rows` written as generation `from + 1` (`datagen rescore`):
-/// the new shards are complete before `commit` (which records the new generation, e.g. in the
-/// manifest) runs, and the old shards are removed only after it.
+/// Replaces generation `from` by `rows` written as generation `from + 1`; see [`rewrite_with`].
 pub fn rewrite(
     dir: &Path,
     from: u32,
@@ -305,8 +457,23 @@ pub fn rewrite(
     shard_rows: usize,
     commit: impl FnOnce(u32) -> Result<(), StoreError>,
 ) -> Result<(), StoreError> {
+    rewrite_with(dir, from, shard_rows, |writer| rows.iter().try_for_each(|row| writer.push(row.clone())), commit)
+}
+
+/// Replaces generation `from` by what `fill` pushes into generation `from + 1` (`datagen
+/// rescore`, `--retry-failed`): the new shards are complete before `commit` (which records the
+/// new generation, e.g. in the manifest) runs, and the old shards are removed only after it.
+pub fn rewrite_with(
+    dir: &Path,
+    from: u32,
+    shard_rows: usize,
+    fill: impl FnOnce(&mut GenerationWriter) -> Result<(), StoreError>,
+    commit: impl FnOnce(u32) -> Result<(), StoreError>,
+) -> Result<(), StoreError> {
     let generation = from + 1;
-    write_generation(dir, generation, rows, shard_rows)?;
+    let mut writer = GenerationWriter::new(dir, generation, shard_rows)?;
+    fill(&mut writer)?;
+    writer.finish()?;
     failpoint("rescore-shards-written");
     commit(generation)?;
     failpoint("rescore-committed");
