@@ -188,6 +188,8 @@ impl Progress for Quiet {
 struct Outcome {
     prompt: usize,
     sample_index: u32,
+    /// What the request asked for (below --max-tokens when fitted to the server's context).
+    max_tokens: u64,
     result: Result<(Completion, String, u32), (RequestError, Option<String>, u32)>,
 }
 
@@ -391,7 +393,7 @@ pub async fn run(
                 inner.spawn(async move {
                     let result = sample(http, pool, config, request, refused, limiter).await;
                     drop(permit);
-                    let _ = sender.send(Outcome { prompt, sample_index, result }).await;
+                    let _ = sender.send(Outcome { prompt, sample_index, max_tokens, result }).await;
                 });
                 // Reap finished tasks so the set does not grow with the prompt set.
                 while inner.try_join_next().is_some() {}
@@ -413,8 +415,9 @@ pub async fn run(
                 break Ok(());
             }
         };
-        let Some(Outcome { prompt, sample_index, result }) = outcome else { break Ok(()) };
+        let Some(Outcome { prompt, sample_index, max_tokens, result }) = outcome else { break Ok(()) };
         let mut row = row_for(&prompts[prompt], sample_index, &config, &sampling_hash);
+        row.max_tokens = max_tokens;
         invalid_only = match &result {
             Err((error, _, _)) if error.class() == "invalid_request" && invalid_only == summary.stored => invalid_only + 1,
             _ => 0,

@@ -473,6 +473,11 @@ fn max_tokens_is_checked_against_the_servers_context() {
     // The longest bundled prompt (2,039 characters) leaves visibly less than the others.
     assert!(asked.iter().all(|&n| n < 4096 && n > 3000), "{asked:?}");
     assert!(asked.iter().min() < asked.iter().max(), "{asked:?}");
+    // Each row records what its request asked for.
+    let mut stored: Vec<u64> = rows_of(&out).iter().map(|r| r.max_tokens).collect();
+    let mut asked = asked;
+    (stored.sort_unstable(), asked.sort_unstable());
+    assert_eq!(stored, asked);
 }
 
 /// Samples made with other sampling settings never mix silently: a resume with another
