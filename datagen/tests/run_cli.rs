@@ -54,12 +54,7 @@ fn run_args<'a>(prompts: &'a str, url: &'a str, out: &'a str) -> Vec<&'a str> {
 
 #[test]
 fn killed_runs_resume_and_store_every_sample_exactly_once() {
-    let answers = common::bundled_answers(&common::math_prompts(12));
-    let server = serve(Behaviour { delay: Duration::from_millis(150), ..Behaviour::default() }, answers);
-    let dir = tempfile::tempdir().unwrap();
-    let prompts = common::prompt_file(dir.path(), 12);
-    let out = dir.path().join("out");
-    let (prompts, url, out_text) = (prompts.to_str().unwrap().to_string(), server.url(), out.to_str().unwrap().to_string());
+    let Setup { server, dir, prompts, url, out, out_text } = setup(12, Behaviour { delay: Duration::from_millis(150), ..Behaviour::default() });
     let args = run_args(&prompts, &url, &out_text);
     // Kill times drawn from a seed that is printed (set DATAGEN_TEST_SEED to replay one).
     let seed: u64 = std::env::var("DATAGEN_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
@@ -280,6 +275,26 @@ fn a_local_teacher_fills_the_same_schema() {
     assert_clean_failure(&output, &["wgpu has no BF16 compute", "--dtype"]);
 }
 
+/// A loopback teacher that knows the answers of the first `n` bundled prompts, their prompt file,
+/// and a run folder to be, in a temporary directory.
+struct Setup {
+    server: common::Server,
+    dir: tempfile::TempDir,
+    prompts: String,
+    url: String,
+    out: std::path::PathBuf,
+    out_text: String,
+}
+
+fn setup(n: usize, behaviour: Behaviour) -> Setup {
+    let server = serve(behaviour, common::bundled_answers(&common::math_prompts(n)));
+    let dir = tempfile::tempdir().unwrap();
+    let prompts = common::prompt_file(dir.path(), n).to_str().unwrap().to_string();
+    let out = dir.path().join("out");
+    let (url, out_text) = (server.url(), out.to_str().unwrap().to_string());
+    Setup { server, dir, prompts, url, out, out_text }
+}
+
 /// `args` with `flag` set to `value` (replaced where `run_args` set it already).
 fn set<'a>(args: &mut Vec<&'a str>, flag: &'a str, value: &'a str) {
     match args.iter().position(|a| *a == flag) {
@@ -372,12 +387,7 @@ fn a_prompt_past_the_context_is_stored_as_failed_and_the_run_goes_on() {
 /// replaced by their results, each key once.
 #[test]
 fn retry_failed_replaces_failed_samples_with_their_results() {
-    let answers = common::bundled_answers(&common::math_prompts(3));
-    let server = serve(Behaviour { faults: vec![common::Fault::ServerError; 6], ..Behaviour::default() }, answers);
-    let dir = tempfile::tempdir().unwrap();
-    let prompts = common::prompt_file(dir.path(), 3);
-    let out = dir.path().join("out");
-    let (prompts, url, out_text) = (prompts.to_str().unwrap().to_string(), server.url(), out.to_str().unwrap().to_string());
+    let Setup { server: _server, dir: _dir, prompts, url, out, out_text } = setup(3, Behaviour { faults: vec![common::Fault::ServerError; 6], ..Behaviour::default() });
     let mut args = run_args(&prompts, &url, &out_text);
     set(&mut args, "--samples", "2");
     set(&mut args, "--concurrency", "1");
@@ -425,12 +435,7 @@ fn refusals_that_no_prompt_gets_past_stop_the_run() {
 /// naming the holder; the lock goes with the process that held it, even when it is killed.
 #[test]
 fn a_second_process_on_the_same_folder_is_refused() {
-    let answers = common::bundled_answers(&common::math_prompts(4));
-    let server = serve(Behaviour { delay: Duration::from_millis(300), ..Behaviour::default() }, answers);
-    let dir = tempfile::tempdir().unwrap();
-    let prompts = common::prompt_file(dir.path(), 4);
-    let out = dir.path().join("out");
-    let (prompts, url, out_text) = (prompts.to_str().unwrap().to_string(), server.url(), out.to_str().unwrap().to_string());
+    let Setup { server: _server, dir: _dir, prompts, url, out, out_text } = setup(4, Behaviour { delay: Duration::from_millis(300), ..Behaviour::default() });
     let mut args = run_args(&prompts, &url, &out_text);
     set(&mut args, "--concurrency", "1");
     let mut first = Command::new(env!("CARGO_BIN_EXE_datagen")).args(&args).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
@@ -455,12 +460,7 @@ fn a_second_process_on_the_same_folder_is_refused() {
 /// prompt is refused before any request, and with --tokenizer each request asks for what fits.
 #[test]
 fn max_tokens_is_checked_against_the_servers_context() {
-    let answers = common::bundled_answers(&common::math_prompts(3));
-    let server = serve(Behaviour { max_model_len: Some(4096), ..Behaviour::default() }, answers);
-    let dir = tempfile::tempdir().unwrap();
-    let prompts = common::prompt_file(dir.path(), 3);
-    let out = dir.path().join("out");
-    let (prompts, url, out_text) = (prompts.to_str().unwrap().to_string(), server.url(), out.to_str().unwrap().to_string());
+    let Setup { server, dir: _dir, prompts, url, out, out_text } = setup(3, Behaviour { max_model_len: Some(4096), ..Behaviour::default() });
     let mut args = run_args(&prompts, &url, &out_text);
     set(&mut args, "--max-tokens", "32768");
     assert_clean_failure(&datagen(&args), &["--max-tokens 32768", "context of 4096 tokens", "--tokenizer"]);
@@ -485,11 +485,7 @@ fn max_tokens_is_checked_against_the_servers_context() {
 /// first ones (each key carries its settings' hash), and the manifest keeps every run in order.
 #[test]
 fn other_settings_are_refused_unless_allowed_and_every_run_is_recorded() {
-    let server = serve(Behaviour::default(), common::bundled_answers(&common::math_prompts(2)));
-    let dir = tempfile::tempdir().unwrap();
-    let prompts = common::prompt_file(dir.path(), 2);
-    let out = dir.path().join("out");
-    let (prompts, url, out_text) = (prompts.to_str().unwrap().to_string(), server.url(), out.to_str().unwrap().to_string());
+    let Setup { server: _server, dir: _dir, prompts, url, out, out_text } = setup(2, Behaviour::default());
     let args = run_args(&prompts, &url, &out_text);
     assert!(datagen(&args).status.success());
     let mut warmer = args.clone();
@@ -514,10 +510,7 @@ fn other_settings_are_refused_unless_allowed_and_every_run_is_recorded() {
 /// of one run over all the prompts; merging a folder twice stores each sample once.
 #[test]
 fn prompt_shards_merge_into_one_run() {
-    let server = serve(Behaviour::default(), common::bundled_answers(&common::math_prompts(12)));
-    let dir = tempfile::tempdir().unwrap();
-    let prompts = common::prompt_file(dir.path(), 12);
-    let (prompts, url) = (prompts.to_str().unwrap().to_string(), server.url());
+    let Setup { server: _server, dir, prompts, url, .. } = setup(12, Behaviour::default());
     let folder = |name: &str| dir.path().join(name).to_str().unwrap().to_string();
     let (whole, part0, part1, merged) = (folder("whole"), folder("part0"), folder("part1"), folder("merged"));
     assert!(datagen(&run_args(&prompts, &url, &whole)).status.success());
@@ -550,10 +543,7 @@ fn prompt_shards_merge_into_one_run() {
 /// readable whatever step it died at.
 #[test]
 fn a_crash_at_each_step_of_the_store_protocol_loses_nothing() {
-    let server = serve(Behaviour::default(), common::bundled_answers(&common::math_prompts(12)));
-    let dir = tempfile::tempdir().unwrap();
-    let prompts = common::prompt_file(dir.path(), 12);
-    let (prompts, url) = (prompts.to_str().unwrap().to_string(), server.url());
+    let Setup { server: _server, dir, prompts, url, .. } = setup(12, Behaviour::default());
     let run = |out: &str, failpoint: Option<&str>| {
         let mut command = Command::new(env!("CARGO_BIN_EXE_datagen"));
         command.args(run_args(&prompts, &url, out)).current_dir(common::repo_root());
@@ -603,13 +593,9 @@ fn a_crash_at_each_step_of_the_store_protocol_loses_nothing() {
 /// in no file of the run folder, in no log line and in no manifest.
 #[test]
 fn the_api_key_is_never_written() {
-    let server = serve(Behaviour::default(), common::bundled_answers(&common::math_prompts(3)));
-    let dir = tempfile::tempdir().unwrap();
-    let prompts = common::prompt_file(dir.path(), 3);
-    let out = dir.path().join("out");
+    let Setup { server, dir: _dir, prompts, url, out, .. } = setup(3, Behaviour::default());
     let key = format!("sk-live-{:016x}", std::process::id() as u64 * 0x9e37_79b9_7f4a_7c15);
-    let url = server.url();
-    let mut args = run_args(prompts.to_str().unwrap(), &url, out.to_str().unwrap());
+    let mut args = run_args(&prompts, &url, out.to_str().unwrap());
     args.extend(["--api-key-env", "DATAGEN_TEST_KEY"]);
     let output = Command::new(env!("CARGO_BIN_EXE_datagen")).args(&args).env("DATAGEN_TEST_KEY", &key).output().unwrap();
     assert!(output.status.success(), "{}", stderr(&output));
@@ -638,12 +624,8 @@ fn the_api_key_is_never_written() {
 /// resumed evaluation scores the same.
 #[test]
 fn eval_prints_and_writes_r1s_scoreboard() {
-    let server = serve(Behaviour::default(), common::bundled_answers(&common::math_prompts(3)));
-    let dir = tempfile::tempdir().unwrap();
-    let prompts = common::prompt_file(dir.path(), 3);
-    let out = dir.path().join("eval");
-    let url = server.url();
-    let mut args = run_args(prompts.to_str().unwrap(), &url, out.to_str().unwrap());
+    let Setup { server: _server, dir: _dir, prompts, url, out, out_text } = setup(3, Behaviour::default());
+    let mut args = run_args(&prompts, &url, &out_text);
     args[0] = "eval";
     set(&mut args, "--samples", "4");
     set(&mut args, "--concurrency", "1");
