@@ -444,9 +444,10 @@ pub async fn run(
                     prompt_tokens = prompt_tokens.or_else(|| tokenizer.encode_chat(&chat, true).ok().map(|ids| ids.len() as u64));
                     row.usage_source = completion_tokens.map(|_| "local".to_string());
                 }
-                row.reasoning = completion.reasoning;
-                row.content = Some(completion.content);
+                // The trace is stored once, in `messages`; the row's reasoning and answer are what
+                // a reader derives from it, so scoring now and rescoring later see the same text.
                 row.messages = Some(messages);
+                row.derive_trace();
                 row.finish_reason = completion.finish_reason;
                 row.prompt_tokens = prompt_tokens;
                 row.completion_tokens = completion_tokens;

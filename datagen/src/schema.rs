@@ -30,7 +30,13 @@ pub struct Row {
     /// written before it existed.
     #[serde(default)]
     pub error_class: Option<String>,
+    /// The reasoning and the answer after it. Not stored: the trace is kept once, as the last
+    /// turn of `messages` (`<think>\n{reasoning}\n</think>\n\n{content}`), and both are derived
+    /// from it when rows are read ([`Row::derive_trace`]); shards written before kept them as
+    /// columns, which are still read.
+    #[serde(default, skip_serializing)]
     pub reasoning: Option<String>,
+    #[serde(default, skip_serializing)]
     pub content: Option<String>,
     pub messages: Option<Vec<Message>>,
     pub extracted_answer: Option<String>,
@@ -57,6 +63,24 @@ pub struct Row {
     pub created_at: String,
 }
 
+impl Row {
+    /// Fills `reasoning` and `content` from the assistant turn of `messages` when they were not
+    /// read (they are not stored). A turn without a reasoning block is all answer.
+    pub fn derive_trace(&mut self) {
+        if self.reasoning.is_some() || self.content.is_some() {
+            return;
+        }
+        let Some(turn) = self.messages.as_ref().and_then(|m| m.last()).filter(|m| m.role == "assistant") else { return };
+        match turn.content.strip_prefix("<think>\n").and_then(|rest| rest.split_once("\n</think>\n\n")) {
+            Some((reasoning, content)) => {
+                self.reasoning = Some(reasoning.to_string());
+                self.content = Some(content.to_string());
+            }
+            None => self.content = Some(turn.content.clone()),
+        }
+    }
+}
+
 /// The Arrow (and Parquet) schema of [`Row`], field for field.
 pub fn schema() -> Arc<Schema> {
     let utf8 = |name: &str, nullable: bool| Field::new(name, DataType::Utf8, nullable);
@@ -71,8 +95,6 @@ pub fn schema() -> Arc<Schema> {
         utf8("status", false),
         utf8("error", true),
         utf8("error_class", true),
-        utf8("reasoning", true),
-        utf8("content", true),
         Field::new("messages", DataType::List(Arc::new(Field::new("item", DataType::Struct(message), false))), true),
         utf8("extracted_answer", true),
         Field::new("correct", DataType::Boolean, true),
@@ -111,7 +133,14 @@ pub fn from_batch(batch: &RecordBatch) -> Result<Vec<Row>, String> {
             value["created_at"] = serde_json::Value::String(format!("{text}Z"));
         }
     }
-    values.into_iter().map(|v| serde_json::from_value(v).map_err(|e| e.to_string())).collect()
+    values
+        .into_iter()
+        .map(|v| {
+            let mut row: Row = serde_json::from_value(v).map_err(|e| e.to_string())?;
+            row.derive_trace();
+            Ok(row)
+        })
+        .collect()
 }
 
 /// One problem in the per-problem layout of open-r1's OpenR1-Math-220k
@@ -203,5 +232,52 @@ pub fn open_r1_row(mut samples: Vec<Row>, info: Option<&ProblemInfo>) -> OpenR1R
         finish_reasons: samples.iter().map(|r| r.finish_reason.clone()).collect(),
         correctness_count: samples.iter().filter(|r| r.correct == Some(true)).count() as i64,
         messages: samples.iter().find(|r| r.accepted).and_then(|r| r.messages.clone()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(messages: Option<Vec<Message>>) -> Row {
+        serde_json::from_value(serde_json::json!({
+            "key": "k", "id": "i", "source": null, "problem": "p", "reference_answer": null, "sample_index": 0,
+            "status": "ok", "error": null, "messages": messages, "extracted_answer": null, "correct": null,
+            "verifier": null, "filters_failed": [], "accepted": false, "finish_reason": "stop", "prompt_tokens": null,
+            "completion_tokens": null, "usage_source": null, "teacher_model": "m", "endpoint": null, "temperature": 0.6,
+            "top_p": 0.95, "max_tokens": 1, "latency_ms": null, "attempts": 1, "reasoning_parser": null,
+            "created_at": "2026-11-30T00:00:00Z"
+        }))
+        .unwrap()
+    }
+
+    fn turn(content: &str) -> Option<Vec<Message>> {
+        Some(vec![Message { role: "user".into(), content: "q".into() }, Message { role: "assistant".into(), content: content.into() }])
+    }
+
+    #[test]
+    fn the_trace_is_stored_once_and_read_back_whole() {
+        let assistant = crate::reasoning::assistant_turn(Some("step 1\n\nstep 2"), "So \\boxed{3}.");
+        let mut r = row(turn(&assistant));
+        r.derive_trace();
+        assert_eq!((r.reasoning.as_deref(), r.content.as_deref()), (Some("step 1\n\nstep 2"), Some("So \\boxed{3}.")));
+        // Stored, the row has no reasoning or content of its own.
+        let stored = serde_json::to_value(&r).unwrap();
+        assert!(stored.get("reasoning").is_none() && stored.get("content").is_none());
+        // A cut trace (no answer), an answer without reasoning, a failed sample.
+        let mut cut = row(turn(&crate::reasoning::assistant_turn(Some("thinking"), "")));
+        cut.derive_trace();
+        assert_eq!((cut.reasoning.as_deref(), cut.content.as_deref()), (Some("thinking"), Some("")));
+        let mut plain = row(turn("42"));
+        plain.derive_trace();
+        assert_eq!((plain.reasoning.as_deref(), plain.content.as_deref()), (None, Some("42")));
+        let mut failed = row(None);
+        failed.derive_trace();
+        assert_eq!((failed.reasoning, failed.content), (None, None));
+        // A row of an older shard keeps the columns it was read with.
+        let mut old = row(turn(&assistant));
+        old.reasoning = Some("as stored".into());
+        old.derive_trace();
+        assert_eq!(old.reasoning.as_deref(), Some("as stored"));
     }
 }

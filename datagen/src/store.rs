@@ -151,6 +151,10 @@ fn read_journal(path: &Path, seen: &mut HashSet<String>) -> Vec<Row> {
     text.split(|&b| b == b'\n')
         .filter_map(|line| serde_json::from_slice::<Row>(line).ok())
         .filter(|row| seen.insert(row.key.clone()))
+        .map(|mut row| {
+            row.derive_trace();
+            row
+        })
         .collect()
 }
 

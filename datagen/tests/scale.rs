@@ -42,10 +42,10 @@ fn synthetic_row(index: usize, reasoning: &str) -> Row {
     .expect("a valid row")
 }
 
-/// Writes a complete run of about `bytes` of trace text (reasoning and conversation) into `dir`.
+/// Writes a complete run of about `bytes` of traces (each stored once, in `messages`) into `dir`.
 fn write_run(dir: &Path, bytes: usize) -> usize {
     let trace_len = 256 * 1024;
-    let rows = bytes / (2 * trace_len);
+    let rows = bytes / trace_len;
     std::fs::create_dir_all(dir.join("data")).unwrap();
     let mut writer = datagen::store::GenerationWriter::new(&dir.join("data"), 0, 64).unwrap();
     // Text that varies from row to row, so that neither compression nor a cache makes it small.
