@@ -718,6 +718,16 @@ pub struct ExportArgs {
     /// The Parquet file to write.
     #[arg(long)]
     out: PathBuf,
+    /// Split the export into files of at most this many problems, named after --out with a
+    /// number (`r1-00000.parquet`, `r1-00001.parquet`, …), as Hub datasets are sharded.
+    #[arg(long)]
+    max_problems_per_file: Option<usize>,
+}
+
+/// The `index`-th file of a sharded export: `out`'s stem with the number, beside it.
+fn export_shard(out: &Path, index: usize) -> PathBuf {
+    let stem = out.file_stem().and_then(|s| s.to_str()).unwrap_or("export");
+    out.with_file_name(format!("{stem}-{index:05}.parquet"))
 }
 
 pub fn export_command(args: ExportArgs) -> Result<()> {
@@ -752,9 +762,14 @@ pub fn export_command(args: ExportArgs) -> Result<()> {
     if expected.is_empty() {
         bail!("{}: no successful samples to export", args.dir.display());
     }
-    let mut file = store::ParquetStream::create(&args.out, datagen::schema::open_r1_schema(), 16)?;
+    let per_file = args.max_problems_per_file.filter(|&n| n > 0);
+    let create = |index: usize| {
+        let path = if per_file.is_some() { export_shard(&args.out, index) } else { args.out.clone() };
+        store::ParquetStream::create(&path, datagen::schema::open_r1_schema(), 16).map(|file| (file, path))
+    };
+    let (mut file, mut path) = create(0)?;
+    let (mut files, mut problems, mut with_messages) = (Vec::new(), 0, 0);
     let mut open: HashMap<String, Vec<Row>> = HashMap::new();
-    let mut with_messages = 0;
     store::for_each_row(&data, generation, |row| {
         if row.status != "ok" {
             return Ok(());
@@ -766,12 +781,22 @@ pub fn export_command(args: ExportArgs) -> Result<()> {
             let samples = open.remove(&id).unwrap_or_default();
             let problem = datagen::schema::open_r1_row(samples, info.get(&id));
             with_messages += usize::from(problem.messages.is_some());
+            problems += 1;
             file.push(problem)?;
+            if per_file.is_some_and(|n| file.rows >= n) {
+                let (next, next_path) = create(files.len() + 1)?;
+                files.push((std::mem::replace(&mut file, next).finish()?, std::mem::replace(&mut path, next_path)));
+            }
         }
         Ok(())
     })?;
-    let problems = file.finish()?;
-    eprintln!("wrote {problems} problems ({with_messages} with an accepted generation in `messages`) to {}", args.out.display());
+    if file.rows > 0 || files.is_empty() {
+        files.push((file.finish()?, path));
+    }
+    eprintln!("wrote {problems} problems ({with_messages} with an accepted generation in `messages`) to {} file(s):", files.len());
+    for (rows, path) in &files {
+        eprintln!("  {} ({rows} problems)", path.display());
+    }
     Ok(())
 }
 

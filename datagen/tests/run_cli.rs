@@ -172,6 +172,18 @@ fn killed_runs_resume_and_store_every_sample_exactly_once() {
         // The bundled prompts carry MATH's problem type (`type`), not open-r1's `problem_type`.
         assert!(problem.get("solution").is_none_or(|v| v.is_null() || v.is_string()));
     }
+    // Sharded: files of at most 5 problems, each readable, 12 problems in all.
+    let output = datagen(&["export", &out_text, "--out", exported.to_str().unwrap(), "--max-problems-per-file", "5"]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let counts: Vec<usize> = (0..3)
+        .map(|i| {
+            let file = std::fs::File::open(dir.path().join(format!("open-r1-{i:05}.parquet"))).unwrap();
+            let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file).unwrap().build().unwrap();
+            reader.map(|b| b.unwrap().num_rows()).sum()
+        })
+        .collect();
+    assert_eq!(counts, [5, 5, 2]);
+    assert!(!dir.path().join("open-r1-00003.parquet").exists());
     assert!(datagen::store::shards(&out.join("data"), 0).unwrap().is_empty(), "old generation removed");
     let rows = datagen::store::read_all(&out.join("data"), 1).unwrap();
     assert_eq!((rows.len(), rows.iter().filter(|r| r.accepted).count()), (36, 36));
