@@ -6,7 +6,7 @@ mod common;
 use std::path::Path;
 use std::time::Duration;
 
-use common::{Behaviour, Fault, Shape, serve};
+use common::{Behaviour, Fault, Shape, serve, serve_at};
 use datagen::filters::FilterConfig;
 use datagen::prompts::{PromptFields, read_prompts};
 use datagen::run::{DEFAULT_TEMPLATE, Quiet, RunConfig, RunError, Sampling, Summary, run};
@@ -146,6 +146,26 @@ fn an_outage_longer_than_the_retry_budget_is_waited_out() {
             assert!(rows.iter().all(|r| r.error_class.as_deref() == Some("server") && r.attempts == 3));
         }
     }
+}
+
+/// A teacher that refuses connections (down, restarting) for longer than the retry budget, then
+/// comes back on the same port: the outage is waited out and every sample is stored.
+#[test]
+fn refused_connections_until_the_teacher_is_back_are_waited_out() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config(dir.path(), vec![format!("http://127.0.0.1:{port}/v1")], false);
+    (config.concurrency, config.samples, config.max_retries) = (1, 1, 2);
+    (config.backoff_base, config.backoff_cap, config.max_outage) = (Duration::from_millis(5), Duration::from_millis(50), Duration::from_secs(600));
+    let back = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(800));
+        serve_at(Behaviour::default(), common::bundled_answers(&common::math_prompts(2)), port)
+    });
+    let (summary, rows) = go(2, config);
+    let _server = back.join().unwrap();
+    let summary = summary.unwrap();
+    assert_eq!((summary.stored, summary.failed), (2, 0));
+    assert!(rows[0].attempts > 3, "the first sample outlived its retry budget: {} attempts", rows[0].attempts);
 }
 
 /// A stream that goes silent is given up after --stall-timeout and retried.

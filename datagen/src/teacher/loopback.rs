@@ -114,8 +114,14 @@ struct Shared {
 
 /// Starts a server on 127.0.0.1 (a free port) in its own runtime.
 pub fn serve(behaviour: Behaviour, answers: HashMap<String, String>) -> Server {
+    serve_at(behaviour, answers, 0)
+}
+
+/// [`serve`] on a given port of 127.0.0.1 (0: any free one), e.g. to bring a teacher back where
+/// a client has been refused.
+pub fn serve_at(behaviour: Behaviour, answers: HashMap<String, String>, port: u16) -> Server {
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-    let listener = runtime.block_on(TcpListener::bind("127.0.0.1:0")).unwrap();
+    let listener = runtime.block_on(TcpListener::bind(("127.0.0.1", port))).unwrap();
     let address = listener.local_addr().unwrap();
     let requests = Arc::new(AtomicUsize::new(0));
     let bodies = Arc::new(Mutex::new(Vec::new()));
