@@ -1,6 +1,6 @@
 //! `datagen run`, `rescore`, `stats` and `export`: the command-line side of [`datagen::run`].
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -271,8 +271,31 @@ pub fn run_command(args: RunArgs) -> Result<()> {
     let _lock = store::lock(&args.out)?;
     let previous = read_manifest(&args.out).ok();
     let mut generation = previous.as_ref().and_then(|m| m["generation"].as_u64()).unwrap_or(0) as u32;
+    let data = args.out.join("data");
+    // Samples stored under other settings (whatever the history says of runs that stored none)
+    // are refused before anything is written.
+    let stored_hashes = if data.exists() { store::settings_hashes(&data, generation)? } else { Default::default() };
+    let other = stored_hashes.iter().find(|h| **h != sampling.hash());
+    if let Some(other) = other
+        && !args.allow_mixed
+    {
+        let earlier = previous
+            .as_ref()
+            .and_then(|m| m["runs"].as_array().and_then(|runs| runs.iter().find(|r| r["sampling_hash"] == **other).map(|r| r["sampling"].clone())))
+            .or_else(|| previous.as_ref().filter(|m| m["sampling_hash"] == **other).map(|m| m["sampling"].clone()))
+            .unwrap_or_else(|| json!(format!("settings hash {other}")));
+        bail!(
+            "{} holds samples made with other sampling settings ({earlier}); this run's are {}. Use another --out, or --allow-mixed to add these beside them",
+            args.out.display(),
+            json!(sampling)
+        );
+    }
     if let (Some(classes), Some(manifest)) = (&retry_classes, &previous) {
-        generation = drop_failed(&args.out, generation, classes, args.shard_rows, manifest.clone())?;
+        // Only the failed samples this run asks for again: its prompts, sample indices and settings.
+        let hash = sampling.hash();
+        let wanted: HashSet<String> =
+            prompts.iter().flat_map(|p| (0..args.samples).map(|i| datagen::run::key(&p.id, i, &hash)).collect::<Vec<_>>()).collect();
+        generation = drop_failed(&args.out, generation, classes, &wanted, args.shard_rows, manifest.clone())?;
     }
     let created_at = previous.as_ref().and_then(|m| m["created_at"].as_str().map(String::from)).unwrap_or_else(now);
     // Every earlier run's settings, kept in order; this run's entry is added (and updated) last.
@@ -283,17 +306,6 @@ pub fn run_command(args: RunArgs) -> Result<()> {
     {
         // A folder written before the history existed: its last run is its first entry.
         history.push(json!({"started_at": m["updated_at"], "sampling": m["sampling"], "sampling_hash": m["sampling_hash"], "samples_per_prompt": m["samples_per_prompt"], "status": m["status"]}));
-    }
-    let other_settings: Vec<&serde_json::Value> = history.iter().filter(|run| run["sampling_hash"].as_str() != Some(&sampling.hash())).collect();
-    if let Some(earlier) = other_settings.first()
-        && !args.allow_mixed
-    {
-        bail!(
-            "{} holds samples made with other sampling settings ({}); this run's are {}. Use another --out, or --allow-mixed to add these beside them",
-            args.out.display(),
-            earlier["sampling"],
-            json!(sampling)
-        );
     }
     let started_at = now();
     let manifest = |status: &str, summary: Option<&datagen::run::Summary>| {
@@ -311,6 +323,7 @@ pub fn run_command(args: RunArgs) -> Result<()> {
             "retries": {"max_retries": args.max_retries, "length_retries": args.length_retries, "request_timeout_s": args.request_timeout, "stall_timeout_s": args.stall_timeout, "max_outage_s": args.max_outage.as_secs()},
             "scoring": score_options,
             "verifier": datagen::scoring::VERIFIER,
+            "verify_config": args.verifier.config(),
             "summary": summary,
             "runs": history.iter().cloned().chain([json!({
                 "started_at": started_at, "sampling": sampling, "sampling_hash": sampling.hash(),
@@ -421,7 +434,10 @@ pub fn merge_command(args: MergeArgs) -> Result<()> {
             let mut conflict = None;
             store::for_each_row(&dir.join("data"), generation, |row| {
                 use sha2::Digest;
-                let digest: [u8; 32] = sha2::Sha256::digest(serde_json::to_vec(&(&row.status, &row.content, &row.reasoning)).unwrap_or_default()).into();
+                // What was stored: the status, the error and the conversation (old shards' separate
+                // reasoning/content columns are read back from it too, so they are not compared).
+                let stored = (&row.status, &row.error, row.messages.as_ref().and_then(|m| m.last()).map(|m| &m.content));
+                let digest: [u8; 32] = sha2::Sha256::digest(serde_json::to_vec(&stored).unwrap_or_default()).into();
                 match seen.get(&row.key) {
                     Some((_, same)) if *same == digest => Ok(()),
                     Some((other, _)) => {
@@ -477,13 +493,23 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
     Duration::try_from_secs_f64(seconds).map_err(|_| format!("`{text}`: not a duration this program can wait"))
 }
 
-/// Removes the failed rows of `classes` (every class when empty) from the run in `out`, as a new
+/// Removes the failed rows of `classes` (every class when empty) among the keys this run asks
+/// for (`wanted`) from the run in `out`, as a new
 /// generation written beside the current one and switched to atomically, so that the run asks
 /// for those samples again, under the same keys. Returns the generation to write to.
-fn drop_failed(out: &Path, generation: u32, classes: &[String], shard_rows: usize, mut manifest: serde_json::Value) -> Result<u32> {
+fn drop_failed(
+    out: &Path,
+    generation: u32,
+    classes: &[String],
+    wanted: &HashSet<String>,
+    shard_rows: usize,
+    mut manifest: serde_json::Value,
+) -> Result<u32> {
     let data = out.join("data");
     let retried = |row: &Row| {
-        row.status == "failed" && (classes.is_empty() || row.error_class.as_ref().is_some_and(|c| classes.contains(c)))
+        row.status == "failed"
+            && wanted.contains(&row.key)
+            && (classes.is_empty() || row.error_class.as_ref().is_some_and(|c| classes.contains(c)))
     };
     let mut count = 0;
     store::for_each_row(&data, generation, |row| {
@@ -533,6 +559,7 @@ pub fn rescore_command(args: RescoreArgs) -> Result<()> {
     let _lock = store::lock(&args.dir)?;
     let from = generation(&args.dir)?;
     let data = args.dir.join("data");
+    store::remove_other_generations(&data, from)?;
     let options = args.filters.score_options()?;
     let verify = args.verifier.config();
     let (mut before, mut after, mut count) = (0, 0, 0);
@@ -553,6 +580,7 @@ pub fn rescore_command(args: RescoreArgs) -> Result<()> {
         |generation| {
             manifest["generation"] = json!(generation);
             manifest["scoring"] = json!(options);
+            manifest["verify_config"] = json!(verify);
             manifest["rescored_at"] = json!(now());
             write_manifest(&args.dir, &manifest)
         },
@@ -578,7 +606,7 @@ pub fn eval_command(mut args: EvalArgs) -> Result<()> {
         eprintln!("the run did not finish ({}); the scoreboard covers the samples stored so far", manifest["status"]);
     }
     let rows = light_rows(&out)?;
-    let board = datagen::scoring::scoreboard(&rows, &datagen::verify::VerifyConfig::default())
+    let board = datagen::scoring::scoreboard(&rows, &run_verify_config(&out))
         .context("no prompt has a reference answer: nothing to score (see --answer-field)")?;
     let text = serde_json::to_string_pretty(&board)?;
     store::write_atomically(&out.join("scoreboard.json"), |file| std::io::Write::write_all(file, text.as_bytes()).map_err(|e| e.to_string()))?;
@@ -605,6 +633,12 @@ pub struct StatsArgs {
     /// Print the figures as one JSON object.
     #[arg(long)]
     json: bool,
+}
+
+/// The verifier settings the run (or its last rescore) judged with, for grouping cons@k votes the
+/// same way; the defaults for folders written before they were recorded.
+fn run_verify_config(dir: &Path) -> datagen::verify::VerifyConfig {
+    read_manifest(dir).ok().and_then(|m| serde_json::from_value(m["verify_config"].clone()).ok()).unwrap_or_default()
 }
 
 /// Every stored row of a run without its texts (problem, reasoning, answer, conversation): what
@@ -648,7 +682,7 @@ pub fn stats_command(args: StatsArgs) -> Result<()> {
     }
     let mut tokens: Vec<u64> = ok.iter().filter_map(|r| r.completion_tokens).collect();
     tokens.sort_unstable();
-    let (pass_at_1, cons_at_k, prompts_scored) = datagen::scoring::pass_and_consensus(&rows, &datagen::verify::VerifyConfig::default());
+    let (pass_at_1, cons_at_k, prompts_scored) = datagen::scoring::pass_and_consensus(&rows, &run_verify_config(&args.dir));
     let samples_per_prompt = {
         let mut counts: HashMap<&str, usize> = HashMap::new();
         for row in &ok {
@@ -777,7 +811,9 @@ pub fn export_command(args: ExportArgs) -> Result<()> {
         let id = row.id.clone();
         let samples = open.entry(id.clone()).or_default();
         samples.push(row);
-        if samples.len() == expected[&id] {
+        // A sample stored between the two passes (a run beside the export) leaves its problem to
+        // the end, where what is open is written.
+        if expected.get(&id).is_some_and(|&n| samples.len() == n) {
             let samples = open.remove(&id).unwrap_or_default();
             let problem = datagen::schema::open_r1_row(samples, info.get(&id));
             with_messages += usize::from(problem.messages.is_some());
@@ -790,8 +826,25 @@ pub fn export_command(args: ExportArgs) -> Result<()> {
         }
         Ok(())
     })?;
+    for (id, samples) in open {
+        let problem = datagen::schema::open_r1_row(samples, info.get(&id));
+        with_messages += usize::from(problem.messages.is_some());
+        problems += 1;
+        file.push(problem)?;
+    }
+    if problems == 0 {
+        bail!("{}: no successful samples to export (the run changed while it was read?)", args.dir.display());
+    }
     if file.rows > 0 || files.is_empty() {
         files.push((file.finish()?, path));
+    }
+    // Numbered files of an earlier, larger export would mix with these when the folder is loaded.
+    if per_file.is_some() {
+        let mut index = files.len();
+        while export_shard(&args.out, index).exists() {
+            std::fs::remove_file(export_shard(&args.out, index)).with_context(|| format!("removing {}", export_shard(&args.out, index).display()))?;
+            index += 1;
+        }
     }
     eprintln!("wrote {problems} problems ({with_messages} with an accepted generation in `messages`) to {} file(s):", files.len());
     for (rows, path) in &files {

@@ -114,46 +114,70 @@ pub struct Summary {
 const CONTEXT_MARGIN: u64 = 16;
 
 /// Answers in a row that are request errors of class `invalid_request`, with no success before
-/// them, after which a run stops: the settings, not the prompts, are wrong.
+/// them, after which a fresh run (nothing stored yet) stops: the settings, not the prompts, are
+/// wrong. A resume never stops for them: its earlier answers showed the settings work.
 const INVALID_BEFORE_STOP: usize = 8;
 
 /// Requests- and tokens-per-minute limits as leaky buckets that refill continuously and hold at
-/// most a second's worth (at least one request): a request waits until both have room, and its
-/// tokens are taken from the bucket when its usage is known, so the next ones wait it off.
+/// most a second's worth (at least one request). A request waits until both have room; it
+/// reserves the tokens a request has used on average (the first one goes alone, to learn that
+/// average), and the reservation is settled with its real usage when it finishes, so that many
+/// requests in flight do not overshoot the tokens limit.
 pub struct Limiter {
     requests_per_second: Option<f64>,
     tokens_per_second: Option<f64>,
-    state: std::sync::Mutex<(f64, f64, Instant)>,
+    state: std::sync::Mutex<Buckets>,
+}
+
+struct Buckets {
+    requests: f64,
+    tokens: f64,
+    at: Instant,
+    /// Tokens per request so far (a moving average); `None` until one finished.
+    mean_tokens: Option<f64>,
+    /// The first request is out and its usage not known yet.
+    probing: bool,
 }
 
 impl Limiter {
     pub fn new(requests_per_minute: Option<u32>, tokens_per_minute: Option<u64>) -> Limiter {
         let requests_per_second = requests_per_minute.filter(|&n| n > 0).map(|n| f64::from(n) / 60.0);
         let tokens_per_second = tokens_per_minute.filter(|&n| n > 0).map(|n| n as f64 / 60.0);
-        let burst = requests_per_second.map_or(0.0, |r| r.max(1.0));
-        Limiter { requests_per_second, tokens_per_second, state: std::sync::Mutex::new((burst, tokens_per_second.unwrap_or(0.0), Instant::now())) }
+        let buckets = Buckets {
+            requests: requests_per_second.map_or(0.0, |r| r.max(1.0)),
+            tokens: tokens_per_second.unwrap_or(0.0),
+            at: Instant::now(),
+            mean_tokens: None,
+            probing: false,
+        };
+        Limiter { requests_per_second, tokens_per_second, state: std::sync::Mutex::new(buckets) }
     }
 
-    /// Waits until one more request fits both limits, and takes it.
-    pub async fn admit(&self) {
+    /// Waits until one more request fits both limits and takes it; returns the tokens reserved,
+    /// to give to [`Limiter::settle`].
+    pub async fn admit(&self) -> f64 {
         loop {
             let wait = {
                 let mut state = self.state.lock().expect("limiter lock");
                 let now = Instant::now();
-                let elapsed = now.duration_since(state.2).as_secs_f64();
-                state.2 = now;
+                let elapsed = now.duration_since(state.at).as_secs_f64();
+                state.at = now;
                 if let Some(rate) = self.requests_per_second {
-                    state.0 = (state.0 + rate * elapsed).min(rate.max(1.0));
+                    state.requests = (state.requests + rate * elapsed).min(rate.max(1.0));
                 }
                 if let Some(rate) = self.tokens_per_second {
-                    state.1 = (state.1 + rate * elapsed).min(rate);
+                    state.tokens = (state.tokens + rate * elapsed).min(rate);
                 }
-                let requests_short = self.requests_per_second.map_or(0.0, |rate| ((1.0 - state.0) / rate).max(0.0));
-                let tokens_short = self.tokens_per_second.map_or(0.0, |rate| (-state.1 / rate).max(0.0));
-                let wait = requests_short.max(tokens_short);
+                let requests_short = self.requests_per_second.map_or(0.0, |rate| ((1.0 - state.requests) / rate).max(0.0));
+                let tokens_short = self.tokens_per_second.map_or(0.0, |rate| (-state.tokens / rate).max(0.0));
+                let learning = self.tokens_per_second.is_some() && state.mean_tokens.is_none() && state.probing;
+                let wait = if learning { 0.05 } else { requests_short.max(tokens_short) };
                 if wait <= 0.0 {
-                    state.0 -= 1.0;
-                    return;
+                    state.requests -= 1.0;
+                    let reserved = if self.tokens_per_second.is_some() { state.mean_tokens.unwrap_or(0.0) } else { 0.0 };
+                    state.tokens -= reserved;
+                    state.probing |= self.tokens_per_second.is_some() && state.mean_tokens.is_none();
+                    return reserved;
                 }
                 wait
             };
@@ -161,11 +185,18 @@ impl Limiter {
         }
     }
 
-    /// Takes a finished request's tokens from the tokens-per-minute bucket.
-    pub fn spend(&self, tokens: u64) {
-        if self.tokens_per_second.is_some() {
-            self.state.lock().expect("limiter lock").1 -= tokens as f64;
+    /// Settles a request's reservation with the tokens it used (`None`: it failed, nothing used).
+    pub fn settle(&self, reserved: f64, used: Option<u64>) {
+        if self.tokens_per_second.is_none() {
+            return;
         }
+        let mut state = self.state.lock().expect("limiter lock");
+        let used = used.map(|n| n as f64);
+        state.tokens += reserved - used.unwrap_or(0.0);
+        if let Some(used) = used {
+            state.mean_tokens = Some(state.mean_tokens.map_or(used, |mean| 0.8 * mean + 0.2 * used));
+        }
+        state.probing = false;
     }
 }
 
@@ -213,15 +244,19 @@ async fn sample(
     }
     loop {
         attempts += 1;
-        limiter.admit().await;
+        let reserved = limiter.admit().await;
         let lease = pool.acquire();
         let endpoint = lease.url().to_string();
-        match chat(&http, &endpoint, config.api_key.as_deref(), &request, config.request_timeout, config.stall_timeout).await {
+        let answer = chat(&http, &endpoint, config.api_key.as_deref(), &request, config.request_timeout, config.stall_timeout).await;
+        if answer.is_err() {
+            limiter.settle(reserved, None);
+        }
+        match answer {
             Ok(completion) => {
                 lease.succeeded(completion.latency_ms);
                 // Without usage from the server, about four characters a token.
                 let text = completion.reasoning.as_deref().unwrap_or("").len() + completion.content.len();
-                limiter.spend(completion.prompt_tokens.unwrap_or(0) + completion.completion_tokens.unwrap_or(text as u64 / 4));
+                limiter.settle(reserved, Some(completion.prompt_tokens.unwrap_or(0) + completion.completion_tokens.unwrap_or(text as u64 / 4)));
                 if completion.finish_reason.as_deref() == Some("length") && length_retries < config.length_retries {
                     length_retries += 1;
                     continue;
@@ -460,7 +495,11 @@ pub async fn run(
             Err((error, endpoint, _)) if error.is_fatal() => {
                 break Err(RunError::Fatal { endpoint: endpoint.unwrap_or_default(), error });
             }
-            Err((error, endpoint, _)) if error.class() == "invalid_request" && invalid_only >= INVALID_BEFORE_STOP.min(summary.requested) => {
+            Err((error, endpoint, _))
+                if error.class() == "invalid_request"
+                    && summary.already_done == 0
+                    && invalid_only >= INVALID_BEFORE_STOP.min(summary.requested) =>
+            {
                 // Every answer so far refused the request itself: a setting is wrong for all.
                 break Err(RunError::Fatal { endpoint: endpoint.unwrap_or_default(), error });
             }

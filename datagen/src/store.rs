@@ -279,6 +279,8 @@ impl Store {
                 fs::remove_file(entry.path()).map_err(|e| file_error(&entry.path(), e))?;
             }
         }
+        // The writer holds the folder's lock: shards of another generation are a killed rescore's.
+        remove_other_generations(dir, generation)?;
         let mut done = HashSet::new();
         let existing = shards(dir, generation)?;
         for path in &existing {
@@ -348,6 +350,31 @@ impl Store {
         self.journal = OpenOptions::new().append(true).open(&journal_path).map_err(|e| file_error(&journal_path, e))?;
         Ok(())
     }
+}
+
+/// The settings hashes of every stored key of `generation` (the part after the key's last `/`):
+/// which sampling settings the folder holds samples of. Reads the key column only.
+pub fn settings_hashes(dir: &Path, generation: u32) -> Result<std::collections::BTreeSet<String>, StoreError> {
+    let mut keys = HashSet::new();
+    for path in shards(dir, generation)? {
+        keys.extend(read_keys(&path)?);
+    }
+    let _ = read_journal(&dir.join(JOURNAL), &mut keys);
+    Ok(keys.iter().filter_map(|k| k.rsplit('/').next().map(String::from)).collect())
+}
+
+/// Removes the shards of every generation but `keep`: those a rescore killed before or after
+/// its switch left behind, which a reader of the folder's files (distill) would otherwise read too.
+pub fn remove_other_generations(dir: &Path, keep: u32) -> Result<(), StoreError> {
+    let Ok(entries) = fs::read_dir(dir) else { return Ok(()) };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let generation = name.strip_prefix("samples-g").and_then(|rest| rest.split('-').next()).and_then(|g| g.parse::<u32>().ok());
+        if generation.is_some_and(|g| g != keep) && name.ends_with(".parquet") {
+            fs::remove_file(entry.path()).map_err(|e| file_error(&entry.path(), e))?;
+        }
+    }
+    Ok(())
 }
 
 /// Rows per record batch when a generation is streamed: 16 traces of 32k tokens (and their
@@ -482,17 +509,7 @@ pub fn rewrite_with(
     commit(generation)?;
     failpoint("rescore-committed");
     // Every older generation goes, including one left by a rescore killed after its commit.
-    for entry in fs::read_dir(dir).map_err(|e| file_error(dir, e))?.flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        let old = name
-            .strip_prefix("samples-g")
-            .and_then(|rest| rest.split('-').next())
-            .and_then(|g| g.parse::<u32>().ok())
-            .is_some_and(|g| g < generation);
-        if old && name.ends_with(".parquet") {
-            fs::remove_file(entry.path()).map_err(|e| file_error(&entry.path(), e))?;
-        }
-    }
+    remove_other_generations(dir, generation)?;
     let journal = dir.join(JOURNAL);
     if journal.exists() {
         fs::write(&journal, b"").map_err(|e| file_error(&journal, e))?;

@@ -591,6 +591,12 @@ fn a_crash_at_each_step_of_the_store_protocol_loses_nothing() {
         let rows = rows_of(&out);
         let unique: std::collections::HashSet<&String> = rows.iter().map(|r| &r.key).collect();
         assert_eq!((rows.len(), unique.len()), (36, 36), "{name}");
+        // The next writer removes the other generation's shards, which a reader of the folder's
+        // files (distill) would otherwise read twice.
+        assert!(run(out_text, None).status.success());
+        let generation = datagen::run::read_manifest(&out).unwrap()["generation"].as_u64().unwrap() as u32;
+        let parquet = std::fs::read_dir(out.join("data")).unwrap().filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().ends_with(".parquet")).count();
+        assert_eq!(parquet, datagen::store::shards(&out.join("data"), generation).unwrap().len(), "{name}: a stale generation after the resume");
         let again = datagen(&["rescore", out_text, "--keep", "all"]);
         assert!(again.status.success(), "{name}: {}", stderr(&again));
         assert_eq!(rows_of(&out).len(), 36, "{name}");
@@ -653,4 +659,34 @@ fn eval_prints_and_writes_r1s_scoreboard() {
     let first = std::fs::read_to_string(out.join("scoreboard.json")).unwrap();
     assert!(datagen(&args).status.success());
     assert_eq!(std::fs::read_to_string(out.join("scoreboard.json")).unwrap(), first, "resumed, the same scores");
+}
+
+/// A run that stored nothing (stopped by a refusal) does not bind later runs to its settings, and
+/// `--retry-failed` only drops the failed samples this run asks for again.
+#[test]
+fn only_stored_samples_bind_settings_and_retries_stay_in_their_run() {
+    let refusing = serve(Behaviour { faults: vec![common::Fault::PaymentRequired; 100], ..Behaviour::default() }, Default::default());
+    let Setup { server: _server, dir: _dir, prompts, url, out, out_text } = setup(2, Behaviour::default());
+    let refused_url = refusing.url();
+    assert!(!datagen(&run_args(&prompts, &refused_url, &out_text)).status.success());
+    let mut warmer = run_args(&prompts, &url, &out_text);
+    set(&mut warmer, "--temperature", "0.7");
+    let output = datagen(&warmer);
+    assert!(output.status.success(), "a run that stored nothing binds nothing: {}", stderr(&output));
+    // Failed samples of other settings stay when this run retries its own.
+    let failing = serve(Behaviour { faults: vec![common::Fault::ServerError; 100], ..Behaviour::default() }, Default::default());
+    let failing_url = failing.url();
+    let mut other = run_args(&prompts, &failing_url, &out_text);
+    for (flag, value) in [("--temperature", "0.5"), ("--max-retries", "0"), ("--max-outage", "0s"), ("--concurrency", "1")] {
+        set(&mut other, flag, value);
+    }
+    other.push("--allow-mixed");
+    assert!(datagen(&other).status.success());
+    let failed_before = rows_of(&out).iter().filter(|r| r.status == "failed").count();
+    assert_eq!(failed_before, 6);
+    warmer.extend(["--retry-failed", "--allow-mixed"]);
+    let output = datagen(&warmer);
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert!(stderr(&output).contains("0 failed samples to ask for again"), "{}", stderr(&output));
+    assert_eq!(rows_of(&out).iter().filter(|r| r.status == "failed").count(), 6, "the other settings' failed rows stay");
 }

@@ -194,11 +194,13 @@ fn requests_and_tokens_per_minute_are_limited() {
     assert_eq!(summary.unwrap().stored, 6);
     assert!(started.elapsed() >= Duration::from_millis(1900), "{:?}", started.elapsed());
     // 50 tokens a request (the server's usage) at 3,000 a minute (50 a second), one second's
-    // worth to start with: after two requests each later one waits a second for its tokens.
+    // worth to start with, four requests in flight allowed: each reserves the average usage, so
+    // after the first two each later one waits about a second for its tokens instead of all
+    // going at once.
     let server = serve(Behaviour::default(), common::bundled_answers(&common::math_prompts(3)));
     let dir = tempfile::tempdir().unwrap();
     let mut limited = config(dir.path(), vec![server.url()], false);
-    (limited.concurrency, limited.max_tokens_per_minute) = (1, Some(3000));
+    (limited.concurrency, limited.max_tokens_per_minute) = (4, Some(3000));
     let started = std::time::Instant::now();
     let (summary, _) = go(3, limited);
     assert_eq!(summary.unwrap().stored, 6);
