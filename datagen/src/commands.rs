@@ -758,6 +758,111 @@ pub struct ExportArgs {
     max_problems_per_file: Option<usize>,
 }
 
+/// Samples of incomplete problems `export` holds before it spills them to bucket files.
+const SPILL_BYTES: usize = 256 << 20;
+/// Bucket files of a spilled export: each holds about 1/64 of the rows still to group.
+const SPILL_BUCKETS: u64 = 64;
+
+/// The open-r1 export's output: one file, or numbered files of at most `per_file` problems.
+struct OpenR1Files {
+    out: PathBuf,
+    per_file: Option<usize>,
+    file: store::ParquetStream<datagen::schema::OpenR1Row>,
+    path: PathBuf,
+    files: Vec<(usize, PathBuf)>,
+    problems: usize,
+    with_messages: usize,
+}
+
+impl OpenR1Files {
+    fn open(out: &Path, per_file: Option<usize>, index: usize) -> Result<(store::ParquetStream<datagen::schema::OpenR1Row>, PathBuf), store::StoreError> {
+        let path = if per_file.is_some() { export_shard(out, index) } else { out.to_path_buf() };
+        store::ParquetStream::create(&path, datagen::schema::open_r1_schema(), 16).map(|file| (file, path))
+    }
+
+    fn create(out: &Path, per_file: Option<usize>) -> Result<OpenR1Files, store::StoreError> {
+        let (file, path) = Self::open(out, per_file, 0)?;
+        Ok(OpenR1Files { out: out.to_path_buf(), per_file, file, path, files: Vec::new(), problems: 0, with_messages: 0 })
+    }
+
+    fn push(&mut self, problem: datagen::schema::OpenR1Row) -> Result<(), store::StoreError> {
+        self.with_messages += usize::from(problem.messages.is_some());
+        self.problems += 1;
+        self.file.push(problem)?;
+        if self.per_file.is_some_and(|n| self.file.rows >= n) {
+            let (next, next_path) = Self::open(&self.out, self.per_file, self.files.len() + 1)?;
+            let full = std::mem::replace(&mut self.file, next).finish()?;
+            self.files.push((full, std::mem::replace(&mut self.path, next_path)));
+        }
+        Ok(())
+    }
+
+    /// The files written (problems, path), problems and those with `messages`.
+    fn finish(mut self) -> Result<(Vec<(usize, PathBuf)>, usize, usize), store::StoreError> {
+        if self.file.rows > 0 || self.files.is_empty() {
+            self.files.push((self.file.finish()?, self.path));
+        }
+        Ok((self.files, self.problems, self.with_messages))
+    }
+}
+
+/// Rows of an export spilled to bucket files by a hash of their problem id (JSON lines, the trace
+/// once), beside the output and removed when drained or dropped.
+struct Spill {
+    dir: PathBuf,
+    buckets: Vec<std::io::BufWriter<std::fs::File>>,
+}
+
+impl Spill {
+    fn create(out: &Path) -> std::io::Result<Spill> {
+        let name = out.file_name().and_then(|n| n.to_str()).unwrap_or("export");
+        let dir = out.with_file_name(format!(".{name}.spill"));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)?;
+        let buckets = (0..SPILL_BUCKETS)
+            .map(|b| std::fs::File::create(dir.join(format!("{b:02}.jsonl"))).map(std::io::BufWriter::new))
+            .collect::<std::io::Result<_>>()?;
+        Ok(Spill { dir, buckets })
+    }
+
+    fn write(&mut self, row: &Row) -> Result<(), store::StoreError> {
+        let bucket = datagen::prompts::shard_of(&row.id, SPILL_BUCKETS) as usize;
+        let error = |e: &dyn std::fmt::Display| store::StoreError::File { path: self.dir.clone(), message: e.to_string() };
+        let writer = &mut self.buckets[bucket];
+        serde_json::to_writer(&mut *writer, row).map_err(|e| error(&e))?;
+        std::io::Write::write_all(writer, b"\n").map_err(|e| error(&e))
+    }
+
+    /// Calls `each` with every problem's samples, one bucket in memory at a time.
+    fn drain(mut self, mut each: impl FnMut(Vec<Row>) -> Result<(), store::StoreError>) -> Result<(), store::StoreError> {
+        let error = |e: &dyn std::fmt::Display| store::StoreError::File { path: self.dir.clone(), message: e.to_string() };
+        for writer in &mut self.buckets {
+            std::io::Write::flush(writer).map_err(|e| error(&e))?;
+        }
+        for b in 0..SPILL_BUCKETS {
+            let path = self.dir.join(format!("{b:02}.jsonl"));
+            let mut groups: BTreeMap<String, Vec<Row>> = BTreeMap::new();
+            let text = std::fs::read(&path).map_err(|e| error(&e))?;
+            for line in text.split(|&c| c == b'\n').filter(|l| !l.is_empty()) {
+                let mut row: Row = serde_json::from_slice(line).map_err(|e| error(&e))?;
+                row.derive_trace();
+                groups.entry(row.id.clone()).or_default().push(row);
+            }
+            for samples in groups.into_values() {
+                each(samples)?;
+            }
+            let _ = std::fs::remove_file(&path);
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Spill {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 /// The `index`-th file of a sharded export: `out`'s stem with the number, beside it.
 fn export_shard(out: &Path, index: usize) -> PathBuf {
     let stem = out.file_stem().and_then(|s| s.to_str()).unwrap_or("export");
@@ -797,46 +902,51 @@ pub fn export_command(args: ExportArgs) -> Result<()> {
         bail!("{}: no successful samples to export", args.dir.display());
     }
     let per_file = args.max_problems_per_file.filter(|&n| n > 0);
-    let create = |index: usize| {
-        let path = if per_file.is_some() { export_shard(&args.out, index) } else { args.out.clone() };
-        store::ParquetStream::create(&path, datagen::schema::open_r1_schema(), 16).map(|file| (file, path))
-    };
-    let (mut file, mut path) = create(0)?;
-    let (mut files, mut problems, mut with_messages) = (Vec::new(), 0, 0);
+    let mut out = OpenR1Files::create(&args.out, per_file)?;
+    // Samples of problems not yet complete; past SPILL_BYTES of them (a problem's samples spread
+    // over early and late shards, after a resume with more samples or --retry-failed), they and
+    // every later row go to bucket files by problem, exported one bucket at a time.
+    let spill_limit = std::env::var("DATAGEN_EXPORT_SPILL_BYTES").ok().and_then(|v| v.parse().ok()).unwrap_or(SPILL_BYTES);
     let mut open: HashMap<String, Vec<Row>> = HashMap::new();
+    let (mut open_bytes, mut spill): (usize, Option<Spill>) = (0, None);
     store::for_each_row(&data, generation, |row| {
         if row.status != "ok" {
             return Ok(());
         }
+        if let Some(spill) = &mut spill {
+            return spill.write(&row);
+        }
         let id = row.id.clone();
+        open_bytes += store::row_bytes(&row);
         let samples = open.entry(id.clone()).or_default();
         samples.push(row);
         // A sample stored between the two passes (a run beside the export) leaves its problem to
         // the end, where what is open is written.
         if expected.get(&id).is_some_and(|&n| samples.len() == n) {
             let samples = open.remove(&id).unwrap_or_default();
-            let problem = datagen::schema::open_r1_row(samples, info.get(&id));
-            with_messages += usize::from(problem.messages.is_some());
-            problems += 1;
-            file.push(problem)?;
-            if per_file.is_some_and(|n| file.rows >= n) {
-                let (next, next_path) = create(files.len() + 1)?;
-                files.push((std::mem::replace(&mut file, next).finish()?, std::mem::replace(&mut path, next_path)));
+            open_bytes -= samples.iter().map(store::row_bytes).sum::<usize>();
+            out.push(datagen::schema::open_r1_row(samples, info.get(&id)))?;
+        } else if open_bytes > spill_limit {
+            let mut buckets = Spill::create(&args.out).map_err(|e| store::StoreError::File { path: args.out.clone(), message: e.to_string() })?;
+            for row in open.drain().flat_map(|(_, rows)| rows) {
+                buckets.write(&row)?;
             }
+            spill = Some(buckets);
         }
         Ok(())
     })?;
     for (id, samples) in open {
-        let problem = datagen::schema::open_r1_row(samples, info.get(&id));
-        with_messages += usize::from(problem.messages.is_some());
-        problems += 1;
-        file.push(problem)?;
+        out.push(datagen::schema::open_r1_row(samples, info.get(&id)))?;
     }
+    if let Some(spill) = spill {
+        spill.drain(|samples| {
+            let id = samples[0].id.clone();
+            out.push(datagen::schema::open_r1_row(samples, info.get(&id)))
+        })?;
+    }
+    let (files, problems, with_messages) = out.finish()?;
     if problems == 0 {
         bail!("{}: no successful samples to export (the run changed while it was read?)", args.dir.display());
-    }
-    if file.rows > 0 || files.is_empty() {
-        files.push((file.finish()?, path));
     }
     // Numbered files of an earlier, larger export would mix with these when the folder is loaded.
     if per_file.is_some() {

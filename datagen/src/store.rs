@@ -385,7 +385,7 @@ pub const STREAM_BATCH_ROWS: usize = 16;
 const MAX_PENDING_BYTES: usize = 32 << 20;
 
 /// The text a row holds, roughly: what its encoding costs in memory.
-fn row_bytes(row: &Row) -> usize {
+pub fn row_bytes(row: &Row) -> usize {
     row.problem.len()
         + row.reasoning.as_ref().map_or(0, String::len)
         + row.content.as_ref().map_or(0, String::len)

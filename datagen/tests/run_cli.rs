@@ -690,3 +690,42 @@ fn only_stored_samples_bind_settings_and_retries_stay_in_their_run() {
     assert!(stderr(&output).contains("0 failed samples to ask for again"), "{}", stderr(&output));
     assert_eq!(rows_of(&out).iter().filter(|r| r.status == "failed").count(), 6, "the other settings' failed rows stay");
 }
+
+/// A problem whose samples lie in early and late shards (a resume with more samples) is exported
+/// whole, and the same when export spills what it holds to bucket files (forced here with a
+/// one-byte limit).
+#[test]
+fn export_groups_spread_samples_the_same_when_it_spills() {
+    let Setup { server: _server, dir, prompts, url, out: _out, out_text } = setup(4, Behaviour::default());
+    for samples in ["1", "3"] {
+        let mut args = run_args(&prompts, &url, &out_text);
+        set(&mut args, "--samples", samples);
+        assert!(datagen(&args).status.success());
+    }
+    let export = |name: &str, spill: Option<&str>| -> Vec<serde_json::Value> {
+        let path = dir.path().join(name);
+        let mut command = Command::new(env!("CARGO_BIN_EXE_datagen"));
+        command.args(["export", &out_text, "--out", path.to_str().unwrap()]);
+        if let Some(limit) = spill {
+            command.env("DATAGEN_EXPORT_SPILL_BYTES", limit);
+        }
+        let output = command.output().unwrap();
+        assert!(output.status.success(), "{}", stderr(&output));
+        let file = std::fs::File::open(&path).unwrap();
+        let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file).unwrap().build().unwrap();
+        let mut writer = arrow::json::ArrayWriter::new(Vec::new());
+        for batch in reader {
+            writer.write(&batch.unwrap()).unwrap();
+        }
+        writer.finish().unwrap();
+        let mut problems: Vec<serde_json::Value> = serde_json::from_slice(&writer.into_inner()).unwrap();
+        problems.sort_by_key(|p| p["uuid"].as_str().unwrap().to_string());
+        problems
+    };
+    let held = export("held.parquet", None);
+    let spilled = export("spilled.parquet", Some("1"));
+    assert_eq!(held.len(), 4);
+    assert!(held.iter().all(|p| p["generations"].as_array().unwrap().len() == 3), "every problem whole");
+    assert_eq!(held, spilled);
+    assert!(!dir.path().join(".spilled.parquet.spill").exists(), "bucket files removed");
+}
