@@ -2,7 +2,9 @@
 //! OpenAI-compatible API ([`teacher`]), verify ([`verify`]) and filter ([`filters`]) them, and
 //! store them exactly once as Parquet ([`store`], [`schema`]); [`run`] drives it all.
 
+pub mod export;
 pub mod filters;
+pub mod folder;
 pub mod prompts;
 pub mod reasoning;
 pub mod run;
