@@ -247,9 +247,14 @@ fn write_folder(model: &Model, tokenizer_dir: &Path, eos_token_ids: &[u32], out:
     write_json("generation_config.json", generation)?;
     for file in TOKENIZER_FILES {
         let source = tokenizer_dir.join(file);
+        let target = staging.join(file);
         if source.exists() {
-            let target = staging.join(file);
             fs::copy(&source, &target).map_err(io(&target))?;
+        } else if file == "tokenizer.json" && tokenizer_dir.join("tokenizer.json.gz").exists() {
+            // transformers and vLLM read tokenizer.json only: a compressed one is written unpacked.
+            let (_, bytes) = crate::text::tokenizer::read_tokenizer_json(tokenizer_dir)
+                .map_err(|e| ExportError::Io { path: tokenizer_dir.join("tokenizer.json.gz"), source: std::io::Error::other(e.to_string()) })?;
+            fs::write(&target, bytes).map_err(io(&target))?;
         }
     }
     // Make the files durable before the rename publishes them.

@@ -69,6 +69,12 @@ fn sharded_bf16_export_reloads_and_scores_the_same() {
     let generation: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(target.join("generation_config.json")).unwrap()).unwrap();
     assert_eq!(generation["eos_token_id"], serde_json::json!([128001, 128008, 128009]));
+    // The fixture keeps its tokenizer as tokenizer.json.gz; the export writes it unpacked, since
+    // transformers and vLLM read tokenizer.json only.
+    assert!(!source.join("tokenizer.json").exists() && source.join("tokenizer.json.gz").exists());
+    let (_, unpacked) = distill::text::tokenizer::read_tokenizer_json(&source).unwrap();
+    assert_eq!(std::fs::read(target.join("tokenizer.json")).unwrap(), unpacked);
+    assert!(!target.join("tokenizer.json.gz").exists());
     assert_eq!(parse_shard_size("5GB").unwrap(), 5_000_000_000);
     assert!(parse_shard_size("lots").is_err());
 }

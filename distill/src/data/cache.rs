@@ -31,7 +31,7 @@ const FORMAT_VERSION: u32 = 1;
 const CHUNK_ROWS: usize = 512;
 
 /// Files of a tokenizer folder that decide its tokens.
-const TOKENIZER_FILES: [&str; 3] = ["tokenizer.json", "tokenizer_config.json", "chat_template.jinja"];
+const TOKENIZER_FILES: [&str; 4] = ["tokenizer.json", "tokenizer.json.gz", "tokenizer_config.json", "chat_template.jinja"];
 
 /// What the cache folder says about its data.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]

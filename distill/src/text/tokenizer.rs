@@ -42,12 +42,28 @@ fn token_content(value: &Value) -> Option<String> {
     }
 }
 
+/// The bytes of a folder's `tokenizer.json`, or of `tokenizer.json.gz` unpacked when only that is
+/// there (a 6 MB vocabulary stored compressed), with the path read.
+pub fn read_tokenizer_json(dir: &Path) -> Result<(PathBuf, Vec<u8>), TokenizerError> {
+    let plain = dir.join("tokenizer.json");
+    let packed = dir.join("tokenizer.json.gz");
+    let error = |path: &Path, e: std::io::Error| TokenizerError::Load { path: path.to_path_buf(), message: e.to_string() };
+    if !plain.exists() && packed.exists() {
+        let mut bytes = Vec::new();
+        let file = std::fs::File::open(&packed).map_err(|e| error(&packed, e))?;
+        std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(file), &mut bytes).map_err(|e| error(&packed, e))?;
+        return Ok((packed, bytes));
+    }
+    let bytes = std::fs::read(&plain).map_err(|e| error(&plain, e))?;
+    Ok((plain, bytes))
+}
+
 impl Tokenizer {
-    /// Loads `tokenizer.json` and (when present) `tokenizer_config.json` and `chat_template.jinja`
+    /// Loads `tokenizer.json` (or `tokenizer.json.gz`) and (when present) `tokenizer_config.json` and `chat_template.jinja`
     /// from a checkpoint folder.
     pub fn from_dir(dir: &Path) -> Result<Self, TokenizerError> {
-        let tokenizer_path = dir.join("tokenizer.json");
-        let inner = tokenizers::Tokenizer::from_file(&tokenizer_path).map_err(|e| TokenizerError::Load {
+        let (tokenizer_path, bytes) = read_tokenizer_json(dir)?;
+        let inner = tokenizers::Tokenizer::from_bytes(&bytes).map_err(|e| TokenizerError::Load {
             path: tokenizer_path.clone(),
             message: e.to_string(),
         })?;
