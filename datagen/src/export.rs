@@ -84,7 +84,7 @@ impl Spill {
 
     fn write(&mut self, row: &Row) -> Result<(), StoreError> {
         let bucket = crate::prompts::shard_of(&row.id, SPILL_BUCKETS) as usize;
-        let error = |e: &dyn std::fmt::Display| StoreError::File { path: self.dir.clone(), message: e.to_string() };
+        let error = |e: &dyn std::fmt::Display| store::file_error(&self.dir, e);
         let writer = &mut self.buckets[bucket];
         serde_json::to_writer(&mut *writer, row).map_err(|e| error(&e))?;
         std::io::Write::write_all(writer, b"\n").map_err(|e| error(&e))
@@ -92,7 +92,7 @@ impl Spill {
 
     /// Calls `each` with every problem's samples, one bucket in memory at a time.
     fn drain(mut self, mut each: impl FnMut(Vec<Row>) -> Result<(), StoreError>) -> Result<(), StoreError> {
-        let error = |e: &dyn std::fmt::Display| StoreError::File { path: self.dir.clone(), message: e.to_string() };
+        let error = |e: &dyn std::fmt::Display| store::file_error(&self.dir, e);
         for writer in &mut self.buckets {
             std::io::Write::flush(writer).map_err(|e| error(&e))?;
         }
@@ -149,7 +149,7 @@ pub fn open_r1(
         Ok(())
     })?;
     if expected.is_empty() {
-        return Err(StoreError::File { path: data.to_path_buf(), message: "no successful samples to export".into() });
+        return Err(store::file_error(data, "no successful samples to export"));
     }
     let per_file = per_file.filter(|&n| n > 0);
     let mut files = OpenR1Files::create(out, per_file)?;
@@ -176,7 +176,7 @@ pub fn open_r1(
             open_bytes -= samples.iter().map(store::row_bytes).sum::<usize>();
             files.push(open_r1_row(samples, info.get(&id)))?;
         } else if open_bytes > spill_limit {
-            let mut buckets = Spill::create(out).map_err(|e| StoreError::File { path: out.to_path_buf(), message: e.to_string() })?;
+            let mut buckets = Spill::create(out).map_err(|e| store::file_error(out, e))?;
             for row in open.drain().flat_map(|(_, rows)| rows) {
                 buckets.write(&row)?;
             }
@@ -194,7 +194,7 @@ pub fn open_r1(
         })?;
     }
     if files.problems == 0 {
-        return Err(StoreError::File { path: data.to_path_buf(), message: "no successful samples to export (the run changed while it was read?)".into() });
+        return Err(store::file_error(data, "no successful samples to export (the run changed while it was read?)"));
     }
     let exported = files.finish()?;
     // Numbered files of an earlier, larger export would mix with these when the folder is loaded.
@@ -202,7 +202,7 @@ pub fn open_r1(
         let mut index = exported.files.len();
         while export_shard(out, index).exists() {
             let stale = export_shard(out, index);
-            std::fs::remove_file(&stale).map_err(|e| StoreError::File { path: stale, message: e.to_string() })?;
+            std::fs::remove_file(&stale).map_err(|e| store::file_error(&stale, e))?;
             index += 1;
         }
     }

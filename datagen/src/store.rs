@@ -73,7 +73,7 @@ pub fn lock(dir: &Path) -> Result<FolderLock, StoreError> {
     }
 }
 
-fn file_error(path: &Path, message: impl ToString) -> StoreError {
+pub(crate) fn file_error(path: &Path, message: impl ToString) -> StoreError {
     StoreError::File { path: path.to_path_buf(), message: message.to_string() }
 }
 
@@ -137,9 +137,6 @@ pub fn write_atomically(path: &Path, write: impl FnOnce(&mut File) -> Result<(),
     let mut file = File::create(&temporary).map_err(|e| file_error(&temporary, e))?;
     write(&mut file).map_err(|e| file_error(&temporary, e))?;
     file.sync_all().map_err(|e| file_error(&temporary, e))?;
-    if name.ends_with(".parquet") {
-        failpoint("shard-temporary-written");
-    }
     fs::rename(&temporary, path).map_err(|e| file_error(path, e))?;
     sync_dir(dir)
 }
@@ -163,22 +160,13 @@ pub fn write_shard(path: &Path, rows: &[Row]) -> Result<(), StoreError> {
     write_parquet(path, schema::schema(), rows)
 }
 
-/// Writes serde rows of `schema` as the Parquet file `path` (zstd), atomically.
+/// Writes serde rows of `schema` as the Parquet file `path` (zstd, one row group), atomically.
 pub fn write_parquet<S: serde::Serialize>(path: &Path, schema: std::sync::Arc<arrow::datatypes::Schema>, rows: &[S]) -> Result<(), StoreError> {
-    let mut decoder = arrow::json::ReaderBuilder::new(schema.clone())
-        .with_batch_size(rows.len().max(1))
-        .build_decoder()
-        .map_err(|e| file_error(path, e))?;
-    decoder.serialize(rows).map_err(|e| file_error(path, e))?;
-    let batch = decoder.flush().map_err(|e| file_error(path, e))?.unwrap_or_else(|| arrow::record_batch::RecordBatch::new_empty(schema.clone()));
-    let properties = parquet::file::properties::WriterProperties::builder()
-        .set_compression(parquet::basic::Compression::ZSTD(Default::default()))
-        .build();
-    write_atomically(path, |file| {
-        let mut writer = parquet::arrow::ArrowWriter::try_new(file, schema, Some(properties)).map_err(|e| e.to_string())?;
-        writer.write(&batch).map_err(|e| e.to_string())?;
-        writer.into_inner().map(|_| ()).map_err(|e| e.to_string())
-    })
+    let mut file = ParquetStream::create(path, schema, rows.len())?;
+    for row in rows {
+        file.push(row)?;
+    }
+    file.finish().map(|_| ())
 }
 
 /// A Parquet file written row group by row group (zstd) under a hidden temporary name and renamed
@@ -241,7 +229,9 @@ impl<S: serde::Serialize> ParquetStream<S> {
         let writer = self.writer.take().expect("open until finished");
         let file = writer.into_inner().map_err(|e| file_error(&self.temporary, e))?;
         file.sync_all().map_err(|e| file_error(&self.temporary, e))?;
+        failpoint("shard-temporary-written");
         fs::rename(&self.temporary, &self.path).map_err(|e| file_error(&self.path, e))?;
+        sync_dir(self.path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new(".")))?;
         Ok(self.rows)
     }
 }
