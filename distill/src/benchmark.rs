@@ -58,6 +58,8 @@ impl TrainBench {
                 lora_rank: self.lora_rank,
                 lora_targets: None,
                 runtime_bytes,
+                devices: 1,
+                shard_optimizer: false,
             },
         )
     }
@@ -165,6 +167,8 @@ pub fn measure_training(config: &crate::model::ModelConfig, bench: &TrainBench, 
         seed: 0,
         compute_dtype: bench.compute_dtype,
         gradient_checkpointing: bench.gradient_checkpointing,
+        devices: Vec::new(),
+        shard_optimizer: false,
     };
     crate::memory::release_free_memory();
     let baseline = crate::memory::current_bytes().unwrap_or(0);

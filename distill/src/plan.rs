@@ -34,6 +34,10 @@ pub struct PlanOptions {
     /// Memory the process holds before training (binary, tokenizer, data index); `None`: a
     /// typical figure.
     pub runtime_bytes: Option<u64>,
+    /// Devices of a data-parallel run (1: one device). The plan is the first device's.
+    pub devices: usize,
+    /// The AdamW moments spread over the devices (`--shard-optimizer`).
+    pub shard_optimizer: bool,
 }
 
 impl Default for PlanOptions {
@@ -47,6 +51,8 @@ impl Default for PlanOptions {
             lora_rank: None,
             lora_targets: None,
             runtime_bytes: None,
+            devices: 1,
+            shard_optimizer: false,
         }
     }
 }
@@ -147,7 +153,14 @@ impl MemoryPlan {
         if mixed {
             item("compute copy", Phase::Always, e * (parameters + lora.unwrap_or(0)), format!("every weight cast to {:?} for the forward and backward passes", options.compute_dtype));
         }
-        item("optimizer moments", Phase::Always, 8 * trainable, "AdamW's two f32 moments per trainable parameter".into());
+        let devices = options.devices.max(1) as u64;
+        // A sharded optimizer's shares are balanced to within one parameter.
+        let owned = if options.shard_optimizer && devices > 1 { trainable.div_ceil(devices) } else { trainable };
+        if owned == trainable {
+            item("optimizer moments", Phase::Always, 8 * owned, "AdamW's two f32 moments per trainable parameter".into());
+        } else {
+            item("optimizer moments", Phase::Always, 8 * owned, format!("AdamW's two f32 moments of this device's 1/{devices} of the trainable parameters"));
+        }
         item("runtime", Phase::Always, options.runtime_bytes.unwrap_or(RUNTIME_BYTES), "the process itself (code, tokenizer, data index)".into());
 
         // Kept for the backward pass: every layer's activations, or under checkpointing each
@@ -193,6 +206,9 @@ impl MemoryPlan {
         }
         let gradients = 4 * trainable + if mixed { e * largest_parameter(config) } else { 0 };
         item("gradients", Phase::Optimizer, gradients, format!("one backward pass's: {} trainable parameters in f32", crate::info::human_count(trainable)));
+        if devices > 1 {
+            item("gradient reduction", Phase::Optimizer, 4 * owned, "the other devices' gradients of the parameters this device updates, as they arrive".into());
+        }
         let largest = if lora.is_some() { 0 } else { largest_parameter(config) };
         item("optimizer step", Phase::Optimizer, 2 * 4 * largest, "two temporaries of the largest parameter's size".into());
         MemoryPlan { parameters, trainable_parameters: trainable, items }

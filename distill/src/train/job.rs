@@ -96,9 +96,11 @@ pub struct JobSpec {
     pub options: TrainingOptions,
     pub eval: EvalSource,
     pub resume: bool,
-    /// The device to train on (without autodiff; the job adds it).
+    /// The device to train on (without autodiff; the job adds it): the first of `devices`.
     pub device: Device,
     pub device_name: String,
+    /// Data parallel: every device with its name, `device` first; empty: `device` alone.
+    pub devices: Vec<(Device, String)>,
     /// The device's memory, for the plan check; `None`: the system's memory on the CPU, no
     /// check elsewhere (burn does not report a GPU's memory).
     pub device_memory: Option<u64>,
@@ -247,7 +249,12 @@ impl Job {
         let options = spec.options.or(&from_config).or(&TrainingOptions::defaults());
         let max_length = required(&options.max_length, "max_length");
         extend_context(&mut config, &options, max_length)?;
-        let compute_dtype = compute_dtype(&required(&options.dtype, "dtype"), spec.options.dtype.is_some(), &spec.device, &spec.device_name, reporter)?;
+        let mut compute_dtype = compute_dtype(&required(&options.dtype, "dtype"), spec.options.dtype.is_some(), &spec.device, &spec.device_name, reporter)?;
+        for (device, name) in spec.devices.iter().skip(1) {
+            if compute_dtype.is_some() {
+                compute_dtype = self::compute_dtype(&required(&options.dtype, "dtype"), spec.options.dtype.is_some(), device, name, reporter)?;
+            }
+        }
         let lora = lora_config(&options)?;
         let (checkpoint_dir, tokenizer_dir) = sources(&spec.model, student.as_ref())?;
         if spec.init == Init::Pretrained && checkpoint_dir.is_none() {
@@ -346,7 +353,12 @@ impl Job {
             seed,
             compute_dtype,
             gradient_checkpointing: required(&options.gradient_checkpointing, "gradient_checkpointing"),
+            devices: spec.devices.iter().map(|(device, _)| device.clone().autodiff()).collect(),
+            shard_optimizer: required(&options.shard_optimizer, "shard_optimizer"),
         };
+        if train_config.shard_optimizer && train_config.data_parallel() < 2 {
+            reporter.note("note: --shard-optimizer spreads the optimizer over the devices of --devices; with one device it changes nothing");
+        }
         let per_epoch = steps_per_epoch(train.len(), &train_config);
         let epochs = required(&options.num_train_epochs, "num_train_epochs");
         let total_steps = options.max_steps.unwrap_or((epochs * per_epoch as f64).ceil() as usize).max(1);
@@ -366,18 +378,23 @@ impl Job {
                 lora_rank: lora.as_ref().map(|l| l.rank),
                 lora_targets: lora.as_ref().map(|l| l.targets.clone()),
                 runtime_bytes,
+                devices: train_config.data_parallel(),
+                shard_optimizer: train_config.shard_optimizer,
             },
         );
         reporter.note(&format!("memory plan at {longest} tokens × {} rows:", train_config.per_device_train_batch_size));
         for line in plan.table().lines() {
             reporter.note(&format!("  {line}"));
         }
+        // Replicas on flex share the host's memory.
+        let on_host = spec.devices.iter().filter(|(_, name)| name == "flex").count().max(1) as u64;
+        let needed = if spec.device_name == "flex" { plan.total() * on_host } else { plan.total() };
         match device_memory(spec.device_memory, &spec.device_name) {
-            Some(memory) if plan.total() > memory => {
+            Some(memory) if needed > memory => {
                 return Err(JobError::Invalid(format!(
                     "the memory plan needs {:.2} GiB but {} has {:.2} GiB; lower --max-length or --per-device-train-batch-size, \
                      or use --gradient-checkpointing, --lora-rank or --dtype bf16 (see `distill info {} --max-length {longest}`)",
-                    crate::info::gib(plan.total()), spec.device_name, crate::info::gib(memory), spec.model.display()
+                    crate::info::gib(needed), spec.device_name, crate::info::gib(memory), spec.model.display()
                 )));
             }
             Some(memory) => reporter.note(&format!("  fits the {:.2} GiB of {}", crate::info::gib(memory), spec.device_name)),
@@ -394,7 +411,7 @@ impl Job {
             "learning_rate": train_config.schedule.learning_rate, "scheduler": format!("{:?}", train_config.schedule.scheduler),
             "min_lr_ratio": train_config.schedule.min_lr_ratio, "adamw": format!("{:?}", train_config.adamw),
             "max_grad_norm": train_config.max_grad_norm, "batch": train_config.per_device_train_batch_size,
-            "accumulation": train_config.gradient_accumulation_steps, "eval": spec.eval,
+            "global_batch": train_config.global_batch(), "eval": spec.eval,
             "lora": lora, "compute_dtype": compute_dtype.map(|d| format!("{d:?}")),
             "rope_theta": config.rope_theta, "max_position_embeddings": config.max_position_embeddings,
         });
@@ -425,13 +442,17 @@ impl Job {
         let (trainable, total) = crate::model::lora::trainable_parameters(&model.net);
         let config = &self.train_config;
         format!(
-            "training {} of {} parameters{} for {} steps ({} blocks, {} steps per epoch, batch {} × accumulation {}){}{}",
+            "training {} of {} parameters{} for {} steps ({} blocks, {} steps per epoch, {}batch {} × accumulation {}){}{}",
             crate::info::human_count(trainable as u64),
             crate::info::human_count(total as u64),
             self.lora.as_ref().map(|l| format!(" (LoRA rank {}, alpha {}, dropout {}, {})", l.rank, l.alpha, l.dropout, l.targets.join(","))).unwrap_or_default(),
             config.schedule.total_steps,
             self.train.len(),
             steps_per_epoch(self.train.len(), config),
+            match config.data_parallel() {
+                1 => String::new(),
+                n => format!("{n} devices{} × ", if config.shard_optimizer { " with the optimizer sharded" } else { "" }),
+            },
             config.per_device_train_batch_size,
             config.gradient_accumulation_steps,
             self.compute_dtype.map(|d| format!(", {d:?} compute over f32 weights")).unwrap_or_default(),
@@ -542,10 +563,18 @@ impl Job {
     }
 }
 
-/// The keys whose values differ between two runs' settings.
+/// The keys whose values differ between two runs' settings. The number of devices is not one
+/// of them: blocks are dealt to steps by the global batch (devices × batch × accumulation), so
+/// a run resumes on any number of devices that keeps it.
 fn changed_settings(saved: &serde_json::Value, current: &serde_json::Value) -> Vec<String> {
     let empty = serde_json::Map::new();
-    let (saved, current) = (saved.as_object().unwrap_or(&empty), current.as_object().unwrap_or(&empty));
+    let mut saved = saved.as_object().unwrap_or(&empty).clone();
+    // Runs from before data parallelism recorded the accumulation steps of their one device.
+    if let (Some(accumulation), None) = (saved.remove("accumulation"), saved.get("global_batch")) {
+        let batch = saved.get("batch").and_then(|b| b.as_u64()).unwrap_or(1);
+        saved.insert("global_batch".into(), (batch * accumulation.as_u64().unwrap_or(1)).into());
+    }
+    let (saved, current) = (&saved, current.as_object().unwrap_or(&empty));
     let mut keys: Vec<&String> = saved.keys().chain(current.keys()).collect();
     keys.sort();
     keys.dedup();

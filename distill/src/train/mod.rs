@@ -4,6 +4,7 @@ pub mod checkpoint;
 pub mod job;
 pub mod optim;
 pub mod options;
+pub mod parallel;
 pub mod run;
 pub mod schedule;
 

@@ -35,6 +35,15 @@ struct Moments {
     second: Tensor<1>,
 }
 
+impl Moments {
+    fn on(self, device: &burn::tensor::Device) -> Moments {
+        if self.first.device() == *device {
+            return self;
+        }
+        Moments { first: self.first.to_device(device), second: self.second.to_device(device) }
+    }
+}
+
 pub struct AdamW {
     pub config: AdamWConfig,
     /// Optimizer steps taken (the bias-correction exponent).
@@ -57,12 +66,7 @@ struct Collect<'a> {
 impl ModuleVisitor for Collect<'_> {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
         if let Some(grad) = param.val().grad(self.grads) {
-            let grad = grad.reshape([-1]);
-            let sum = match self.into.grads.remove(&param.id) {
-                Some(previous) => previous + grad,
-                None => grad,
-            };
-            self.into.grads.insert(param.id, sum);
+            self.into.insert_add(param.id, grad.reshape([-1]));
         }
     }
 }
@@ -75,7 +79,39 @@ impl AccumulatedGrads {
 
     /// The L2 norm of all gradients together, as `torch.nn.utils.clip_grad_norm_` computes it.
     pub fn norm(&self) -> f64 {
-        self.grads.values().map(|g| g.clone().square().sum().into_scalar::<f32>() as f64).sum::<f64>().sqrt()
+        self.squared_norm().sqrt()
+    }
+
+    /// The sum of the squares of all gradients (the parts of a sharded norm add up).
+    pub fn squared_norm(&self) -> f64 {
+        self.grads.values().map(|g| g.clone().square().sum().into_scalar::<f32>() as f64).sum::<f64>()
+    }
+
+    /// Adds `grad` to the sum kept for `id`.
+    pub fn insert_add(&mut self, id: ParamId, grad: Tensor<1>) {
+        let sum = match self.grads.remove(&id) {
+            Some(previous) => previous + grad,
+            None => grad,
+        };
+        self.grads.insert(id, sum);
+    }
+
+    /// The gradients, by parameter.
+    pub fn into_parts(self) -> HashMap<ParamId, Tensor<1>> {
+        self.grads
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.grads.is_empty()
+    }
+}
+
+/// torch's `clip_grad_norm_` factor for a global norm `norm`: `max / (norm + 1e-6)` when that
+/// is below 1.
+pub fn clip_scale(norm: f64, max_grad_norm: Option<f64>) -> f64 {
+    match max_grad_norm {
+        Some(max) => (max / (norm + 1e-6)).min(1.0),
+        None => 1.0,
     }
 }
 
@@ -108,7 +144,9 @@ impl ModuleMapper for Update<'_> {
             let strategy = value.gradient_checkpointing_strategy();
             let value = value.inner();
             let grad = grad * scale;
-            let (first, second) = match moments.remove(&id) {
+            // Moments restored from a checkpoint sit on the first device until the step of a
+            // sharded optimizer moves each to the device that owns its parameter.
+            let (first, second) = match moments.remove(&id).map(|m| m.on(&grad.device())) {
                 Some(m) => (m.first * config.beta1 + grad.clone() * (1.0 - config.beta1),
                             m.second * config.beta2 + grad.square() * (1.0 - config.beta2)),
                 None => (grad.clone() * (1.0 - config.beta1), grad.square() * (1.0 - config.beta2)),
@@ -157,14 +195,16 @@ impl AdamW {
         max_grad_norm: Option<f64>,
     ) -> (CausalLm, f64) {
         let norm = grads.norm();
-        let grad_scale = match max_grad_norm {
-            // torch: clip_coef = max_norm / (total_norm + 1e-6), applied when below 1.
-            Some(max) => (max / (norm + 1e-6)).min(1.0),
-            None => 1.0,
-        };
         self.steps += 1;
-        let mut update = Update { optimizer: self, grads: &mut grads, lr, grad_scale };
-        (model.map(&mut update), norm)
+        let model = self.apply(model, &mut grads, lr, clip_scale(norm, max_grad_norm));
+        (model, norm)
+    }
+
+    /// The update of the step under way (`steps` already counts it) to the parameters that
+    /// `grads` has gradients for, scaled by `grad_scale`; the others are left as they are.
+    pub fn apply(&mut self, model: CausalLm, grads: &mut AccumulatedGrads, lr: f64, grad_scale: f64) -> CausalLm {
+        let mut update = Update { optimizer: self, grads, lr, grad_scale };
+        model.map(&mut update)
     }
 }
 

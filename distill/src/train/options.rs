@@ -59,6 +59,10 @@ pub struct TrainingOptions {
     /// there (transformers' gradient_checkpointing_enable): much less memory, ~1/3 more compute.
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub gradient_checkpointing: Option<bool>,
+    /// With --devices: spread the AdamW moments over the devices, each updating its share (ZeRO
+    /// stage 1), so optimizer memory per device falls by the number of devices.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub shard_optimizer: Option<bool>,
     /// Train LoRA adapters of this rank instead of every weight (the base stays frozen; the
     /// adapters are merged into the weights on export).
     #[arg(long)]
@@ -123,6 +127,7 @@ impl TrainingOptions {
             adam_epsilon: Some(1e-8),
             dtype: Some("f32".into()),
             gradient_checkpointing: Some(false),
+            shard_optimizer: Some(false),
             lora_rank: None,
             lora_alpha: None,
             lora_dropout: Some(0.05),

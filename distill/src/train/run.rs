@@ -1,5 +1,5 @@
-//! The SFT loop, top to bottom: shuffle the blocks each epoch, run micro-batches, accumulate
-//! gradients, clip, step, log.
+//! The SFT loop, top to bottom: shuffle the blocks each epoch, run micro-batches (spread over
+//! the devices of a data-parallel run), accumulate gradients, clip, step, log.
 
 use std::time::Instant;
 
@@ -8,9 +8,10 @@ use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use serde::Serialize;
 
-use burn::tensor::DType;
+use burn::tensor::{DType, Device};
 
 use super::optim::{AccumulatedGrads, AdamW, AdamWConfig};
+use super::parallel::Replicas;
 use super::schedule::Schedule;
 use crate::data::batch::Batch;
 use crate::data::packing::{BlockSource, PackedBlock};
@@ -28,6 +29,23 @@ pub struct TrainConfig {
     pub compute_dtype: Option<DType>,
     /// Layer-level activation checkpointing: keep each decoder layer's input only.
     pub gradient_checkpointing: bool,
+    /// Data parallel: every device (autodiff), the model's own first; empty: the model's
+    /// device alone. Micro-batch `j` of a step runs on device `j % devices`.
+    pub devices: Vec<Device>,
+    /// Spread the AdamW moments over the devices (ZeRO stage 1; see [`super::parallel`]).
+    pub shard_optimizer: bool,
+}
+
+impl TrainConfig {
+    /// Devices the micro-batches are spread over.
+    pub fn data_parallel(&self) -> usize {
+        self.devices.len().max(1)
+    }
+
+    /// Blocks per optimizer step: devices × per-device batch × accumulation, as in accelerate.
+    pub fn global_batch(&self) -> usize {
+        self.data_parallel() * self.per_device_train_batch_size * self.gradient_accumulation_steps
+    }
 }
 
 /// What one optimizer step did; one JSON line of `metrics.jsonl`.
@@ -47,7 +65,7 @@ pub struct StepMetrics {
 
 /// Optimizer steps in one epoch of `blocks` blocks.
 pub fn steps_per_epoch(blocks: usize, config: &TrainConfig) -> usize {
-    blocks.div_ceil(config.per_device_train_batch_size * config.gradient_accumulation_steps).max(1)
+    blocks.div_ceil(config.global_batch()).max(1)
 }
 
 /// The order blocks are visited in during `epoch`: a permutation fixed by the seed.
@@ -62,15 +80,16 @@ fn epoch_order(blocks: usize, seed: u64, epoch: usize) -> Vec<usize> {
 /// with the model and optimizer as they are after it (to log and to checkpoint); an error from
 /// it stops training.
 pub fn train<E>(
-    mut model: Model,
+    model: Model,
     optimizer: &mut AdamW,
     blocks: &(impl BlockSource + ?Sized),
     config: &TrainConfig,
     start_step: usize,
     mut after_step: impl FnMut(&StepMetrics, &Model, &AdamW) -> Result<(), E>,
 ) -> Result<Model, E> {
-    let per_step = config.per_device_train_batch_size * config.gradient_accumulation_steps;
+    let per_step = config.global_batch();
     let per_epoch = steps_per_epoch(blocks.len(), config);
+    let mut replicas = Replicas::new(model, &config.devices, config.shard_optimizer);
     let mut order: Option<(usize, Vec<usize>)> = None;
     for step in start_step..config.schedule.total_steps {
         let started = Instant::now();
@@ -84,29 +103,45 @@ pub fn train<E>(
         // The loss is the mean over every trained token of the step, so each micro-batch's
         // summed loss is divided by the step's token count before its backward pass.
         let step_tokens: usize = chosen.iter().map(PackedBlock::trained_tokens).sum();
-        let mut grads = AccumulatedGrads::default();
-        let mut loss = 0.0;
-        for (index, micro_batch) in chosen.chunks(config.per_device_train_batch_size).enumerate() {
-            let compute = match config.compute_dtype {
-                Some(dtype) if dtype != model.dtype => model.compute_copy(dtype),
-                _ => model.clone(),
-            };
-            // Dropout masks (LoRA) depend on the step and micro-batch only, so a resumed run
-            // draws the same ones.
-            let dropout_seed = config.seed.wrapping_mul(0x9E37_79B9).wrapping_add(step as u64).wrapping_mul(31).wrapping_add(index as u64);
-            let training = Training { dropout_seed: Some(dropout_seed), checkpoint: config.gradient_checkpointing };
-            let micro_batch: Vec<&PackedBlock> = micro_batch.iter().collect();
-            let Some(sum) = super::nll_sum(&compute, &Batch::new(&micro_batch), training) else { continue };
-            let scaled = sum / step_tokens.max(1) as f64;
-            loss += scaled.clone().into_scalar::<f32>() as f64;
-            grads.add(&model.net, &scaled.backward());
-        }
+        let micro_batches: Vec<&[PackedBlock]> = chosen.chunks(config.per_device_train_batch_size).collect();
+        let devices = replicas.len();
+        let run_device = |device: usize| -> (AccumulatedGrads, f64) {
+            let model = replicas.model(device);
+            let mut grads = AccumulatedGrads::default();
+            let mut loss = 0.0;
+            for (index, micro_batch) in micro_batches.iter().enumerate().filter(|(index, _)| index % devices == device) {
+                let compute = match config.compute_dtype {
+                    Some(dtype) if dtype != model.dtype => model.compute_copy(dtype),
+                    _ => model.clone(),
+                };
+                // Dropout masks (LoRA) depend on the step and the micro-batch's place in it
+                // only, so a resumed run draws the same ones, on any number of devices.
+                let dropout_seed = config.seed.wrapping_mul(0x9E37_79B9).wrapping_add(step as u64).wrapping_mul(31).wrapping_add(index as u64);
+                let training = Training { dropout_seed: Some(dropout_seed), checkpoint: config.gradient_checkpointing };
+                let micro_batch: Vec<&PackedBlock> = micro_batch.iter().collect();
+                let Some(sum) = super::nll_sum(&compute, &Batch::new(&micro_batch), training) else { continue };
+                let scaled = sum / step_tokens.max(1) as f64;
+                loss += scaled.clone().into_scalar::<f32>() as f64;
+                grads.add(&model.net, &scaled.backward());
+            }
+            (grads, loss)
+        };
+        let per_device: Vec<(AccumulatedGrads, f64)> = if devices == 1 {
+            vec![run_device(0)]
+        } else {
+            std::thread::scope(|scope| {
+                let running: Vec<_> = (0..devices).map(|device| scope.spawn(move || run_device(device))).collect();
+                running.into_iter().map(|thread| thread.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))).collect()
+            })
+        };
+        let loss = per_device.iter().map(|(_, loss)| loss).sum();
+        let grads = per_device.into_iter().map(|(grads, _)| grads).collect();
 
         let learning_rate = config.schedule.lr(step);
-        let (net, grad_norm) = optimizer.step_accumulated(model.net, grads, learning_rate, config.max_grad_norm);
-        model.net = net;
+        let grad_norm = replicas.step(optimizer, grads, learning_rate, config.max_grad_norm);
         let seconds = started.elapsed().as_secs_f64();
         let tokens: usize = chosen.iter().map(|b| b.len()).sum();
+        let model = replicas.primary();
         let metrics = StepMetrics {
             step: step + 1,
             epoch: (step + 1) as f64 / per_epoch as f64,
@@ -117,7 +152,7 @@ pub fn train<E>(
             tokens_per_second: tokens as f64 / seconds.max(1e-9),
             peak_memory_bytes: crate::memory::peak_bytes(&model.device),
         };
-        after_step(&metrics, &model, optimizer)?;
+        after_step(&metrics, model, optimizer)?;
     }
-    Ok(model)
+    Ok(replicas.into_primary())
 }

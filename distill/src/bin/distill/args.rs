@@ -53,6 +53,12 @@ pub struct InfoArgs {
     /// Say whether the plan fits this much device memory (80GB, 24GiB).
     #[arg(long)]
     pub gpu_memory: Option<String>,
+    /// Devices of a data-parallel run (`distill train --devices`); the plan is per device.
+    #[arg(long, default_value_t = 1)]
+    pub devices: usize,
+    /// Plan the AdamW moments spread over --devices (ZeRO stage 1).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub shard_optimizer: Option<bool>,
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -150,6 +156,13 @@ pub struct TrainArgs {
     /// best compiled-in GPU backend, else flex.
     #[arg(long)]
     pub device: Option<String>,
+    /// Data parallel over these devices, comma-separated (cuda:0,cuda:1,cuda:2,cuda:3; mixed
+    /// backends such as flex,wgpu work too): each device runs its own micro-batches and the
+    /// gradients are summed before one optimizer step. The global batch is devices ×
+    /// --per-device-train-batch-size × --gradient-accumulation-steps, as in accelerate; a run
+    /// may resume on another number of devices with the same global batch.
+    #[arg(long, value_delimiter = ',', conflicts_with = "device")]
+    pub devices: Vec<String>,
     /// The device's memory (80GB, 24GiB; both read as GiB) to check the memory plan against;
     /// default: the system's available memory on flex, no check on GPUs (burn does not report
     /// their memory).

@@ -91,6 +91,7 @@ fn info(args: InfoArgs) -> Result<()> {
         lora_targets: args.lora_targets.clone(),
         dtype: args.dtype.clone(),
         gradient_checkpointing: args.gradient_checkpointing,
+        shard_optimizer: args.shard_optimizer,
         ..Default::default()
     };
     let options = given.or(&from_config).or(&TrainingOptions::defaults());
@@ -110,6 +111,8 @@ fn info(args: InfoArgs) -> Result<()> {
         lora_rank: options.lora_rank,
         lora_targets,
         runtime_bytes: None,
+        devices: args.devices.max(1),
+        shard_optimizer: options.shard_optimizer.unwrap_or(false),
     };
     let plan = MemoryPlan::new(&config, &plan_options);
     let memory = args.gpu_memory.as_deref().map(distill::info::parse_memory).transpose().map_err(anyhow::Error::msg)?;
@@ -323,7 +326,14 @@ impl Reporter for TrainProgress {
 
 fn train_command(args: TrainArgs) -> Result<()> {
     use distill::train::job::{EvalSource, Init, Job, JobSpec};
-    let (device, device_name) = distill::device::select(args.device.as_deref())?;
+    let (device, device_name, devices) = if args.devices.is_empty() {
+        let (device, name) = distill::device::select(args.device.as_deref())?;
+        (device, name, Vec::new())
+    } else {
+        let devices = args.devices.iter().map(|name| Ok((distill::device::parse(name)?, name.clone()))).collect::<Result<Vec<_>>>()?;
+        eprintln!("devices: {} (data parallel)", args.devices.join(", "));
+        (devices[0].0.clone(), devices[0].1.clone(), devices)
+    };
     let mut options = args.options;
     if args.bf16 {
         options.dtype = Some("bf16".into());
@@ -346,6 +356,7 @@ fn train_command(args: TrainArgs) -> Result<()> {
         resume: args.resume,
         device,
         device_name,
+        devices,
         device_memory: args.gpu_memory.as_deref().map(distill::info::parse_memory).transpose().map_err(anyhow::Error::msg)?,
         dataset_cache: args.dataset_cache,
     };

@@ -1,0 +1,153 @@
+//! Data parallelism (`--devices`): a step spread over several devices is the step one device
+//! takes with the whole global batch, with or without the optimizer sharded.
+
+mod common;
+
+use distill::burn::module::{Module, ModuleVisitor, Param};
+use distill::burn::tensor::{Device, Tensor};
+use distill::data::packing::PackedBlock;
+use distill::data::records::read_records;
+use distill::data::traces::{LengthPolicy, TraceFormat, TraceOptions, tokenize_records};
+use distill::model::lora::LoraConfig;
+use distill::model::{LoadOptions, Model};
+use distill::pretrained::Pretrained;
+use distill::train::optim::{AdamW, AdamWConfig};
+use distill::train::parallel::Replicas;
+use distill::train::run::{StepMetrics, TrainConfig, train};
+use distill::train::schedule::{Schedule, Scheduler};
+
+fn flex() -> Device {
+    distill::device::parse("flex").unwrap().autodiff()
+}
+
+struct Run {
+    metrics: Vec<StepMetrics>,
+    weights: Vec<f32>,
+}
+
+struct Flatten(Vec<f32>);
+
+impl ModuleVisitor for Flatten {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        self.0.extend(param.val().into_data().convert::<f32>().as_slice::<f32>().unwrap());
+    }
+}
+
+fn weights(model: &Model) -> Vec<f32> {
+    let mut flat = Flatten(Vec::new());
+    model.net.visit(&mut flat);
+    flat.0
+}
+
+fn start(device: &Device, lora: Option<&LoraConfig>) -> (Model, Vec<PackedBlock>) {
+    let pretrained = Pretrained::load(&common::fixtures().join("tiny-qwen2"), device, LoadOptions::default()).unwrap();
+    let records = read_records(&common::repo_root().join("datasets/math_prompts_sample100.jsonl")).unwrap();
+    let options = TraceOptions {
+        format: TraceFormat::PromptResponse { prompt_field: "problem".into(), response_field: "answer".into() },
+        max_length: 96,
+        length_policy: LengthPolicy::Drop,
+        train_on_prompt: false,
+    };
+    let (examples, _) = tokenize_records(&records[40..], &pretrained.tokenizer, &options).unwrap();
+    let blocks = examples.iter().take(16).map(PackedBlock::single).collect();
+    let model = match lora {
+        Some(lora) => {
+            device.seed(3);
+            pretrained.model.with_lora(lora)
+        }
+        None => pretrained.model,
+    };
+    (model, blocks)
+}
+
+fn run(devices: Vec<Device>, shard_optimizer: bool, batch: usize, accumulation: usize, lora: Option<&LoraConfig>) -> Run {
+    let first = devices.first().cloned().unwrap_or_else(flex);
+    let (model, blocks) = start(&first, lora);
+    let config = TrainConfig {
+        schedule: Schedule { learning_rate: 3e-3, scheduler: Scheduler::Cosine, warmup_steps: 1, total_steps: 4, min_lr_ratio: 0.1 },
+        adamw: AdamWConfig { weight_decay: 0.01, ..Default::default() },
+        max_grad_norm: Some(1.0),
+        per_device_train_batch_size: batch,
+        gradient_accumulation_steps: accumulation,
+        seed: 5,
+        compute_dtype: None,
+        gradient_checkpointing: false,
+        devices,
+        shard_optimizer,
+    };
+    let mut metrics = Vec::new();
+    let mut optimizer = AdamW::new(config.adamw.clone());
+    let model = train(model, &mut optimizer, &blocks, &config, 0, |m, _, _| -> Result<(), ()> {
+        metrics.push(m.clone());
+        Ok(())
+    })
+    .unwrap();
+    Run { metrics, weights: weights(&model) }
+}
+
+fn assert_same(a: &Run, b: &Run, tolerance: f64, weight_tolerance: f64, what: &str) {
+    assert_eq!(a.metrics.len(), b.metrics.len());
+    for (x, y) in a.metrics.iter().zip(&b.metrics) {
+        assert_eq!(x.trained_tokens, y.trained_tokens, "{what}: step {} saw other rows", x.step);
+        assert!((x.loss - y.loss).abs() <= tolerance * x.loss, "{what}: step {} loss {} vs {}", x.step, x.loss, y.loss);
+        assert!((x.grad_norm - y.grad_norm).abs() <= 10.0 * tolerance * x.grad_norm, "{what}: step {} grad norm {} vs {}", x.step, x.grad_norm, y.grad_norm);
+    }
+    assert_eq!(a.weights.len(), b.weights.len());
+    let scale = a.weights.iter().fold(0f32, |m, w| m.max(w.abs())) as f64;
+    let worst = a.weights.iter().zip(&b.weights).fold(0f64, |m, (x, y)| m.max((x - y).abs() as f64));
+    assert!(worst <= weight_tolerance * scale, "{what}: weights differ by {worst:e} (largest weight {scale:e})");
+}
+
+/// Two devices with batch b each take the steps one device takes with batch 2b: the same rows,
+/// the same losses, the same weights after four steps (flex twice: two replicas on one CPU
+/// device, the only way to have two flex devices).
+#[test]
+fn two_devices_equal_one_device_with_twice_the_batch() {
+    let one = run(vec![], false, 4, 1, None);
+    let two = run(vec![flex(), flex()], false, 2, 1, None);
+    assert_same(&one, &two, 1e-5, 1e-5, "2 devices × batch 2 vs 1 × batch 4");
+    // A first step that changed nothing would make the comparison empty.
+    assert!(one.metrics[3].loss < one.metrics[0].loss, "{:?}", one.metrics.iter().map(|m| m.loss).collect::<Vec<_>>());
+    // Accumulation spreads over the devices the same way: 2 × 1 × 2 = 1 × 4. The four
+    // micro-batches' gradients are summed in another order ((g0 + g2) + (g1 + g3)), and AdamW
+    // divides near-zero gradients by their own size, so after four steps a few weights differ
+    // by more than the sums' rounding: losses to 1e-5, weights to 1e-4.
+    let accumulated = run(vec![flex(), flex()], false, 1, 2, None);
+    assert_same(&one, &accumulated, 1e-5, 1e-4, "2 devices × batch 1 × accumulation 2 vs 1 × batch 4");
+}
+
+/// ZeRO-1: the moments spread over the devices, each device updating its share, give the steps
+/// of the unsharded optimizer.
+#[test]
+fn sharded_optimizer_steps_equal_unsharded_ones() {
+    let unsharded = run(vec![flex(), flex()], false, 2, 1, None);
+    let sharded = run(vec![flex(), flex()], true, 2, 1, None);
+    assert_same(&unsharded, &sharded, 1e-6, 1e-6, "sharded vs unsharded");
+    // The shares: every parameter once; each device's share within one parameter of an even
+    // split (tiny-qwen2's tied embedding is 99.5% of it, so its shares are lopsided).
+    let (model, _) = start(&flex(), None);
+    let total = model.net.num_params();
+    let largest = model.config.vocab_size * model.config.hidden_size;
+    let owned = Replicas::new(model, &[flex(), flex(), flex()], true).owned_elements();
+    assert_eq!(owned.iter().sum::<usize>(), total);
+    assert!(owned.iter().all(|&o| o > 0 && o <= total / 3 + largest), "shares {owned:?} of {total}");
+}
+
+/// LoRA over data parallel: only the adapters are reduced and updated; the frozen base stays
+/// the same everywhere.
+#[test]
+fn lora_data_parallel_equals_one_device() {
+    let lora = LoraConfig { rank: 4, alpha: 8.0, dropout: 0.0, targets: vec!["q_proj".into(), "v_proj".into(), "down_proj".into()] };
+    let one = run(vec![], false, 4, 1, Some(&lora));
+    let two = run(vec![flex(), flex()], true, 2, 1, Some(&lora));
+    assert_same(&one, &two, 1e-5, 1e-5, "LoRA on 2 devices vs 1");
+}
+
+/// Mixed backends: a replica on flex and one on wgpu (lavapipe on CI) train as one device does,
+/// within wgpu's own agreement with flex.
+#[test]
+fn flex_and_wgpu_train_together() {
+    let one = run(vec![], false, 4, 1, None);
+    let mixed = run(vec![flex(), distill::device::parse("wgpu").unwrap().autodiff()], true, 2, 1, None);
+    assert_same(&one, &mixed, 1e-4, 1e-4, "flex + wgpu vs flex");
+}
