@@ -41,6 +41,10 @@ pub struct TrainBench {
     pub compute_dtype: Option<burn::tensor::DType>,
     pub gradient_checkpointing: bool,
     pub lora_rank: Option<usize>,
+    /// Data parallel over these devices (each with `batch_size` rows), the measured device
+    /// first; empty: that device alone.
+    pub devices: Vec<burn::tensor::Device>,
+    pub shard_optimizer: bool,
 }
 
 impl TrainBench {
@@ -58,8 +62,8 @@ impl TrainBench {
                 lora_rank: self.lora_rank,
                 lora_targets: None,
                 runtime_bytes,
-                devices: 1,
-                shard_optimizer: false,
+                devices: self.devices.len().max(1),
+                shard_optimizer: self.shard_optimizer,
             },
         )
     }
@@ -167,8 +171,8 @@ pub fn measure_training(config: &crate::model::ModelConfig, bench: &TrainBench, 
         seed: 0,
         compute_dtype: bench.compute_dtype,
         gradient_checkpointing: bench.gradient_checkpointing,
-        devices: Vec::new(),
-        shard_optimizer: false,
+        devices: bench.devices.iter().map(|d| d.clone().autodiff()).collect(),
+        shard_optimizer: bench.shard_optimizer,
     };
     crate::memory::release_free_memory();
     let baseline = crate::memory::current_bytes().unwrap_or(0);
@@ -186,7 +190,7 @@ pub fn measure_training(config: &crate::model::ModelConfig, bench: &TrainBench, 
         Some(lora) => model.with_lora(lora),
         None => model,
     };
-    let blocks: Vec<PackedBlock> = (0..train_config.per_device_train_batch_size)
+    let blocks: Vec<PackedBlock> = (0..train_config.per_device_train_batch_size * train_config.data_parallel())
         .map(|row| PackedBlock {
             input_ids: (0..bench.seq_len).map(|i| ((i + 31 * row) * 7919 % config.vocab_size) as u32).collect(),
             trained: vec![true; bench.seq_len],

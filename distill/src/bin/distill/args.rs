@@ -292,10 +292,17 @@ pub struct BenchTrainArgs {
     /// line {"tokens_per_s": …, "peak_memory_bytes": …}; it is run once per length (its own
     /// process, so its peak is that length's); e.g.
     /// `.venv/bin/python distill/benches/reference_train.py --threads 2`.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "devices")]
     pub reference: Option<String>,
-    #[arg(long)]
+    #[arg(long, conflicts_with = "devices")]
     pub device: Option<String>,
+    /// Measure data parallelism: tokens/s on the first of these devices alone, then on all of
+    /// them (each with --per-device-train-batch-size rows), and the scaling efficiency.
+    #[arg(long, value_delimiter = ',')]
+    pub devices: Vec<String>,
+    /// With --devices: spread the optimizer over them (ZeRO-1).
+    #[arg(long)]
+    pub shard_optimizer: bool,
     /// Print one JSON object per length (with the memory plan) instead of the table.
     #[arg(long)]
     pub json: bool,

@@ -15,9 +15,12 @@ pub fn bench_train(args: BenchTrainArgs) -> Result<()> {
     if args.reference.is_some() && args.lora_rank.is_some() {
         bail!("--reference measures full fine-tuning in PyTorch; compare LoRA runs without it (or drop --lora-rank)");
     }
-    let (device, device_name) = distill::device::select(args.device.as_deref())?;
     let (config, _) = model_config_from_any(&args.config)?;
     let compute_dtype = args.bf16.then_some(DType::BF16);
+    if !args.devices.is_empty() {
+        return bench_data_parallel(&args, &config, compute_dtype);
+    }
+    let (device, device_name) = distill::device::select(args.device.as_deref())?;
     if !args.json {
         println!(
             "model: {} parameters, {} row(s), {} timed step(s) per length after {} warm-up, {}{}{}",
@@ -37,6 +40,8 @@ pub fn bench_train(args: BenchTrainArgs) -> Result<()> {
             compute_dtype,
             gradient_checkpointing: args.gradient_checkpointing,
             lora_rank: args.lora_rank,
+            devices: Vec::new(),
+            shard_optimizer: false,
         };
         let compared = compare_training(&config, &args.config, &bench, args.reference.as_deref(), &device, available);
         let measured = match compared.burn {
@@ -76,6 +81,42 @@ pub fn bench_train(args: BenchTrainArgs) -> Result<()> {
                 measured.tokens_per_s / reference.tokens_per_s, measured.peak_memory_bytes as f64 / reference.peak_memory_bytes
             );
         }
+    }
+    Ok(())
+}
+
+/// `bench train --devices`: tokens/s on the first device alone and on all of them, the same
+/// per-device batch, and the scaling efficiency (n-device tokens/s over n × one device's).
+fn bench_data_parallel(args: &BenchTrainArgs, config: &distill::model::ModelConfig, compute_dtype: Option<DType>) -> Result<()> {
+    use distill::benchmark::{TrainBench, measure_training};
+    let devices = args.devices.iter().map(|name| distill::device::parse(name)).collect::<Result<Vec<_>, _>>()?;
+    let n = devices.len();
+    println!(
+        "model: {} parameters, {} row(s) per device, {} timed step(s) after {} warm-up; 1 device ({}) vs {n} ({}){}",
+        human_count(config.num_parameters()), args.per_device_train_batch_size, args.steps, args.warmup_steps,
+        args.devices[0], args.devices.join(","), if args.shard_optimizer { ", optimizer sharded" } else { "" },
+    );
+    for &seq_len in &args.seq_len {
+        let bench = |devices: Vec<distill::burn::tensor::Device>| TrainBench {
+            seq_len,
+            batch_size: args.per_device_train_batch_size,
+            warmup_steps: args.warmup_steps,
+            steps: args.steps.max(1),
+            compute_dtype,
+            gradient_checkpointing: args.gradient_checkpointing,
+            lora_rank: args.lora_rank,
+            devices,
+            shard_optimizer: args.shard_optimizer,
+        };
+        let one = measure_training(config, &bench(Vec::new()), &devices[0]);
+        let all = measure_training(config, &bench(devices.clone()), &devices[0]);
+        let efficiency = all.tokens_per_s / (n as f64 * one.tokens_per_s);
+        if args.json {
+            println!("{}", serde_json::json!({"seq_len": seq_len, "devices": n, "one_device_tokens_per_s": one.tokens_per_s, "tokens_per_s": all.tokens_per_s, "scaling_efficiency": efficiency}));
+            continue;
+        }
+        println!("1 device  seq {seq_len:>6}   {:>9.1} tokens/s", one.tokens_per_s);
+        println!("{n} devices seq {seq_len:>6}   {:>9.1} tokens/s   speed-up {:.2}×   scaling efficiency {:.0}%", all.tokens_per_s, all.tokens_per_s / one.tokens_per_s, 100.0 * efficiency);
     }
     Ok(())
 }
