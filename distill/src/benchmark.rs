@@ -45,6 +45,8 @@ pub struct TrainBench {
     /// first; empty: that device alone.
     pub devices: Vec<burn::tensor::Device>,
     pub shard_optimizer: bool,
+    /// LoRA only: the frozen base quantized to this many bits (QLoRA).
+    pub load_in_bits: Option<u8>,
 }
 
 impl TrainBench {
@@ -180,6 +182,11 @@ pub fn measure_training(config: &crate::model::ModelConfig, bench: &TrainBench, 
     let device = device.clone().autodiff();
     device.seed(0);
     let model = crate::model::Model::random(config.clone(), &device);
+    let base = match (bench.load_in_bits, bench.compute_dtype) {
+        (Some(bits), _) => crate::model::BaseStorage::Quantized { bits },
+        (None, Some(_)) => crate::model::BaseStorage::Compute,
+        (None, None) => crate::model::BaseStorage::Full,
+    };
     let lora = bench.lora_rank.map(|rank| crate::model::lora::LoraConfig {
         rank,
         alpha: 2.0 * rank as f64,
@@ -187,7 +194,14 @@ pub fn measure_training(config: &crate::model::ModelConfig, bench: &TrainBench, 
         targets: crate::model::lora::TARGETS.iter().map(|t| t.to_string()).collect(),
     });
     let model = match &lora {
-        Some(lora) => model.with_lora(lora),
+        Some(lora) => {
+            let model = model.with_lora(lora).with_frozen_base(base, bench.compute_dtype.unwrap_or(burn::tensor::DType::F32));
+            // The base is built in f32 before it is stored smaller; the steps are measured from
+            // there, as a run that loads its base in the storage dtype would see them.
+            crate::memory::release_free_memory();
+            crate::memory::reset_host_peak();
+            model
+        }
         None => model,
     };
     let blocks: Vec<PackedBlock> = (0..train_config.per_device_train_batch_size * train_config.data_parallel())

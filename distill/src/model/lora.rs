@@ -102,13 +102,18 @@ impl LoraLinear {
         let update = input
             .matmul(self.lora_a.val().transpose().unsqueeze())
             .matmul(self.lora_b.val().transpose().unsqueeze());
-        base.forward(x) + update * self.scaling
+        base_forward(base, x) + update * self.scaling
     }
 
     /// `base` with the update folded in (burn keeps weights as `[in, out]`).
     pub fn merge(&self, base: Linear) -> Linear {
         let delta = self.lora_a.val().transpose().matmul(self.lora_b.val().transpose()) * self.scaling;
-        let weight = base.weight.map(|w| (w + delta.clone()).detach());
+        // A quantized or bf16 base is merged in the adapters' f32, as its values dequantize.
+        let weight = base.weight.map(|w| {
+            let w = if crate::ops::quantized::is_quantized(&w) { w.dequantize() } else { w };
+            let w = if w.dtype() == delta.dtype() { w } else { w.cast(delta.dtype()) };
+            (w + delta.clone()).detach()
+        });
         Linear { weight, bias: base.bias }
     }
 }
@@ -117,8 +122,17 @@ impl LoraLinear {
 pub fn project(base: &Linear, lora: Option<&LoraLinear>, x: Tensor<3>, training: bool) -> Tensor<3> {
     match lora {
         Some(lora) => lora.forward(base, x, training),
-        None => base.forward(x),
+        None => base_forward(base, x),
     }
+}
+
+/// A frozen base projection: a quantized weight (QLoRA) through its own operation.
+fn base_forward(base: &Linear, x: Tensor<3>) -> Tensor<3> {
+    let weight = base.weight.val();
+    if crate::ops::quantized::is_quantized(&weight) {
+        return crate::ops::quantized::linear(x, &weight, base.bias.as_ref().map(|b| b.val()));
+    }
+    base.forward(x)
 }
 
 #[derive(Module, Debug)]

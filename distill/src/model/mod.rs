@@ -15,7 +15,7 @@ use burn::tensor::{DType, Device, Int, Tensor, TensorData};
 pub use attention::Visibility;
 pub use config::{Architecture, ConfigError, ModelConfig};
 pub use rope::Rope;
-pub use transformer::{CausalLm, ModelCache, Pass};
+pub use transformer::{BaseStorage, CausalLm, ModelCache, Pass};
 
 use std::sync::Arc;
 
@@ -98,6 +98,13 @@ impl Model {
         self
     }
 
+    /// Stores the frozen base of a LoRA model as `storage` says, in `dtype` where it is not
+    /// quantized (see [`BaseStorage`]).
+    pub fn with_frozen_base(mut self, storage: BaseStorage, dtype: DType) -> Model {
+        self.net = transformer::store_frozen(self.net, storage, dtype);
+        self
+    }
+
     pub fn has_lora(&self) -> bool {
         self.net.layers.first().is_some_and(|l| l.self_attn.lora.is_some() || l.mlp.lora.is_some())
     }
@@ -106,7 +113,9 @@ impl Model {
     /// rows must equal the adapted model's (to 1e-3 of the largest logit). Returns the merged
     /// model and the largest difference seen.
     pub fn merge_lora(&self) -> Result<(Model, f32), String> {
+        // A bf16 or quantized base merges as its values dequantize, in f32.
         let adapted = self.for_inference();
+        let adapted = Model { net: transformer::full_precision(adapted.net), dtype: DType::F32, ..adapted };
         let merged = Model { net: lora::merge(adapted.net.clone()), ..adapted.clone() };
         let vocab = self.config.vocab_size;
         let rows: Vec<Vec<u32>> = (0..2u64).map(|r| (0..32u64).map(|i| ((r * 32 + i) * 7919 % vocab as u64) as u32).collect()).collect();

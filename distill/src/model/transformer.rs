@@ -191,14 +191,95 @@ impl CausalLm {
     }
 }
 
-/// Casts every parameter to `dtype` (bf16/f16 compute on devices that have it).
+/// Casts every parameter to `dtype` (bf16/f16 compute on devices that have it). A quantized
+/// base weight stays quantized (it is dequantized per matmul), and a parameter already in
+/// `dtype` is left as it is (a frozen bf16 base is not copied).
 pub fn cast(model: CausalLm, dtype: burn::tensor::DType) -> CausalLm {
     struct Cast(burn::tensor::DType);
     impl burn::module::ModuleMapper for Cast {
         fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
             let dtype = self.0;
-            param.map(|tensor| tensor.cast(dtype))
+            param.map(|tensor| match tensor.dtype() {
+                burn::tensor::DType::QFloat(_) => tensor,
+                current if current == dtype => tensor,
+                _ => tensor.cast(dtype),
+            })
         }
     }
     model.map(&mut Cast(dtype))
+}
+
+/// How the frozen base of a LoRA run is held in memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BaseStorage {
+    /// As loaded (f32 master weights, cast for each micro-batch under mixed precision).
+    Full,
+    /// Once in the compute dtype (bf16 / f16): no f32 copy and no cast per micro-batch.
+    Compute,
+    /// The decoder layers' projections quantized per block of 32 values with f16 scales
+    /// (`--load-in-4bit`: 4-bit, `--load-in-8bit`: 8-bit), the rest in the compute dtype.
+    Quantized { bits: u8 },
+}
+
+/// The scheme of [`BaseStorage::Quantized`]: symmetric, blocks of 32 along the output
+/// dimension, an f16 scale per block (what bitsandbytes' NF4/int8 blocks hold, with burn's
+/// integer grids).
+pub fn quant_scheme(bits: u8) -> burn::tensor::quantization::QuantScheme {
+    use burn::tensor::quantization::{QuantScheme, QuantValue, ScaleDtype};
+    let value = if bits == 4 { QuantValue::Q4S } else { QuantValue::Q8S };
+    QuantScheme::default().with_value(value).per_block([32], ScaleDtype::F16)
+}
+
+/// Stores the frozen parameters of `model` as `storage` says; trainable ones (the adapters) are
+/// left in f32. Only matrices inside the decoder layers whose rows split into blocks of 32 are
+/// quantized; embeddings, norms and the output layer are kept in `dtype`.
+pub fn store_frozen(model: CausalLm, storage: BaseStorage, dtype: burn::tensor::DType) -> CausalLm {
+    struct Store {
+        storage: BaseStorage,
+        dtype: burn::tensor::DType,
+        path: Vec<String>,
+    }
+    impl burn::module::ModuleMapper for Store {
+        fn enter_module(&mut self, name: &str, _container_type: &str) {
+            self.path.push(name.to_string());
+        }
+
+        fn exit_module(&mut self, _name: &str, _container_type: &str) {
+            self.path.pop();
+        }
+
+        fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+            if param.val().is_require_grad() || self.storage == BaseStorage::Full {
+                return param;
+            }
+            let in_layers = self.path.iter().any(|p| p == "layers");
+            let quantize = match self.storage {
+                BaseStorage::Quantized { bits } if D == 2 && in_layers && param.val().dims()[D - 1] % 32 == 0 => Some(bits),
+                _ => None,
+            };
+            let dtype = self.dtype;
+            param.map(|tensor| match quantize {
+                Some(bits) => tensor.quantize_dynamic(&quant_scheme(bits)),
+                None if tensor.dtype() == dtype => tensor,
+                None => tensor.cast(dtype),
+            })
+        }
+    }
+    model.map(&mut Store { storage, dtype, path: Vec::new() })
+}
+
+/// Every parameter in f32, quantized ones dequantized: the model a LoRA export merges into.
+pub fn full_precision(model: CausalLm) -> CausalLm {
+    struct Widen;
+    impl burn::module::ModuleMapper for Widen {
+        fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+            param.map(|tensor| match tensor.dtype() {
+                burn::tensor::DType::QFloat(_) => tensor.dequantize().cast(burn::tensor::DType::F32),
+                burn::tensor::DType::F32 => tensor,
+                _ => tensor.cast(burn::tensor::DType::F32),
+            })
+        }
+    }
+    model.map(&mut Widen)
 }

@@ -11,6 +11,7 @@
 pub mod attention;
 pub mod checkpoint;
 pub mod cross_entropy;
+pub mod quantized;
 
 use std::fmt::Debug;
 use std::marker::PhantomData;

@@ -25,7 +25,7 @@ use crate::data::records::DataError;
 use crate::data::traces::{LengthPolicy, TraceFormat, TraceOptions};
 use crate::export::{ExportDtype, ExportError, ExportOptions};
 use crate::model::lora::LoraConfig;
-use crate::model::{LoadOptions, Model, ModelConfig, ModelError, Training};
+use crate::model::{BaseStorage, LoadOptions, Model, ModelConfig, ModelError, Training};
 use crate::plan::{MemoryPlan, PlanOptions};
 use crate::pretrained::PretrainedError;
 use crate::student::{StudentConfig, StudentError, model_config_from_any};
@@ -147,6 +147,7 @@ pub struct Job {
     eos_token_ids: Vec<u32>,
     lora: Option<LoraConfig>,
     compute_dtype: Option<DType>,
+    base: Base,
     train: Packed,
     eval: Option<Packed>,
     pub train_config: TrainConfig,
@@ -256,6 +257,19 @@ impl Job {
             }
         }
         let lora = lora_config(&options)?;
+        let bits = match (required(&options.load_in_4bit, "load_in_4bit"), required(&options.load_in_8bit, "load_in_8bit")) {
+            (true, true) => return Err(JobError::Invalid("--load-in-4bit and --load-in-8bit exclude each other".into())),
+            (true, false) => Some(4),
+            (false, true) => Some(8),
+            (false, false) => None,
+        };
+        if bits.is_some() && lora.is_none() {
+            return Err(JobError::Invalid(format!(
+                "--load-in-{}bit quantizes the frozen base of a LoRA run (QLoRA); add --lora-rank (16 is a common choice)",
+                bits.unwrap_or(4)
+            )));
+        }
+        let base = Base::new(bits, compute_dtype);
         let (checkpoint_dir, tokenizer_dir) = sources(&spec.model, student.as_ref())?;
         if spec.init == Init::Pretrained && checkpoint_dir.is_none() {
             return Err(JobError::Invalid("--init pretrained needs a checkpoint folder (or `checkpoint` in the student config)".into()));
@@ -412,7 +426,7 @@ impl Job {
             "min_lr_ratio": train_config.schedule.min_lr_ratio, "adamw": format!("{:?}", train_config.adamw),
             "max_grad_norm": train_config.max_grad_norm, "batch": train_config.per_device_train_batch_size,
             "global_batch": train_config.global_batch(), "eval": spec.eval,
-            "lora": lora, "compute_dtype": compute_dtype.map(|d| format!("{d:?}")),
+            "lora": lora, "compute_dtype": compute_dtype.map(|d| format!("{d:?}")), "load_in_bits": bits,
             "rope_theta": config.rope_theta, "max_position_embeddings": config.max_position_embeddings,
         });
         Ok(Job {
@@ -424,6 +438,7 @@ impl Job {
             eos_token_ids,
             lora,
             compute_dtype,
+            base,
             train,
             eval,
             train_config,
@@ -445,7 +460,7 @@ impl Job {
             "training {} of {} parameters{} for {} steps ({} blocks, {} steps per epoch, {}batch {} × accumulation {}){}{}",
             crate::info::human_count(trainable as u64),
             crate::info::human_count(total as u64),
-            self.lora.as_ref().map(|l| format!(" (LoRA rank {}, alpha {}, dropout {}, {})", l.rank, l.alpha, l.dropout, l.targets.join(","))).unwrap_or_default(),
+            self.lora.as_ref().map(|l| format!(" (LoRA rank {}, alpha {}, dropout {}, {}; {})", l.rank, l.alpha, l.dropout, l.targets.join(","), self.base.describe())).unwrap_or_default(),
             config.schedule.total_steps,
             self.train.len(),
             steps_per_epoch(self.train.len(), config),
@@ -468,7 +483,8 @@ impl Job {
         let _lock = RunLock::acquire(&out)?;
         let device = self.spec.device.clone().autodiff();
         let seed = required(&self.options.seed, "seed");
-        let start = || base_model(&self.config, self.spec.init, self.checkpoint_dir.as_deref(), seed, self.lora.as_ref(), &device);
+        let lora = self.lora.as_ref().map(|lora| (lora, self.base));
+        let start = || base_model(&self.config, self.spec.init, self.checkpoint_dir.as_deref(), seed, lora, &device);
 
         let metrics_path = out.join("metrics.jsonl");
         let mut optimizer = AdamW::new(self.train_config.adamw.clone());
@@ -526,7 +542,7 @@ impl Job {
             if let Some(eval) = &self.eval
                 && (step.step % eval_every == 0 || step.step == total_steps)
             {
-                let (loss, tokens) = eval_loss(model, eval);
+                let (loss, tokens) = eval_loss(model, eval, self.compute_dtype);
                 reporter.note(&format!("step {}: eval loss {loss:.4} ({tokens} tokens)", step.step));
                 let line = serde_json::json!({"step": step.step, "eval_loss": loss, "eval_tokens": tokens});
                 writeln!(metrics, "{line}").map_err(io(&metrics_path))?;
@@ -578,12 +594,19 @@ fn changed_settings(saved: &serde_json::Value, current: &serde_json::Value) -> V
     let mut keys: Vec<&String> = saved.keys().chain(current.keys()).collect();
     keys.sort();
     keys.dedup();
-    keys.into_iter().filter(|k| saved.get(*k) != current.get(*k)).cloned().collect()
+    // A setting added since the run started was null (off) for it.
+    let null = serde_json::Value::Null;
+    keys.into_iter().filter(|k| saved.get(*k).unwrap_or(&null) != current.get(*k).unwrap_or(&null)).cloned().collect()
 }
 
 /// Mean loss over the eval rows, and the tokens it covers (forward passes only).
-fn eval_loss(model: &Model, eval: &Packed) -> (f64, usize) {
+fn eval_loss(model: &Model, eval: &Packed, compute_dtype: Option<DType>) -> (f64, usize) {
     let model = model.for_inference();
+    // As trained: a bf16 base needs the adapters in bf16 too.
+    let model = match compute_dtype {
+        Some(dtype) => model.compute_copy(dtype),
+        None => model,
+    };
     let (mut sum, mut count) = (0.0, 0);
     for index in 0..eval.len() {
         let block = eval.block(index);
@@ -611,7 +634,7 @@ fn sources(model: &Path, student: Option<&StudentConfig>) -> Result<(Option<Path
 
 /// The model a run starts from: pretrained or seeded random weights (f32 master weights), the
 /// context settings of `config`, and LoRA adapters drawn from the seed after the base weights.
-fn base_model(config: &ModelConfig, init: Init, checkpoint_dir: Option<&Path>, seed: u64, lora: Option<&LoraConfig>, device: &Device) -> Result<Model, JobError> {
+fn base_model(config: &ModelConfig, init: Init, checkpoint_dir: Option<&Path>, seed: u64, lora: Option<(&LoraConfig, Base)>, device: &Device) -> Result<Model, JobError> {
     let model = match init {
         Init::Random => {
             // The initial weights follow the seed, so a run (and its resume) is reproducible.
@@ -625,14 +648,42 @@ fn base_model(config: &ModelConfig, init: Init, checkpoint_dir: Option<&Path>, s
         }
     };
     Ok(match lora {
-        Some(lora) => {
+        Some((lora, base)) => {
             if init == Init::Pretrained {
                 device.seed(seed);
             }
-            model.with_lora(lora)
+            model.with_lora(lora).with_frozen_base(base.storage, base.dtype)
         }
         None => model,
     })
+}
+
+/// How a LoRA run holds its frozen base: quantized (`--load-in-4bit/8bit`), else once in the
+/// compute dtype under mixed precision, else as loaded; `dtype` is what is not quantized.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Base {
+    pub storage: BaseStorage,
+    pub dtype: DType,
+}
+
+impl Base {
+    fn describe(&self) -> String {
+        match self.storage {
+            BaseStorage::Quantized { bits } => format!("base projections in {bits} bits, the rest in {:?}", self.dtype),
+            BaseStorage::Compute => format!("base in {:?}", self.dtype),
+            BaseStorage::Full => "base in f32".into(),
+        }
+    }
+
+    fn new(bits: Option<u8>, compute_dtype: Option<DType>) -> Base {
+        let dtype = compute_dtype.unwrap_or(DType::F32);
+        let storage = match (bits, compute_dtype) {
+            (Some(bits), _) => BaseStorage::Quantized { bits },
+            (None, Some(_)) => BaseStorage::Compute,
+            (None, None) => BaseStorage::Full,
+        };
+        Base { storage, dtype }
+    }
 }
 
 /// The model of checkpoint `dir` of a run, ready to export: a full checkpoint's own weights, or
@@ -667,7 +718,9 @@ pub fn checkpoint_model(dir: &Path, device: &Device) -> Result<(Model, PathBuf, 
     }
     let (checkpoint_dir, tokenizer_dir) = sources(&model_path, student.as_ref())?;
     let eos = crate::pretrained::eos_token_ids(&tokenizer_dir, &config.eos_token_ids)?;
-    let base = base_model(&config, init, checkpoint_dir.as_deref(), seed, Some(&lora), device)?;
+    let compute_dtype = setting("compute_dtype").as_str().map(|d| crate::device::dtype_named(&d.to_lowercase())).transpose().map_err(|_| invalid("compute_dtype"))?;
+    let bits = setting("load_in_bits").as_u64().map(|b| b as u8);
+    let base = base_model(&config, init, checkpoint_dir.as_deref(), seed, Some((&lora, Base::new(bits, compute_dtype))), device)?;
     let adapted = checkpoint::read_adapters(dir, base)?;
     let (merged, _) = adapted.merge_lora().map_err(JobError::Invalid)?;
     Ok((merged, tokenizer_dir, eos))

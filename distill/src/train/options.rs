@@ -67,6 +67,13 @@ pub struct TrainingOptions {
     /// adapters are merged into the weights on export).
     #[arg(long)]
     pub lora_rank: Option<usize>,
+    /// QLoRA: hold the frozen base's projections quantized to 4 bits per value (blocks of 32,
+    /// f16 scales; bitsandbytes' flag name), dequantized per matmul; needs --lora-rank.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub load_in_4bit: Option<bool>,
+    /// The same with 8-bit values.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub load_in_8bit: Option<bool>,
     /// LoRA scaling numerator (update × alpha / rank); default 2 × rank.
     #[arg(long)]
     pub lora_alpha: Option<f64>,
@@ -129,6 +136,8 @@ impl TrainingOptions {
             gradient_checkpointing: Some(false),
             shard_optimizer: Some(false),
             lora_rank: None,
+            load_in_4bit: Some(false),
+            load_in_8bit: Some(false),
             lora_alpha: None,
             lora_dropout: Some(0.05),
             lora_targets: Some("all-linear".into()),

@@ -288,6 +288,12 @@ pub struct BenchTrainArgs {
     /// Train LoRA adapters of this rank on every linear layer instead of every weight.
     #[arg(long)]
     pub lora_rank: Option<usize>,
+    /// With --lora-rank: the frozen base's projections in 4 bits (QLoRA).
+    #[arg(long, requires = "lora_rank", conflicts_with = "load_in_8bit")]
+    pub load_in_4bit: bool,
+    /// With --lora-rank: the frozen base's projections in 8 bits.
+    #[arg(long, requires = "lora_rank")]
+    pub load_in_8bit: bool,
     /// A command that runs the same measurement in PyTorch for one length and prints one JSON
     /// line {"tokens_per_s": …, "peak_memory_bytes": …}; it is run once per length (its own
     /// process, so its peak is that length's); e.g.

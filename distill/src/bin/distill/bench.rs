@@ -42,6 +42,7 @@ pub fn bench_train(args: BenchTrainArgs) -> Result<()> {
             lora_rank: args.lora_rank,
             devices: Vec::new(),
             shard_optimizer: false,
+            load_in_bits: load_in_bits(&args),
         };
         let compared = compare_training(&config, &args.config, &bench, args.reference.as_deref(), &device, available);
         let measured = match compared.burn {
@@ -85,6 +86,16 @@ pub fn bench_train(args: BenchTrainArgs) -> Result<()> {
     Ok(())
 }
 
+fn load_in_bits(args: &BenchTrainArgs) -> Option<u8> {
+    if args.load_in_4bit {
+        Some(4)
+    } else if args.load_in_8bit {
+        Some(8)
+    } else {
+        None
+    }
+}
+
 /// `bench train --devices`: tokens/s on the first device alone and on all of them, the same
 /// per-device batch, and the scaling efficiency (n-device tokens/s over n × one device's).
 fn bench_data_parallel(args: &BenchTrainArgs, config: &distill::model::ModelConfig, compute_dtype: Option<DType>) -> Result<()> {
@@ -107,6 +118,7 @@ fn bench_data_parallel(args: &BenchTrainArgs, config: &distill::model::ModelConf
             lora_rank: args.lora_rank,
             devices,
             shard_optimizer: args.shard_optimizer,
+            load_in_bits: load_in_bits(args),
         };
         let one = measure_training(config, &bench(Vec::new()), &devices[0]);
         let all = measure_training(config, &bench(devices.clone()), &devices[0]);

@@ -1,0 +1,59 @@
+//! A projection over a frozen, quantized weight (QLoRA's base): the weight stays quantized in
+//! memory through the forward and the backward pass. Under burn's autodiff a matmul with a
+//! quantized operand dequantizes it and keeps the dequantized copy until the backward pass,
+//! one full-precision weight per projection; this operation instead dequantizes inside its
+//! forward pass, drops the copy, and dequantizes again for the input's gradient. The weight is
+//! frozen, so it needs no gradient and nothing else is saved.
+
+use burn::backend::DispatchTensor;
+use burn::tensor::{DType, Tensor};
+
+use super::{Differentiable, apply, ranked};
+
+#[derive(Clone, Debug)]
+struct QuantizedMatmul {
+    /// `[in, out]`, quantized, on the inner device.
+    weight: DispatchTensor,
+}
+
+impl QuantizedMatmul {
+    fn weight(&self, dtype: DType) -> Tensor<3> {
+        let weight = ranked::<2>(self.weight.clone()).dequantize();
+        let weight = if weight.dtype() == dtype { weight } else { weight.cast(dtype) };
+        weight.unsqueeze()
+    }
+}
+
+impl Differentiable for QuantizedMatmul {
+    type Saved = ();
+
+    fn forward(&self, inputs: &[DispatchTensor], needed: Option<&[bool]>) -> (DispatchTensor, Option<()>) {
+        let x: Tensor<3> = ranked(inputs[0].clone());
+        let weight = self.weight(x.dtype());
+        (x.matmul(weight).into_dispatch(), needed.map(|_| ()))
+    }
+
+    fn backward(&self, _saved: (), output_grad: DispatchTensor, needed: &[bool]) -> Vec<Option<DispatchTensor>> {
+        let grad: Tensor<3> = ranked(output_grad);
+        let weight = self.weight(grad.dtype());
+        vec![needed[0].then(|| grad.matmul(weight.swap_dims(1, 2)).into_dispatch())]
+    }
+}
+
+/// Whether `weight` holds quantized values.
+pub fn is_quantized(weight: &Tensor<2>) -> bool {
+    matches!(weight.dtype(), DType::QFloat(_))
+}
+
+/// `x · weight (+ bias)` for a frozen quantized `weight` `[in, out]`.
+pub fn linear(x: Tensor<3>, weight: &Tensor<2>, bias: Option<Tensor<1>>) -> Tensor<3> {
+    let op = QuantizedMatmul { weight: weight.clone().inner().into_dispatch() };
+    let y: Tensor<3> = ranked(apply(op, vec![x.into_dispatch()]));
+    match bias {
+        Some(bias) => {
+            let bias = if bias.dtype() == y.dtype() { bias } else { bias.cast(y.dtype()) };
+            y + bias.unsqueeze()
+        }
+        None => y,
+    }
+}
