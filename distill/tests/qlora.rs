@@ -180,3 +180,37 @@ fn a_quantized_base_lowers_peak_memory() {
     println!("peak over the baseline: bf16 base {bf16:.1} MiB, 4-bit base {four:.1} MiB; stored weights differ by {stored_difference:.1} MiB");
     assert!(bf16 - four >= 0.5 * stored_difference, "4-bit base {four:.1} MiB vs bf16 base {bf16:.1} MiB (weights differ by {stored_difference:.1} MiB)");
 }
+
+/// `distill train --load-in-4bit` end to end, with layer checkpointing: the run trains, checks
+/// the merge into the dequantized base (merged vs adapted logits), exports a dense checkpoint
+/// that `distill eval` reads, and a checkpoint exports the same way; without --lora-rank the
+/// flag is refused.
+#[test]
+fn qlora_train_command_exports_a_dense_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    let train = |out: &std::path::Path, extra: &[&str]| {
+        let mut args = vec![
+            "train", "--model", "tests/fixtures/tiny-qwen2", "--data", "datasets/r1_traces_sample40.jsonl",
+            "--prompt-field", "problem", "--response-field", "generated_solution", "--out", out.to_str().unwrap(),
+            "--max-length", "96", "--truncate", "--max-steps", "4", "--save-steps", "2", "--learning-rate", "1e-2", "--device", "flex",
+        ];
+        args.extend(extra);
+        common::distill(&args)
+    };
+    let output = train(&run, &["--lora-rank", "4", "--load-in-4bit", "--gradient-checkpointing"]);
+    let err = common::stderr(&output);
+    assert!(output.status.success(), "{err}");
+    assert!(err.contains("base projections in 4 bits") && err.contains("merged the LoRA adapters"), "{err}");
+    let eval = common::distill(&["eval", "--model", run.join("final").to_str().unwrap(), "--data", "tests/fixtures/eval_rows.jsonl", "--device", "flex", "--json"]);
+    assert!(eval.status.success(), "{}", common::stderr(&eval));
+    let report: serde_json::Value = serde_json::from_slice(&eval.stdout).unwrap();
+    assert!(report["mean_nll"].as_f64().unwrap().is_finite());
+    let exported = dir.path().join("exported");
+    let export = common::distill(&["export", "--run", run.to_str().unwrap(), "--step", "2", "--out", exported.to_str().unwrap()]);
+    assert!(export.status.success(), "{}", common::stderr(&export));
+    assert!(exported.join("model.safetensors").is_file());
+
+    let refused = train(&dir.path().join("refused"), &["--load-in-4bit"]);
+    common::assert_clean_failure(&refused, &["--load-in-4bit quantizes the frozen base of a LoRA run", "--lora-rank"]);
+}
