@@ -50,9 +50,18 @@ pub struct TrainBench {
 }
 
 impl TrainBench {
+    /// How a LoRA run's frozen base is held: as `distill train` holds it.
+    pub fn base(&self) -> crate::model::BaseStorage {
+        match (self.load_in_bits, self.compute_dtype) {
+            (Some(bits), _) => crate::model::BaseStorage::Quantized { bits },
+            (None, Some(_)) => crate::model::BaseStorage::Compute,
+            (None, None) => crate::model::BaseStorage::Full,
+        }
+    }
+
     /// The memory plan of these steps, beside `runtime_bytes` of process memory (an estimate
     /// when `None`).
-    pub fn plan(&self, config: &crate::model::ModelConfig, runtime_bytes: Option<u64>) -> crate::plan::MemoryPlan {
+    pub fn plan(&self, config: &crate::model::ModelConfig, runtime_bytes: Option<u64>, device: &burn::tensor::Device) -> crate::plan::MemoryPlan {
         crate::plan::MemoryPlan::new(
             config,
             &crate::plan::PlanOptions {
@@ -66,6 +75,8 @@ impl TrainBench {
                 runtime_bytes,
                 devices: self.devices.len().max(1),
                 shard_optimizer: self.shard_optimizer,
+                base: self.base(),
+                unpacked_quantization: crate::device::unpacked_quantization(device),
             },
         )
     }
@@ -121,7 +132,7 @@ pub fn compare_training(
     available: Option<u64>,
 ) -> TrainComparison {
     let reference = reference.map(|command| reference_point(&format!("{command} {}", bench.reference_args(config_path))));
-    let plan_bytes = bench.plan(config, crate::memory::current_bytes()).total();
+    let plan_bytes = bench.plan(config, crate::memory::current_bytes(), device).total();
     let burn = match available {
         Some(available_bytes) if plan_bytes > available_bytes => BurnSide::Skipped { plan_bytes, available_bytes },
         _ => {
@@ -182,11 +193,7 @@ pub fn measure_training(config: &crate::model::ModelConfig, bench: &TrainBench, 
     let device = device.clone().autodiff();
     device.seed(0);
     let model = crate::model::Model::random(config.clone(), &device);
-    let base = match (bench.load_in_bits, bench.compute_dtype) {
-        (Some(bits), _) => crate::model::BaseStorage::Quantized { bits },
-        (None, Some(_)) => crate::model::BaseStorage::Compute,
-        (None, None) => crate::model::BaseStorage::Full,
-    };
+    let base = bench.base();
     let lora = bench.lora_rank.map(|rank| crate::model::lora::LoraConfig {
         rank,
         alpha: 2.0 * rank as f64,
@@ -224,7 +231,7 @@ pub fn measure_training(config: &crate::model::ModelConfig, bench: &TrainBench, 
         Ok(())
     });
     rates.sort_by(f64::total_cmp);
-    let plan = bench.plan(config, Some(baseline));
+    let plan = bench.plan(config, Some(baseline), &device);
     TrainMeasurement {
         seq_len: bench.seq_len,
         tokens_per_s: rates.get(rates.len() / 2).copied().unwrap_or(f64::NAN),

@@ -109,6 +109,16 @@ fn wgpu_kind(index: Option<usize>) -> burn::tensor::DeviceKind {
     }
 }
 
+/// Whether `device` holds quantized values a byte each (flex) rather than packed (CubeCL).
+pub fn unpacked_quantization(device: &Device) -> bool {
+    #[cfg(feature = "flex")]
+    if matches!(device.clone().inner().as_dispatch(), burn::backend::DispatchDevice::Flex(_)) {
+        return true;
+    }
+    let _ = device;
+    false
+}
+
 /// Resolves `--device` (or the default), announcing the choice on stderr.
 pub fn select(spec: Option<&str>) -> Result<(Device, String), DeviceError> {
     let name = spec.map(String::from).unwrap_or_else(default_name);

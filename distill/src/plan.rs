@@ -11,8 +11,8 @@
 use burn::tensor::DType;
 use serde::Serialize;
 
-use crate::model::ModelConfig;
 use crate::model::lora::TARGETS;
+use crate::model::{BaseStorage, ModelConfig};
 use crate::ops::attention::block_size;
 use crate::ops::cross_entropy::chunk_rows;
 
@@ -38,6 +38,11 @@ pub struct PlanOptions {
     pub devices: usize,
     /// The AdamW moments spread over the devices (`--shard-optimizer`).
     pub shard_optimizer: bool,
+    /// LoRA only: how the frozen base is held (see [`BaseStorage`]).
+    pub base: BaseStorage,
+    /// Quantized values are held a byte each (flex); elsewhere burn packs them (4 bits: two to
+    /// a byte).
+    pub unpacked_quantization: bool,
 }
 
 impl Default for PlanOptions {
@@ -53,6 +58,8 @@ impl Default for PlanOptions {
             runtime_bytes: None,
             devices: 1,
             shard_optimizer: false,
+            base: BaseStorage::Full,
+            unpacked_quantization: false,
         }
     }
 }
@@ -124,6 +131,21 @@ pub enum Phase {
     Optimizer,
 }
 
+/// Parameters of one decoder layer's seven projections (what QLoRA quantizes).
+fn projection_parameters(config: &ModelConfig) -> u64 {
+    let hidden = config.hidden_size as u64;
+    let q = (config.num_attention_heads * config.head_dim) as u64;
+    let kv = (config.num_key_value_heads * config.head_dim) as u64;
+    hidden * (q + 2 * kv) + q * hidden + 3 * hidden * config.intermediate_size as u64
+}
+
+/// Bytes per quantized value, and of its block's scale: burn packs values (4 bits: two to a
+/// byte) with an f16 scale per 32 on the CubeCL backends; flex holds a byte a value and an
+/// f32 scale.
+pub fn quantized_bytes(bits: u8, unpacked: bool) -> (f64, f64) {
+    if unpacked { (1.0, 4.0 / 32.0) } else { (bits as f64 / 8.0, 2.0 / 32.0) }
+}
+
 /// The largest parameter tensor: embeddings / lm_head or an MLP matrix.
 fn largest_parameter(config: &ModelConfig) -> u64 {
     let hidden = config.hidden_size as u64;
@@ -149,9 +171,35 @@ impl MemoryPlan {
         let mut items = Vec::new();
         let mut item = |name: &'static str, phase: Phase, bytes: u64, detail: String| items.push(PlanItem { name, phase, bytes, detail });
 
-        item("weights", Phase::Always, 4 * parameters + 4 * lora.unwrap_or(0), format!("{} parameters in f32", crate::info::human_count(parameters)));
-        if mixed {
-            item("compute copy", Phase::Always, e * (parameters + lora.unwrap_or(0)), format!("every weight cast to {:?} for the forward and backward passes", options.compute_dtype));
+        let base = if lora.is_some() { options.base } else { BaseStorage::Full };
+        let adapters = lora.unwrap_or(0);
+        let projections = layers * projection_parameters(config);
+        match base {
+            BaseStorage::Full => {
+                item("weights", Phase::Always, 4 * parameters + 4 * adapters, format!("{} parameters in f32", crate::info::human_count(parameters)));
+                if mixed {
+                    item("compute copy", Phase::Always, e * (parameters + adapters), format!("every weight cast to {:?} for the forward and backward passes", options.compute_dtype));
+                }
+            }
+            BaseStorage::Compute => {
+                item("weights", Phase::Always, e * parameters + 4 * adapters, format!("the frozen base in {:?}, the adapters in f32", options.compute_dtype));
+            }
+            BaseStorage::Quantized { bits } => {
+                let (value_bytes, scale_bytes) = quantized_bytes(bits, options.unpacked_quantization);
+                let quantized = (projections as f64 * (value_bytes + scale_bytes)) as u64;
+                item(
+                    "weights",
+                    Phase::Always,
+                    quantized + e * (parameters - projections) + 4 * adapters,
+                    format!(
+                        "{} projection weights in {bits} bits ({value_bytes} byte a value with its block scale), the rest in {:?}, the adapters in f32",
+                        crate::info::human_count(projections), options.compute_dtype
+                    ),
+                );
+            }
+        }
+        if mixed && base != BaseStorage::Full {
+            item("compute copy", Phase::Always, e * adapters, format!("the adapters cast to {:?}", options.compute_dtype));
         }
         let devices = options.devices.max(1) as u64;
         // A sharded optimizer's shares are balanced to within one parameter.
@@ -192,6 +240,12 @@ impl MemoryPlan {
         let block = block_size(options.batch_size.max(1), config.num_attention_heads, options.seq_len.max(1)) as u64;
         let attention_block = 3 * rows * heads * block * seq * 4 + tokens * (2 * intermediate + 2 * hidden) * e;
         let recomputed = if options.gradient_checkpointing { per_layer } else { 0 };
+        // A quantized projection is dequantized for its matmul (f32, then the compute dtype,
+        // which flex's matmul widens to f32 again), whatever else the step holds then.
+        let dequantized = match base {
+            BaseStorage::Quantized { .. } => (4 + e + if mixed { 4 } else { 0 }) * (intermediate * hidden),
+            _ => 0,
+        };
         let (workspace, what) = [
             (loss_chunk, format!("{chunk} × {vocab} f32 logits and their gradient")),
             (attention_block, format!("an attention block of {block} queries × {seq} keys and a layer's gradients")),
@@ -200,7 +254,8 @@ impl MemoryPlan {
         .into_iter()
         .max_by_key(|(bytes, _)| *bytes)
         .expect("three candidates");
-        item("workspace", Phase::Backward, workspace, format!("the largest transient: {what}"));
+        let what = if dequantized > 0 { format!("{what}, with a projection dequantized") } else { what };
+        item("workspace", Phase::Backward, workspace + dequantized, format!("the largest transient: {what}"));
         if options.gradient_accumulation_steps > 1 {
             item("gradient sum", Phase::Always, 4 * trainable, "the running sum of a step's micro-batches' gradients, in f32".into());
         }

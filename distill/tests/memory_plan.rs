@@ -29,12 +29,20 @@ fn the_plan_of_distill_train_is_within_25_percent_of_its_measured_peak() {
     config.as_object_mut().unwrap().remove("head_dim");
     std::fs::write(&path, config.to_string()).unwrap();
     let runs = tempfile::tempdir().unwrap();
-    let cases: [(&str, &[&str]); 5] = [
+    let cases: [(&str, &[&str]); 11] = [
         ("1024", &[]),
         ("4096", &[]),
         ("4096", &["--gradient-checkpointing"]),
         ("2048", &["--dtype", "bf16"]),
         ("4096", &["--lora-rank", "8", "--gradient-checkpointing"]),
+        // The routes of `distill info`: LoRA over a bf16 base, QLoRA, and data parallel with
+        // the optimizer sharded (two replicas on flex: the host holds both).
+        ("1024", &["--lora-rank", "8", "--dtype", "bf16"]),
+        ("4096", &["--lora-rank", "8", "--dtype", "bf16", "--gradient-checkpointing"]),
+        ("1024", &["--lora-rank", "8", "--load-in-4bit"]),
+        ("4096", &["--lora-rank", "8", "--load-in-4bit", "--gradient-checkpointing"]),
+        ("1024", &["--devices", "flex,flex", "--shard-optimizer"]),
+        ("2048", &["--devices", "flex,flex", "--shard-optimizer", "--gradient-checkpointing"]),
     ];
     let mut failures = Vec::new();
     for (index, (length, extra)) in cases.iter().enumerate() {
@@ -42,13 +50,17 @@ fn the_plan_of_distill_train_is_within_25_percent_of_its_measured_peak() {
         let mut args = vec![
             "train", "--model", model.path().to_str().unwrap(), "--init", "random", "--data", "datasets/r1_traces_sample40.jsonl",
             "--prompt-field", "problem", "--response-field", "generated_solution", "--out", out.to_str().unwrap(),
-            "--max-length", length, "--truncate", "--packing", "--max-steps", "2", "--device", "flex",
+            "--max-length", length, "--truncate", "--packing", "--max-steps", "2",
         ];
+        if !extra.contains(&"--devices") {
+            args.extend_from_slice(&["--device", "flex"]);
+        }
         args.extend_from_slice(extra);
         let output = common::distill(&args);
         let err = common::stderr(&output);
         assert!(output.status.success(), "{err}");
-        let (plan, peak) = (gib_after(&err, "total"), gib_after(&err, "peak memory"));
+        let plan = if err.contains("host total") { gib_after(&err, "host total") } else { gib_after(&err, "total") };
+        let peak = gib_after(&err, "peak memory");
         let longest: usize = err.lines().find_map(|l| l.strip_prefix("memory plan at ")?.split_whitespace().next()?.parse().ok()).unwrap();
         let ratio = plan / peak;
         println!("{length} {extra:?}: longest block {longest} tokens, plan {plan:.3} GiB, measured {peak:.3} GiB ({:+.0}%)", 100.0 * (ratio - 1.0));

@@ -394,6 +394,8 @@ impl Job {
                 runtime_bytes,
                 devices: train_config.data_parallel(),
                 shard_optimizer: train_config.shard_optimizer,
+                base: base.storage,
+                unpacked_quantization: crate::device::unpacked_quantization(&spec.device),
             },
         );
         reporter.note(&format!("memory plan at {longest} tokens × {} rows:", train_config.per_device_train_batch_size));
@@ -403,6 +405,9 @@ impl Job {
         // Replicas on flex share the host's memory.
         let on_host = spec.devices.iter().filter(|(_, name)| name == "flex").count().max(1) as u64;
         let needed = if spec.device_name == "flex" { plan.total() * on_host } else { plan.total() };
+        if needed != plan.total() {
+            reporter.note(&format!("  {:<18} {:>9.2} GiB  {on_host} replicas on flex share the host's memory", "host total", crate::info::gib(needed)));
+        }
         match device_memory(spec.device_memory, &spec.device_name) {
             Some(memory) if needed > memory => {
                 return Err(JobError::Invalid(format!(
@@ -675,7 +680,7 @@ impl Base {
         }
     }
 
-    fn new(bits: Option<u8>, compute_dtype: Option<DType>) -> Base {
+    pub fn new(bits: Option<u8>, compute_dtype: Option<DType>) -> Base {
         let dtype = compute_dtype.unwrap_or(DType::F32);
         let storage = match (bits, compute_dtype) {
             (Some(bits), _) => BaseStorage::Quantized { bits },

@@ -59,6 +59,12 @@ pub struct InfoArgs {
     /// Plan the AdamW moments spread over --devices (ZeRO stage 1).
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub shard_optimizer: Option<bool>,
+    /// Plan QLoRA: the frozen base's projections in 4 bits (needs --lora-rank).
+    #[arg(long, requires = "lora_rank")]
+    pub load_in_4bit: bool,
+    /// Plan LoRA over an 8-bit base.
+    #[arg(long, requires = "lora_rank", conflicts_with = "load_in_4bit")]
+    pub load_in_8bit: bool,
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,

@@ -92,6 +92,8 @@ fn info(args: InfoArgs) -> Result<()> {
         dtype: args.dtype.clone(),
         gradient_checkpointing: args.gradient_checkpointing,
         shard_optimizer: args.shard_optimizer,
+        load_in_4bit: args.load_in_4bit.then_some(true),
+        load_in_8bit: args.load_in_8bit.then_some(true),
         ..Default::default()
     };
     let options = given.or(&from_config).or(&TrainingOptions::defaults());
@@ -102,17 +104,22 @@ fn info(args: InfoArgs) -> Result<()> {
         (Some(_), Some(targets)) => Some(distill::model::lora::LoraConfig::parse_targets(targets).map_err(anyhow::Error::msg)?),
         _ => None,
     };
+    let compute_dtype = distill::device::dtype_named(options.dtype.as_deref().unwrap_or("f32"))?;
+    let bits = if options.load_in_4bit == Some(true) { Some(4) } else if options.load_in_8bit == Some(true) { Some(8) } else { None };
     let plan_options = PlanOptions {
         seq_len: options.max_length.unwrap_or(4096),
         batch_size: options.per_device_train_batch_size.unwrap_or(1),
         gradient_accumulation_steps: options.gradient_accumulation_steps.unwrap_or(1),
-        compute_dtype: distill::device::dtype_named(options.dtype.as_deref().unwrap_or("f32"))?,
+        compute_dtype,
         gradient_checkpointing: options.gradient_checkpointing.unwrap_or(false),
         lora_rank: options.lora_rank,
         lora_targets,
         runtime_bytes: None,
         devices: args.devices.max(1),
         shard_optimizer: options.shard_optimizer.unwrap_or(false),
+        base: distill::train::job::Base::new(bits, Some(compute_dtype).filter(|d| *d != DType::F32)).storage,
+        // Planned for a GPU, where burn packs quantized values; flex holds a byte each.
+        unpacked_quantization: false,
     };
     let plan = MemoryPlan::new(&config, &plan_options);
     let memory = args.gpu_memory.as_deref().map(distill::info::parse_memory).transpose().map_err(anyhow::Error::msg)?;
