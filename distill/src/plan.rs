@@ -298,3 +298,48 @@ impl MemoryPlan {
         lines.join("\n")
     }
 }
+
+/// One way to train a student, with the memory one device needs for it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Route {
+    pub name: String,
+    /// The `distill train` flags that choose it.
+    pub flags: String,
+    pub bytes_per_device: u64,
+}
+
+/// The routes `distill info` weighs for `devices` devices of `options`' length, batch, dtype
+/// and checkpointing: full fine-tuning, with the optimizer sharded (several devices), LoRA
+/// (over the base in the compute dtype under mixed precision) and QLoRA, LoRA at
+/// `lora_rank` (its targets as `options` says).
+pub fn routes(config: &ModelConfig, options: &PlanOptions, devices: usize, lora_rank: usize) -> Vec<Route> {
+    let devices = devices.max(1);
+    let mixed = options.compute_dtype != DType::F32;
+    let devices_flag = if devices > 1 { format!("--devices <{devices} devices> ") } else { String::new() };
+    let plan = |lora: bool, shard: bool, base: BaseStorage| {
+        let options = PlanOptions {
+            lora_rank: lora.then_some(lora_rank),
+            devices,
+            shard_optimizer: shard,
+            base,
+            ..options.clone()
+        };
+        MemoryPlan::new(config, &options).total()
+    };
+    let mut routes = vec![Route { name: "full".into(), flags: devices_flag.trim_end().to_string(), bytes_per_device: plan(false, false, BaseStorage::Full) }];
+    if devices > 1 {
+        routes.push(Route {
+            name: "full + sharded optimizer".into(),
+            flags: format!("{devices_flag}--shard-optimizer"),
+            bytes_per_device: plan(false, true, BaseStorage::Full),
+        });
+    }
+    let base = if mixed { BaseStorage::Compute } else { BaseStorage::Full };
+    routes.push(Route { name: format!("LoRA rank {lora_rank}"), flags: format!("{devices_flag}--lora-rank {lora_rank}"), bytes_per_device: plan(true, false, base) });
+    routes.push(Route {
+        name: format!("QLoRA rank {lora_rank} (4-bit base)"),
+        flags: format!("{devices_flag}--lora-rank {lora_rank} --load-in-4bit"),
+        bytes_per_device: plan(true, false, BaseStorage::Quantized { bits: 4 }),
+    });
+    routes
+}

@@ -123,6 +123,7 @@ fn info(args: InfoArgs) -> Result<()> {
     };
     let plan = MemoryPlan::new(&config, &plan_options);
     let memory = args.gpu_memory.as_deref().map(distill::info::parse_memory).transpose().map_err(anyhow::Error::msg)?;
+    let routes = distill::plan::routes(&config, &plan_options, args.devices, options.lora_rank.unwrap_or(16));
     let inference = distill::info::inference(&config, plan_options.seq_len, plan_options.batch_size);
     if args.json {
         let report = serde_json::json!({
@@ -134,6 +135,10 @@ fn info(args: InfoArgs) -> Result<()> {
             "training_bytes": plan.total(),
             "device_memory_bytes": memory,
             "fits": memory.map(|m| plan.total() <= m),
+            "devices": args.devices,
+            "routes": routes.iter().map(|r| serde_json::json!({
+                "name": r.name, "flags": r.flags, "bytes_per_device": r.bytes_per_device, "fits": memory.map(|m| r.bytes_per_device <= m),
+            })).collect::<Vec<_>>(),
         });
         println!("{}", serde_json::to_string_pretty(&report)?);
         return Ok(());
@@ -165,6 +170,27 @@ fn info(args: InfoArgs) -> Result<()> {
     if let Some(memory) = memory {
         let verdict = if plan.total() <= memory { "fits" } else { "does NOT fit" };
         println!("  {verdict} in {:.2} GiB", gib(memory));
+    }
+    println!(
+        "routes on {} device(s) at {} tokens × {} rows{}{} (memory per device){}:",
+        args.devices, plan_options.seq_len, plan_options.batch_size,
+        if plan_options.compute_dtype == DType::F32 { ", f32".to_string() } else { format!(", {:?} compute", plan_options.compute_dtype) },
+        if plan_options.gradient_checkpointing { ", gradient checkpointing" } else { "" },
+        memory.map(|m| format!(", against {:.0} GiB", gib(m))).unwrap_or_default(),
+    );
+    for route in &routes {
+        let verdict = match memory {
+            Some(m) if route.bytes_per_device <= m => "fits    ",
+            Some(_) => "too big ",
+            None => "",
+        };
+        println!("  {verdict}{:<32} {:>9.2} GiB  {}", route.name, gib(route.bytes_per_device), route.flags);
+    }
+    if let Some(memory) = memory {
+        match routes.iter().find(|r| r.bytes_per_device <= memory) {
+            Some(route) => println!("  first that fits: {} ({})", route.name, route.flags),
+            None => println!("  none fits: lower --max-length or the batch, or use more devices"),
+        }
     }
     Ok(())
 }
