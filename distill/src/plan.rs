@@ -171,10 +171,25 @@ impl MemoryPlan {
         let mut items = Vec::new();
         let mut item = |name: &'static str, phase: Phase, bytes: u64, detail: String| items.push(PlanItem { name, phase, bytes, detail });
 
+        let devices = options.devices.max(1) as u64;
+        // A sharded optimizer's shares are balanced to within one parameter.
+        let sharded = options.shard_optimizer && devices > 1;
+        let owned = if sharded { trainable.div_ceil(devices) } else { trainable };
+        // Sharded mixed precision: f32 master weights for this device's share only.
+        let narrowed = if sharded && mixed { trainable - owned } else { 0 };
         let base = if lora.is_some() { options.base } else { BaseStorage::Full };
         let adapters = lora.unwrap_or(0);
         let projections = layers * projection_parameters(config);
         match base {
+            BaseStorage::Full if narrowed > 0 => {
+                item(
+                    "weights",
+                    Phase::Always,
+                    4 * (parameters + adapters - narrowed) + e * narrowed,
+                    format!("this device's 1/{devices} of the trained weights in f32 (its master weights), the others in {:?}", options.compute_dtype),
+                );
+                item("compute copy", Phase::Always, e * (parameters + adapters - narrowed), format!("the f32 weights cast to {:?}", options.compute_dtype));
+            }
             BaseStorage::Full => {
                 item("weights", Phase::Always, 4 * parameters + 4 * adapters, format!("{} parameters in f32", crate::info::human_count(parameters)));
                 if mixed {
@@ -201,9 +216,6 @@ impl MemoryPlan {
         if mixed && base != BaseStorage::Full {
             item("compute copy", Phase::Always, e * adapters, format!("the adapters cast to {:?}", options.compute_dtype));
         }
-        let devices = options.devices.max(1) as u64;
-        // A sharded optimizer's shares are balanced to within one parameter.
-        let owned = if options.shard_optimizer && devices > 1 { trainable.div_ceil(devices) } else { trainable };
         if owned == trainable {
             item("optimizer moments", Phase::Always, 8 * owned, "AdamW's two f32 moments per trainable parameter".into());
         } else {
@@ -256,11 +268,14 @@ impl MemoryPlan {
         .expect("three candidates");
         let what = if dequantized > 0 { format!("{what}, with a projection dequantized") } else { what };
         item("workspace", Phase::Backward, workspace + dequantized, format!("the largest transient: {what}"));
-        if options.gradient_accumulation_steps > 1 {
+        if devices > 1 {
+            let share = if sharded { format!(" (1/{devices})") } else { String::new() };
+            item("gradient sum", Phase::Always, 4 * owned, format!("the step's sum of the gradients of the parameters this device updates{share}, in f32"));
+        } else if options.gradient_accumulation_steps > 1 {
             item("gradient sum", Phase::Always, 4 * trainable, "the running sum of a step's micro-batches' gradients, in f32".into());
         }
-        let gradients = 4 * trainable + if mixed { e * largest_parameter(config) } else { 0 };
-        item("gradients", Phase::Optimizer, gradients, format!("one backward pass's: {} trainable parameters in f32", crate::info::human_count(trainable)));
+        let gradients = 4 * (trainable - narrowed) + e * narrowed + if mixed { e * largest_parameter(config) } else { 0 };
+        item("gradients", Phase::Optimizer, gradients, format!("one backward pass's: {} trainable parameters{}", crate::info::human_count(trainable), if narrowed > 0 { format!(", those of the other devices' shares in {:?}", options.compute_dtype) } else { " in f32".into() }));
         if devices > 1 {
             item("gradient reduction", Phase::Optimizer, 4 * owned, "the other devices' gradients of the parameters this device updates, as they arrive".into());
         }
@@ -277,6 +292,15 @@ impl MemoryPlan {
     /// (the optimizer step runs after the backward pass has freed the activations).
     pub fn total(&self) -> u64 {
         self.phase(Phase::Always) + self.phase(Phase::Backward).max(self.phase(Phase::Optimizer))
+    }
+
+    /// What `replicas` devices of this plan need when they share one host's memory (data
+    /// parallel on flex): the process and the largest transient once (measured, the replicas'
+    /// transients seldom coincide: two replicas peaked between this and one workspace more),
+    /// the rest once per replica.
+    pub fn host_total(&self, replicas: u64) -> u64 {
+        let once: u64 = self.items.iter().filter(|i| i.name == "runtime" || i.name == "workspace").map(|i| i.bytes).sum();
+        once + replicas.max(1) * self.total().saturating_sub(once)
     }
 
     /// The plan as aligned lines: item, GiB, how it is made; then the total.

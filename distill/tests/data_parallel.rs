@@ -4,7 +4,7 @@
 mod common;
 
 use distill::burn::module::{Module, ModuleVisitor, Param};
-use distill::burn::tensor::{Device, Tensor};
+use distill::burn::tensor::{DType, Device, Tensor};
 use distill::data::packing::PackedBlock;
 use distill::data::records::read_records;
 use distill::data::traces::{LengthPolicy, TraceFormat, TraceOptions, tokenize_records};
@@ -61,6 +61,10 @@ fn start(device: &Device, lora: Option<&LoraConfig>) -> (Model, Vec<PackedBlock>
 }
 
 fn run(devices: Vec<Device>, shard_optimizer: bool, batch: usize, accumulation: usize, lora: Option<&LoraConfig>) -> Run {
+    run_in(devices, shard_optimizer, batch, accumulation, lora, None)
+}
+
+fn run_in(devices: Vec<Device>, shard_optimizer: bool, batch: usize, accumulation: usize, lora: Option<&LoraConfig>, compute_dtype: Option<DType>) -> Run {
     let first = devices.first().cloned().unwrap_or_else(flex);
     let (model, blocks) = start(&first, lora);
     let config = TrainConfig {
@@ -70,7 +74,7 @@ fn run(devices: Vec<Device>, shard_optimizer: bool, batch: usize, accumulation: 
         per_device_train_batch_size: batch,
         gradient_accumulation_steps: accumulation,
         seed: 5,
-        compute_dtype: None,
+        compute_dtype,
         gradient_checkpointing: false,
         devices,
         shard_optimizer,
@@ -128,9 +132,49 @@ fn sharded_optimizer_steps_equal_unsharded_ones() {
     let (model, _) = start(&flex(), None);
     let total = model.net.num_params();
     let largest = model.config.vocab_size * model.config.hidden_size;
-    let owned = Replicas::new(model, &[flex(), flex(), flex()], true).owned_elements();
+    let owned = Replicas::new(model, &[flex(), flex(), flex()], true, None).owned_elements();
     assert_eq!(owned.iter().sum::<usize>(), total);
     assert!(owned.iter().all(|&o| o > 0 && o <= total / 3 + largest), "shares {owned:?} of {total}");
+}
+
+/// ZeRO under mixed precision: each replica keeps f32 master weights for its share only (the
+/// rest in bf16, their gradients arriving in bf16), which computes what the unsharded bf16 run
+/// computes: the same bf16 values in the forward pass, the same gradients (a cast's backward
+/// pass is a cast). The checkpointed model is whole and f32.
+#[test]
+fn sharded_mixed_precision_keeps_master_weights_per_device() {
+    let unsharded = run_in(vec![flex(), flex()], false, 2, 2, None, Some(DType::BF16));
+    let sharded = run_in(vec![flex(), flex()], true, 2, 2, None, Some(DType::BF16));
+    assert_same(&unsharded, &sharded, 1e-5, 1e-5, "sharded vs unsharded, bf16 compute");
+    let one = run_in(vec![], false, 4, 2, None, Some(DType::BF16));
+    assert_same(&one, &sharded, 1e-3, 1e-3, "sharded on 2 devices vs 1, bf16 compute");
+
+    let (model, _) = start(&flex(), None);
+    let replicas = Replicas::new(model, &[flex(), flex()], true, Some(DType::BF16));
+    let count = |index: usize, dtype: DType| {
+        let mut seen = Dtypes(Vec::new());
+        replicas.model(index).net.visit(&mut seen);
+        seen.0.iter().filter(|d| **d == dtype).count()
+    };
+    let params = {
+        let mut seen = Dtypes(Vec::new());
+        replicas.model(0).net.visit(&mut seen);
+        seen.0.len()
+    };
+    // Each parameter is f32 on exactly one replica.
+    assert_eq!(count(0, DType::F32) + count(1, DType::F32), params);
+    assert!(count(0, DType::BF16) > 0 && count(1, DType::BF16) > 0);
+    let mut whole = Dtypes(Vec::new());
+    replicas.full_model().net.visit(&mut whole);
+    assert!(whole.0.iter().all(|d| *d == DType::F32), "the checkpointed model is f32");
+}
+
+struct Dtypes(Vec<DType>);
+
+impl ModuleVisitor for Dtypes {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        self.0.push(param.val().dtype());
+    }
 }
 
 /// LoRA over data parallel: only the adapters are reduced and updated; the frozen base stays

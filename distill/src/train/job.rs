@@ -404,7 +404,7 @@ impl Job {
         }
         // Replicas on flex share the host's memory.
         let on_host = spec.devices.iter().filter(|(_, name)| name == "flex").count().max(1) as u64;
-        let needed = if spec.device_name == "flex" { plan.total() * on_host } else { plan.total() };
+        let needed = if spec.device_name == "flex" { plan.host_total(on_host) } else { plan.total() };
         if needed != plan.total() {
             reporter.note(&format!("  {:<18} {:>9.2} GiB  {on_host} replicas on flex share the host's memory", "host total", crate::info::gib(needed)));
         }
@@ -541,13 +541,13 @@ impl Job {
         }
         .max(1);
         reporter.training_started(total_steps, start_step);
-        let model = train(model, &mut optimizer, &self.train, &self.train_config, start_step, |step, model, optimizer| -> Result<(), JobError> {
+        let model = train(model, &mut optimizer, &self.train, &self.train_config, start_step, |step, replicas, optimizer| -> Result<(), JobError> {
             reporter.step(step);
             writeln!(metrics, "{}", serde_json::to_string(step).expect("plain struct")).map_err(io(&metrics_path))?;
             if let Some(eval) = &self.eval
                 && (step.step % eval_every == 0 || step.step == total_steps)
             {
-                let (loss, tokens) = eval_loss(model, eval, self.compute_dtype);
+                let (loss, tokens) = eval_loss(&replicas.full_model(), eval, self.compute_dtype);
                 reporter.note(&format!("step {}: eval loss {loss:.4} ({tokens} tokens)", step.step));
                 let line = serde_json::json!({"step": step.step, "eval_loss": loss, "eval_tokens": tokens});
                 writeln!(metrics, "{line}").map_err(io(&metrics_path))?;
@@ -556,7 +556,7 @@ impl Job {
             let stop = interrupted.load(Ordering::SeqCst);
             if step.step % save_every == 0 || step.step == total_steps || stop {
                 let state = TrainerState { global_step: step.step, optimizer_steps: optimizer.steps, settings: self.settings.clone() };
-                checkpoint::save(&out, model, optimizer, &state, &self.tokenizer_dir, &self.eos_token_ids)?;
+                checkpoint::save(&out, &replicas.full_model(), optimizer, &state, &self.tokenizer_dir, &self.eos_token_ids)?;
                 if keep > 0 {
                     checkpoint::prune(&out, keep)?;
                 }

@@ -1,13 +1,16 @@
 //! Data parallelism over the devices of one machine (`--devices`): one replica of the model per
-//! device, each running its share of a step's micro-batches; the gradients are summed on the
-//! device that owns each parameter, the owner takes the AdamW step, and every other replica
-//! receives the new weights.
+//! device, each running its share of a step's micro-batches. After each round of micro-batches
+//! (one per device) every gradient is sent to the device that owns its parameter and summed
+//! there in f32; at the end of the step the owner clips and takes the AdamW step, and every
+//! other replica receives the new weights.
 //!
 //! Without `--shard-optimizer` the first device owns every parameter: it holds all AdamW
-//! moments, and the others hold none (what DDP computes, with the update done once instead of on
-//! every device). With it the trainable parameters are spread over the devices by size (ZeRO
-//! stage 1: each device keeps the moments of its share only and updates that share), so
-//! optimizer memory per device falls by the number of devices.
+//! moments and the gradient sum (what DDP computes, with the update done once instead of on
+//! every device). With it the trainable parameters are spread over the devices by size, as
+//! ZeRO does: each device keeps the moments and the gradient sum of its share only (stage 2),
+//! and under mixed precision also holds f32 master weights for its share only, the other
+//! parameters in the compute dtype (whose gradients then arrive in that dtype and are widened
+//! by their owner).
 //!
 //! burn 0.22's collective all-reduce exists for CUDA (NCCL) and its remote backend only, and
 //! needs every device on one backend; these transfers (`Tensor::to_device`) work between any
@@ -16,8 +19,10 @@
 
 use std::collections::HashMap;
 
+use std::borrow::Cow;
+
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
-use burn::tensor::{Device, Tensor};
+use burn::tensor::{DType, Device, Tensor};
 
 use super::optim::{AccumulatedGrads, AdamW, clip_scale};
 use crate::model::{CausalLm, Model};
@@ -28,6 +33,10 @@ pub struct Replicas {
     models: Vec<Model>,
     /// The device that sums, clips and updates each trainable parameter.
     owners: HashMap<ParamId, usize>,
+    /// Per device, the step's gradient sum (f32) of the parameters it owns.
+    accumulated: Vec<AccumulatedGrads>,
+    /// Replicas hold the parameters they do not own in this dtype (sharded mixed precision).
+    narrowed: Option<DType>,
 }
 
 /// Trainable parameters in visiting order, with their element counts.
@@ -66,8 +75,9 @@ pub fn assign_owners(net: &CausalLm, devices: usize, shard: bool) -> HashMap<Par
 
 impl Replicas {
     /// `model` is the first device's replica; `devices` lists every device (the model's first),
-    /// or is empty for the model's device alone.
-    pub fn new(model: Model, devices: &[Device], shard_optimizer: bool) -> Replicas {
+    /// or is empty for the model's device alone. With `shard_optimizer` and a `compute_dtype`,
+    /// each replica keeps f32 only for the parameters it owns.
+    pub fn new(model: Model, devices: &[Device], shard_optimizer: bool, compute_dtype: Option<DType>) -> Replicas {
         let devices: Vec<Device> = if devices.is_empty() { vec![model.device.clone()] } else { devices.to_vec() };
         let owners = assign_owners(&model.net, devices.len(), shard_optimizer);
         let mut models = vec![model];
@@ -78,7 +88,14 @@ impl Replicas {
             let net = first.net.clone().fork(device);
             models.push(Model { config: first.config.clone(), net, rope: first.rope.clone(), device: device.clone(), dtype: first.dtype });
         }
-        Replicas { devices, models, owners }
+        let narrowed = compute_dtype.filter(|&dtype| shard_optimizer && devices.len() > 1 && dtype != DType::F32);
+        if let Some(dtype) = narrowed {
+            for (index, model) in models.iter_mut().enumerate() {
+                model.net = model.net.clone().map(&mut Narrow { owners: &owners, index, dtype });
+            }
+        }
+        let accumulated = (0..devices.len()).map(|_| AccumulatedGrads::default()).collect();
+        Replicas { devices, models, owners, accumulated, narrowed }
     }
 
     pub fn len(&self) -> usize {
@@ -94,13 +111,23 @@ impl Replicas {
         &self.models[index]
     }
 
-    /// The first device's replica (they are all equal between steps).
-    pub fn primary(&self) -> &Model {
-        &self.models[0]
+    /// The model as training has it, every parameter at full precision: the first replica, or
+    /// under sharded mixed precision a copy with each parameter's f32 value from its owner.
+    pub fn full_model(&self) -> Cow<'_, Model> {
+        if self.narrowed.is_none() {
+            return Cow::Borrowed(&self.models[0]);
+        }
+        let updated = self.owned_values();
+        let device = self.devices[0].clone().inner();
+        let net = self.models[0].net.clone().map(&mut Assign { owners: &self.owners, index: 0, values: &updated, device, as_received: true });
+        Cow::Owned(Model { net, ..self.models[0].clone() })
     }
 
-    pub fn into_primary(self) -> Model {
-        self.models.into_iter().next().expect("one replica at least")
+    pub fn into_full_model(self) -> Model {
+        match self.full_model() {
+            Cow::Owned(model) => model,
+            Cow::Borrowed(_) => self.models.into_iter().next().expect("one replica at least"),
+        }
     }
 
     /// How many trainable elements each device owns (for the plan and for tests).
@@ -114,19 +141,24 @@ impl Replicas {
         owned
     }
 
-    /// One optimizer step from each device's gradients (`grads[d]` for device `d`): reduce to
-    /// the owners, clip by the global norm, update on the owners, gather the new weights.
-    /// Returns the global gradient norm before clipping.
-    pub fn step(&mut self, optimizer: &mut AdamW, grads: Vec<AccumulatedGrads>, lr: f64, max_grad_norm: Option<f64>) -> f64 {
+    /// Adds one round of gradients (`grads[d]` from device `d`) to their owners' sums, in
+    /// device order, widened to f32.
+    pub fn reduce(&mut self, grads: Vec<AccumulatedGrads>) {
         let inner: Vec<Device> = self.devices.iter().map(|d| d.clone().inner()).collect();
-        let mut reduced: Vec<AccumulatedGrads> = (0..self.len()).map(|_| AccumulatedGrads::default()).collect();
         for (device, grads) in grads.into_iter().enumerate() {
             for (id, grad) in grads.into_parts() {
                 let owner = self.owners.get(&id).copied().unwrap_or(0);
                 let grad = if owner == device { grad } else { grad.to_device(&inner[owner]) };
-                reduced[owner].insert_add(id, grad);
+                let grad = if grad.dtype() == DType::F32 { grad } else { grad.cast(DType::F32) };
+                self.accumulated[owner].insert_add(id, grad);
             }
         }
+    }
+
+    /// The optimizer step of the gradients reduced since the last one: clip by the global
+    /// norm, update on the owners, gather the new weights. Returns the norm before clipping.
+    pub fn step(&mut self, optimizer: &mut AdamW, lr: f64, max_grad_norm: Option<f64>) -> f64 {
+        let reduced: Vec<AccumulatedGrads> = self.accumulated.iter_mut().map(std::mem::take).collect();
         let norm = reduced.iter().map(AccumulatedGrads::squared_norm).sum::<f64>().sqrt();
         let scale = clip_scale(norm, max_grad_norm);
         optimizer.steps += 1;
@@ -137,23 +169,55 @@ impl Replicas {
             }
         }
         if self.len() > 1 {
-            self.gather();
+            let updated = self.owned_values();
+            for (index, model) in self.models.iter_mut().enumerate() {
+                let device = self.devices[index].clone().inner();
+                let mut assign = Assign { owners: &self.owners, index, values: &updated, device, as_received: false };
+                model.net = model.net.clone().map(&mut assign);
+            }
         }
         norm
     }
 
-    /// Every replica takes each parameter's new value from its owner.
-    fn gather(&mut self) {
-        let mut updated: HashMap<ParamId, (Tensor<1>, Vec<usize>)> = HashMap::new();
+    /// Each owned parameter's value on its owner, flattened, with its shape.
+    fn owned_values(&self) -> HashMap<ParamId, (Tensor<1>, Vec<usize>)> {
+        let mut updated = HashMap::new();
         for (owner, model) in self.models.iter().enumerate() {
             model.net.visit(&mut Collect { owners: &self.owners, owner, into: &mut updated });
         }
-        for (index, model) in self.models.iter_mut().enumerate() {
-            let device = self.devices[index].clone().inner();
-            let mut assign = Assign { owners: &self.owners, index, values: &updated, device };
-            model.net = model.net.clone().map(&mut assign);
+        updated
+    }
+}
+
+/// Replica `index` under sharded mixed precision: the trainable parameters it does not own in
+/// `dtype`.
+struct Narrow<'a> {
+    owners: &'a HashMap<ParamId, usize>,
+    index: usize,
+    dtype: DType,
+}
+
+impl ModuleMapper for Narrow<'_> {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        match self.owners.get(&param.id) {
+            Some(&owner) if owner != self.index => {
+                let dtype = self.dtype;
+                param.map(|value| leaf_like(&value, value.clone().inner().cast(dtype)))
+            }
+            _ => param,
         }
     }
+}
+
+/// `value` as a fresh trainable leaf, with `old`'s checkpointing strategy.
+fn leaf_like<const D: usize>(old: &Tensor<D>, value: Tensor<D>) -> Tensor<D> {
+    let strategy = old.gradient_checkpointing_strategy();
+    let new = Tensor::from_inner(value);
+    let new = match strategy {
+        Some(strategy) => new.with_gradient_checkpointing_strategy(strategy),
+        None => new,
+    };
+    new.require_grad()
 }
 
 /// The values of the parameters that `owner` owns, flattened, with their shapes.
@@ -179,6 +243,8 @@ struct Assign<'a> {
     index: usize,
     values: &'a HashMap<ParamId, (Tensor<1>, Vec<usize>)>,
     device: Device,
+    /// Keep the owner's dtype (f32) instead of the replica's own.
+    as_received: bool,
 }
 
 impl ModuleMapper for Assign<'_> {
@@ -186,15 +252,10 @@ impl ModuleMapper for Assign<'_> {
         match (self.owners.get(&param.id), self.values.get(&param.id)) {
             (Some(&owner), Some((value, dims))) if owner != self.index => {
                 let dims: [usize; D] = dims.as_slice().try_into().expect("the same parameter has the same rank everywhere");
-                let value = value.clone().to_device(&self.device).reshape(dims);
                 param.map(|old| {
-                    let strategy = old.gradient_checkpointing_strategy();
-                    let new = Tensor::from_inner(value);
-                    let new = match strategy {
-                        Some(strategy) => new.with_gradient_checkpointing_strategy(strategy),
-                        None => new,
-                    };
-                    new.require_grad()
+                    // Sent in the receiver's dtype (a narrowed replica's bf16: half the bytes).
+                    let value = if self.as_received || value.dtype() == old.dtype() { value.clone() } else { value.clone().cast(old.dtype()) };
+                    leaf_like(&old, value.to_device(&self.device).reshape(dims))
                 })
             }
             _ => param,

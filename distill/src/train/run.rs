@@ -77,19 +77,19 @@ fn epoch_order(blocks: usize, seed: u64, epoch: usize) -> Vec<usize> {
 
 /// Trains `model` (on an autodiff device) from optimizer step `start_step` (0, or where a
 /// checkpoint left off) to `config.schedule.total_steps`. `after_step` sees every step's metrics
-/// with the model and optimizer as they are after it (to log and to checkpoint); an error from
-/// it stops training.
+/// with the replicas and optimizer as they are after it (to log and to checkpoint:
+/// [`Replicas::full_model`] is the model); an error from it stops training.
 pub fn train<E>(
     model: Model,
     optimizer: &mut AdamW,
     blocks: &(impl BlockSource + ?Sized),
     config: &TrainConfig,
     start_step: usize,
-    mut after_step: impl FnMut(&StepMetrics, &Model, &AdamW) -> Result<(), E>,
+    mut after_step: impl FnMut(&StepMetrics, &Replicas, &AdamW) -> Result<(), E>,
 ) -> Result<Model, E> {
     let per_step = config.global_batch();
     let per_epoch = steps_per_epoch(blocks.len(), config);
-    let mut replicas = Replicas::new(model, &config.devices, config.shard_optimizer);
+    let mut replicas = Replicas::new(model, &config.devices, config.shard_optimizer, config.compute_dtype);
     let mut order: Option<(usize, Vec<usize>)> = None;
     for step in start_step..config.schedule.total_steps {
         let started = Instant::now();
@@ -105,43 +105,46 @@ pub fn train<E>(
         let step_tokens: usize = chosen.iter().map(PackedBlock::trained_tokens).sum();
         let micro_batches: Vec<&[PackedBlock]> = chosen.chunks(config.per_device_train_batch_size).collect();
         let devices = replicas.len();
-        let run_device = |device: usize| -> (AccumulatedGrads, f64) {
-            let model = replicas.model(device);
-            let mut grads = AccumulatedGrads::default();
-            let mut loss = 0.0;
-            for (index, micro_batch) in micro_batches.iter().enumerate().filter(|(index, _)| index % devices == device) {
+        let mut loss = 0.0;
+        // A round is one micro-batch per device; its gradients go to their owners before the
+        // next round, so no device holds a whole step's gradients of parameters it does not own.
+        for (round, batches) in micro_batches.chunks(devices).enumerate() {
+            let run_device = |device: usize| -> (AccumulatedGrads, f64) {
+                let mut grads = AccumulatedGrads::default();
+                let Some(micro_batch) = batches.get(device) else { return (grads, 0.0) };
+                let model = replicas.model(device);
                 let compute = match config.compute_dtype {
                     Some(dtype) if dtype != model.dtype => model.compute_copy(dtype),
                     _ => model.clone(),
                 };
                 // Dropout masks (LoRA) depend on the step and the micro-batch's place in it
                 // only, so a resumed run draws the same ones, on any number of devices.
+                let index = round * devices + device;
                 let dropout_seed = config.seed.wrapping_mul(0x9E37_79B9).wrapping_add(step as u64).wrapping_mul(31).wrapping_add(index as u64);
                 let training = Training { dropout_seed: Some(dropout_seed), checkpoint: config.gradient_checkpointing };
                 let micro_batch: Vec<&PackedBlock> = micro_batch.iter().collect();
-                let Some(sum) = super::nll_sum(&compute, &Batch::new(&micro_batch), training) else { continue };
+                let Some(sum) = super::nll_sum(&compute, &Batch::new(&micro_batch), training) else { return (grads, 0.0) };
                 let scaled = sum / step_tokens.max(1) as f64;
-                loss += scaled.clone().into_scalar::<f32>() as f64;
+                let loss = scaled.clone().into_scalar::<f32>() as f64;
                 grads.add(&model.net, &scaled.backward());
-            }
-            (grads, loss)
-        };
-        let per_device: Vec<(AccumulatedGrads, f64)> = if devices == 1 {
-            vec![run_device(0)]
-        } else {
-            std::thread::scope(|scope| {
-                let running: Vec<_> = (0..devices).map(|device| scope.spawn(move || run_device(device))).collect();
-                running.into_iter().map(|thread| thread.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))).collect()
-            })
-        };
-        let loss = per_device.iter().map(|(_, loss)| loss).sum();
-        let grads = per_device.into_iter().map(|(grads, _)| grads).collect();
+                (grads, loss)
+            };
+            let per_device: Vec<(AccumulatedGrads, f64)> = if devices == 1 {
+                vec![run_device(0)]
+            } else {
+                std::thread::scope(|scope| {
+                    let running: Vec<_> = (0..devices).map(|device| scope.spawn(move || run_device(device))).collect();
+                    running.into_iter().map(|thread| thread.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))).collect()
+                })
+            };
+            loss += per_device.iter().map(|(_, loss)| loss).sum::<f64>();
+            replicas.reduce(per_device.into_iter().map(|(grads, _)| grads).collect());
+        }
 
         let learning_rate = config.schedule.lr(step);
-        let grad_norm = replicas.step(optimizer, grads, learning_rate, config.max_grad_norm);
+        let grad_norm = replicas.step(optimizer, learning_rate, config.max_grad_norm);
         let seconds = started.elapsed().as_secs_f64();
         let tokens: usize = chosen.iter().map(|b| b.len()).sum();
-        let model = replicas.primary();
         let metrics = StepMetrics {
             step: step + 1,
             epoch: (step + 1) as f64 / per_epoch as f64,
@@ -150,9 +153,9 @@ pub fn train<E>(
             grad_norm,
             trained_tokens: step_tokens,
             tokens_per_second: tokens as f64 / seconds.max(1e-9),
-            peak_memory_bytes: crate::memory::peak_bytes(&model.device),
+            peak_memory_bytes: crate::memory::peak_bytes(&replicas.model(0).device),
         };
-        after_step(&metrics, model, optimizer)?;
+        after_step(&metrics, &replicas, optimizer)?;
     }
-    Ok(replicas.into_primary())
+    Ok(replicas.into_full_model())
 }
