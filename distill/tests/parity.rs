@@ -251,7 +251,7 @@ fn kv_cache_steps_equal_full_forward() {
 fn bf16_on_flex_is_close_to_the_f32_reference() {
     let reference = common::reference();
     let device = distill::device::parse("flex").unwrap();
-    let options = LoadOptions { dtype: distill::burn::tensor::DType::BF16 };
+    let options = LoadOptions::in_dtype(distill::burn::tensor::DType::BF16);
     let records = read_records(&common::fixtures().join("eval_rows.jsonl")).unwrap();
     for name in MODELS {
         let pretrained = Pretrained::load(&common::fixtures().join(name), &device, options).unwrap();

@@ -250,7 +250,7 @@ pub fn store_frozen(model: CausalLm, storage: BaseStorage, dtype: burn::tensor::
         }
 
         fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
-            if param.val().is_require_grad() || self.storage == BaseStorage::Full {
+            if param.val().is_require_grad() || self.storage == BaseStorage::Full || matches!(param.val().dtype(), burn::tensor::DType::QFloat(_)) {
                 return param;
             }
             let in_layers = self.path.iter().any(|p| p == "layers");

@@ -202,11 +202,22 @@ impl Checkpoint {
 pub struct LoadOptions {
     /// Compute dtype of the parameters (f32 everywhere; bf16/f16 where the device has it).
     pub dtype: DType,
+    /// Quantize the decoder layers' projections to this many bits as they are read (QLoRA's
+    /// frozen base; see [`super::transformer::quant_scheme`]), so the full-precision model is
+    /// never in memory at once.
+    pub quantize_bits: Option<u8>,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        LoadOptions { dtype: DType::F32 }
+        LoadOptions { dtype: DType::F32, quantize_bits: None }
+    }
+}
+
+impl LoadOptions {
+    /// Parameters in `dtype`, none quantized.
+    pub fn in_dtype(dtype: DType) -> Self {
+        LoadOptions { dtype, quantize_bits: None }
     }
 }
 
@@ -269,6 +280,10 @@ impl Loader<'_> {
     /// HF stores `[out, in]`; burn's `Linear` multiplies by `[in, out]`.
     fn linear(&mut self, prefix: &str, bias: bool) -> Result<Linear, WeightsError> {
         let weight = self.tensor::<2>(&format!("{prefix}.weight"))?.transpose();
+        let weight = match self.options.quantize_bits {
+            Some(bits) if prefix.contains("layers.") && weight.dims()[1] % 32 == 0 => weight.quantize_dynamic(&super::transformer::quant_scheme(bits)),
+            _ => weight,
+        };
         let bias = if bias { Some(self.param(&format!("{prefix}.bias"))?) } else { None };
         Ok(Linear { weight: Param::from_tensor(weight), bias })
     }

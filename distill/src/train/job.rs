@@ -640,6 +640,13 @@ fn sources(model: &Path, student: Option<&StudentConfig>) -> Result<(Option<Path
 /// The model a run starts from: pretrained or seeded random weights (f32 master weights), the
 /// context settings of `config`, and LoRA adapters drawn from the seed after the base weights.
 fn base_model(config: &ModelConfig, init: Init, checkpoint_dir: Option<&Path>, seed: u64, lora: Option<(&LoraConfig, Base)>, device: &Device) -> Result<Model, JobError> {
+    // A LoRA base held smaller is read that way, a tensor at a time: the f32 model is never
+    // in memory at once.
+    let load_options = match lora.map(|(_, base)| base) {
+        Some(Base { storage: BaseStorage::Quantized { bits }, dtype }) => LoadOptions { dtype, quantize_bits: Some(bits) },
+        Some(Base { storage: BaseStorage::Compute, dtype }) => LoadOptions::in_dtype(dtype),
+        _ => LoadOptions::default(),
+    };
     let model = match init {
         Init::Random => {
             // The initial weights follow the seed, so a run (and its resume) is reproducible.
@@ -648,7 +655,9 @@ fn base_model(config: &ModelConfig, init: Init, checkpoint_dir: Option<&Path>, s
         }
         Init::Pretrained => {
             let dir = checkpoint_dir.ok_or_else(|| JobError::Invalid("--init pretrained needs a checkpoint folder".into()))?;
-            let model = Model::load(dir, device, LoadOptions { dtype: DType::F32 }).map_err(|e| JobError::Invalid(format!("loading {}: {e}", dir.display())))?;
+            let model = Model::load(dir, device, load_options).map_err(|e| JobError::Invalid(format!("loading {}: {e}", dir.display())))?;
+            // The trained parameters (the adapters) are f32 master weights whatever the base.
+            let model = Model { dtype: DType::F32, ..model };
             model.with_context(config.rope_theta, config.max_position_embeddings)
         }
     };

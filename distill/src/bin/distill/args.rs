@@ -23,7 +23,7 @@ impl DeviceArgs {
     pub fn resolve(&self) -> Result<(distill::burn::tensor::Device, LoadOptions)> {
         let (device, name) = distill::device::select(self.device.as_deref())?;
         let dtype = distill::device::dtype(&self.dtype, &device, &name)?;
-        Ok((device, LoadOptions { dtype }))
+        Ok((device, LoadOptions::in_dtype(dtype)))
     }
 }
 
