@@ -52,11 +52,7 @@ pub struct TrainBench {
 impl TrainBench {
     /// How a LoRA run's frozen base is held: as `distill train` holds it.
     pub fn base(&self) -> crate::model::BaseStorage {
-        match (self.load_in_bits, self.compute_dtype) {
-            (Some(bits), _) => crate::model::BaseStorage::Quantized { bits },
-            (None, Some(_)) => crate::model::BaseStorage::Compute,
-            (None, None) => crate::model::BaseStorage::Full,
-        }
+        crate::model::BaseStorage::choose(self.load_in_bits, self.compute_dtype.is_some())
     }
 
     /// The memory plan of these steps, beside `runtime_bytes` of process memory (an estimate

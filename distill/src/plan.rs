@@ -367,3 +367,24 @@ pub fn routes(config: &ModelConfig, options: &PlanOptions, devices: usize, lora_
     });
     routes
 }
+
+/// When no route fits `memory` at `options`' length and batch: the first route that does with
+/// one row per device, at the longest length (halving from `options.seq_len`, not below 1024)
+/// where one does. Returns that length with the route.
+pub fn route_that_fits(config: &ModelConfig, options: &PlanOptions, devices: usize, lora_rank: usize, memory: u64) -> Option<(usize, usize, Route)> {
+    let mut seq_len = options.seq_len;
+    let mut batch_size = options.batch_size.max(1);
+    loop {
+        let candidate = PlanOptions { seq_len, batch_size, ..options.clone() };
+        if let Some(route) = routes(config, &candidate, devices, lora_rank).into_iter().find(|r| r.bytes_per_device <= memory) {
+            return Some((seq_len, batch_size, route));
+        }
+        if batch_size > 1 {
+            batch_size = 1;
+        } else if seq_len / 2 >= 1024 {
+            seq_len /= 2;
+        } else {
+            return None;
+        }
+    }
+}

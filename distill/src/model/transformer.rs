@@ -222,6 +222,18 @@ pub enum BaseStorage {
     Quantized { bits: u8 },
 }
 
+impl BaseStorage {
+    /// A LoRA run's base: quantized when `--load-in-Nbit` says so, else in the compute dtype
+    /// under mixed precision, else as loaded.
+    pub fn choose(bits: Option<u8>, mixed: bool) -> BaseStorage {
+        match (bits, mixed) {
+            (Some(bits), _) => BaseStorage::Quantized { bits },
+            (None, true) => BaseStorage::Compute,
+            (None, false) => BaseStorage::Full,
+        }
+    }
+}
+
 /// The scheme of [`BaseStorage::Quantized`]: symmetric, blocks of 32 along the output
 /// dimension, an f16 scale per block (what bitsandbytes' NF4/int8 blocks hold, with burn's
 /// integer grids).

@@ -475,7 +475,7 @@ impl Job {
             },
             config.per_device_train_batch_size,
             config.gradient_accumulation_steps,
-            self.compute_dtype.map(|d| format!(", {d:?} compute over f32 weights")).unwrap_or_default(),
+            self.compute_dtype.map(|d| format!(", {d:?} compute over f32 {}", if self.lora.is_some() { "adapters" } else { "weights" })).unwrap_or_default(),
             if config.gradient_checkpointing { ", gradient checkpointing" } else { "" },
         )
     }
@@ -689,14 +689,8 @@ impl Base {
         }
     }
 
-    pub fn new(bits: Option<u8>, compute_dtype: Option<DType>) -> Base {
-        let dtype = compute_dtype.unwrap_or(DType::F32);
-        let storage = match (bits, compute_dtype) {
-            (Some(bits), _) => BaseStorage::Quantized { bits },
-            (None, Some(_)) => BaseStorage::Compute,
-            (None, None) => BaseStorage::Full,
-        };
-        Base { storage, dtype }
+    fn new(bits: Option<u8>, compute_dtype: Option<DType>) -> Base {
+        Base { storage: BaseStorage::choose(bits, compute_dtype.is_some()), dtype: compute_dtype.unwrap_or(DType::F32) }
     }
 }
 

@@ -59,8 +59,9 @@ pub struct TrainingOptions {
     /// there (transformers' gradient_checkpointing_enable): much less memory, ~1/3 more compute.
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub gradient_checkpointing: Option<bool>,
-    /// With --devices: spread the AdamW moments over the devices, each updating its share (ZeRO
-    /// stage 1), so optimizer memory per device falls by the number of devices.
+    /// With --devices: each device keeps the AdamW moments, the gradient sum and (under mixed
+    /// precision) the f32 master weights of its share of the parameters only (ZeRO stage 2), so
+    /// optimizer memory per device falls by the number of devices.
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub shard_optimizer: Option<bool>,
     /// Train LoRA adapters of this rank instead of every weight (the base stays frozen; the

@@ -17,9 +17,8 @@
 //! two devices burn has, mixed backends included, and sum in device order, so a run's numbers
 //! do not depend on which device finished first.
 
-use std::collections::HashMap;
-
 use std::borrow::Cow;
+use std::collections::HashMap;
 
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::tensor::{DType, Device, Tensor};
@@ -27,7 +26,8 @@ use burn::tensor::{DType, Device, Tensor};
 use super::optim::{AccumulatedGrads, AdamW, clip_scale};
 use crate::model::{CausalLm, Model};
 
-/// One model per device, kept identical from step to step.
+/// One model per device, equal from step to step (each parameter at full precision on its
+/// owner, in the compute dtype elsewhere when narrowed).
 pub struct Replicas {
     devices: Vec<Device>,
     models: Vec<Model>,

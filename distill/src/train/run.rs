@@ -32,7 +32,8 @@ pub struct TrainConfig {
     /// Data parallel: every device (autodiff), the model's own first; empty: the model's
     /// device alone. Micro-batch `j` of a step runs on device `j % devices`.
     pub devices: Vec<Device>,
-    /// Spread the AdamW moments over the devices (ZeRO stage 1; see [`super::parallel`]).
+    /// Spread the optimizer state, gradient sums and (under mixed precision) master weights over
+    /// the devices (ZeRO stage 2; see [`super::parallel`]).
     pub shard_optimizer: bool,
 }
 

@@ -56,7 +56,7 @@ pub struct InfoArgs {
     /// Devices of a data-parallel run (`distill train --devices`); the plan is per device.
     #[arg(long, default_value_t = 1)]
     pub devices: usize,
-    /// Plan the AdamW moments spread over --devices (ZeRO stage 1).
+    /// Plan the optimizer sharded over --devices (ZeRO stage 2).
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub shard_optimizer: Option<bool>,
     /// Plan QLoRA: the frozen base's projections in 4 bits (needs --lora-rank).
@@ -312,7 +312,7 @@ pub struct BenchTrainArgs {
     /// them (each with --per-device-train-batch-size rows), and the scaling efficiency.
     #[arg(long, value_delimiter = ',')]
     pub devices: Vec<String>,
-    /// With --devices: spread the optimizer over them (ZeRO-1).
+    /// With --devices: shard the optimizer over them (ZeRO stage 2).
     #[arg(long)]
     pub shard_optimizer: bool,
     /// Print one JSON object per length (with the memory plan) instead of the table.

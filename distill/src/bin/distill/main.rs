@@ -117,7 +117,7 @@ fn info(args: InfoArgs) -> Result<()> {
         runtime_bytes: None,
         devices: args.devices.max(1),
         shard_optimizer: options.shard_optimizer.unwrap_or(false),
-        base: distill::train::job::Base::new(bits, Some(compute_dtype).filter(|d| *d != DType::F32)).storage,
+        base: distill::model::BaseStorage::choose(bits, compute_dtype != DType::F32),
         // Planned for a GPU, where burn packs quantized values; flex holds a byte each.
         unpacked_quantization: false,
     };
@@ -136,6 +136,9 @@ fn info(args: InfoArgs) -> Result<()> {
             "device_memory_bytes": memory,
             "fits": memory.map(|m| plan.total() <= m),
             "devices": args.devices,
+            "fallback": memory.filter(|&m| !routes.iter().any(|r| r.bytes_per_device <= m)).and_then(|m| {
+                distill::plan::route_that_fits(&config, &plan_options, args.devices, options.lora_rank.unwrap_or(16), m)
+            }).map(|(seq_len, batch_size, route)| serde_json::json!({"seq_len": seq_len, "batch_size": batch_size, "name": route.name, "flags": route.flags, "bytes_per_device": route.bytes_per_device})),
             "routes": routes.iter().map(|r| serde_json::json!({
                 "name": r.name, "flags": r.flags, "bytes_per_device": r.bytes_per_device, "fits": memory.map(|m| r.bytes_per_device <= m),
             })).collect::<Vec<_>>(),
@@ -189,7 +192,13 @@ fn info(args: InfoArgs) -> Result<()> {
     if let Some(memory) = memory {
         match routes.iter().find(|r| r.bytes_per_device <= memory) {
             Some(route) => println!("  first that fits: {} ({})", route.name, route.flags),
-            None => println!("  none fits: lower --max-length or the batch, or use more devices"),
+            None => match distill::plan::route_that_fits(&config, &plan_options, args.devices, options.lora_rank.unwrap_or(16), memory) {
+                Some((seq_len, batch_size, route)) => println!(
+                    "  none fits at {} tokens × {} rows; at {seq_len} tokens × {batch_size} row(s): {} ({:.2} GiB; {} --max-length {seq_len} --per-device-train-batch-size {batch_size})",
+                    plan_options.seq_len, plan_options.batch_size, route.name, gib(route.bytes_per_device), route.flags,
+                ),
+                None => println!("  none fits, even at 1024 tokens × 1 row"),
+            },
         }
     }
     Ok(())
