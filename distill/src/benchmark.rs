@@ -72,7 +72,7 @@ impl TrainBench {
                 devices: self.devices.len().max(1),
                 shard_optimizer: self.shard_optimizer,
                 base: self.base(),
-                unpacked_quantization: crate::device::unpacked_quantization(device),
+                unpacked_quantization: crate::device::is_flex(device),
             },
         )
     }

@@ -109,8 +109,9 @@ fn wgpu_kind(index: Option<usize>) -> burn::tensor::DeviceKind {
     }
 }
 
-/// Whether `device` holds quantized values a byte each (flex) rather than packed (CubeCL).
-pub fn unpacked_quantization(device: &Device) -> bool {
+/// Whether `device` (or the device under its autodiff) is flex. flex holds quantized values a
+/// byte each (CubeCL packs them) and computes bf16 matmuls by widening both sides to f32.
+pub fn is_flex(device: &Device) -> bool {
     #[cfg(feature = "flex")]
     if matches!(device.clone().inner().as_dispatch(), burn::backend::DispatchDevice::Flex(_)) {
         return true;

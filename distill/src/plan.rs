@@ -252,10 +252,11 @@ impl MemoryPlan {
         let block = block_size(options.batch_size.max(1), config.num_attention_heads, options.seq_len.max(1)) as u64;
         let attention_block = 3 * rows * heads * block * seq * 4 + tokens * (2 * intermediate + 2 * hidden) * e;
         let recomputed = if options.gradient_checkpointing { per_layer } else { 0 };
-        // A quantized projection is dequantized for its matmul (f32, then the compute dtype,
-        // which flex's matmul widens to f32 again), whatever else the step holds then.
+        // A quantized projection is dequantized for its matmul (f32; on the CubeCL backends then
+        // cast to the compute dtype, while flex multiplies in f32), whatever else the step
+        // holds then.
         let dequantized = match base {
-            BaseStorage::Quantized { .. } => (4 + e + if mixed { 4 } else { 0 }) * (intermediate * hidden),
+            BaseStorage::Quantized { .. } => (4 + if mixed && !options.unpacked_quantization { e } else { 0 }) * (intermediate * hidden),
             _ => 0,
         };
         let (workspace, what) = [

@@ -395,7 +395,7 @@ impl Job {
                 devices: train_config.data_parallel(),
                 shard_optimizer: train_config.shard_optimizer,
                 base: base.storage,
-                unpacked_quantization: crate::device::unpacked_quantization(&spec.device),
+                unpacked_quantization: crate::device::is_flex(&spec.device),
             },
         );
         reporter.note(&format!("memory plan at {longest} tokens × {} rows:", train_config.per_device_train_batch_size));
