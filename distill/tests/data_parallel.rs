@@ -6,8 +6,6 @@ mod common;
 use distill::burn::module::{Module, ModuleVisitor, Param};
 use distill::burn::tensor::{DType, Device, Tensor};
 use distill::data::packing::PackedBlock;
-use distill::data::records::read_records;
-use distill::data::traces::{LengthPolicy, TraceFormat, TraceOptions, tokenize_records};
 use distill::model::lora::LoraConfig;
 use distill::model::{LoadOptions, Model};
 use distill::pretrained::Pretrained;
@@ -41,15 +39,7 @@ fn weights(model: &Model) -> Vec<f32> {
 
 fn start(device: &Device, lora: Option<&LoraConfig>) -> (Model, Vec<PackedBlock>) {
     let pretrained = Pretrained::load(&common::fixtures().join("tiny-qwen2"), device, LoadOptions::default()).unwrap();
-    let records = read_records(&common::repo_root().join("datasets/math_prompts_sample100.jsonl")).unwrap();
-    let options = TraceOptions {
-        format: TraceFormat::PromptResponse { prompt_field: "problem".into(), response_field: "answer".into() },
-        max_length: 96,
-        length_policy: LengthPolicy::Drop,
-        train_on_prompt: false,
-    };
-    let (examples, _) = tokenize_records(&records[40..], &pretrained.tokenizer, &options).unwrap();
-    let blocks = examples.iter().take(16).map(PackedBlock::single).collect();
+    let blocks = common::math_blocks(&pretrained.tokenizer, 40, 16);
     let model = match lora {
         Some(lora) => {
             device.seed(3);

@@ -7,8 +7,6 @@ mod common;
 use distill::burn::module::{Module, ModuleVisitor, Param};
 use distill::burn::tensor::{DType, Device, Tensor};
 use distill::data::packing::PackedBlock;
-use distill::data::records::read_records;
-use distill::data::traces::{LengthPolicy, TraceFormat, TraceOptions, tokenize_records};
 use distill::model::lora::LoraConfig;
 use distill::model::{BaseStorage, LoadOptions, Model};
 use distill::pretrained::Pretrained;
@@ -27,17 +25,10 @@ fn lora() -> LoraConfig {
 fn adapted(storage: BaseStorage, dtype: DType) -> (Model, Vec<PackedBlock>) {
     let device = flex();
     let pretrained = Pretrained::load(&common::fixtures().join("tiny-qwen2"), &device, LoadOptions::default()).unwrap();
-    let records = read_records(&common::repo_root().join("datasets/math_prompts_sample100.jsonl")).unwrap();
-    let options = TraceOptions {
-        format: TraceFormat::PromptResponse { prompt_field: "problem".into(), response_field: "answer".into() },
-        max_length: 96,
-        length_policy: LengthPolicy::Drop,
-        train_on_prompt: false,
-    };
-    let (examples, _) = tokenize_records(&records[20..], &pretrained.tokenizer, &options).unwrap();
+    let blocks = common::math_blocks(&pretrained.tokenizer, 20, 8);
     device.seed(9);
     let model = pretrained.model.with_lora(&lora()).with_frozen_base(storage, dtype);
-    (model, examples.iter().take(8).map(PackedBlock::single).collect())
+    (model, blocks)
 }
 
 fn run(model: Model, blocks: &[PackedBlock], compute_dtype: Option<DType>) -> (Vec<StepMetrics>, Model) {

@@ -4,8 +4,6 @@ mod common;
 
 use distill::burn::tensor::{DType, Device};
 use distill::data::packing::PackedBlock;
-use distill::data::records::read_records;
-use distill::data::traces::{LengthPolicy, TraceFormat, TraceOptions, tokenize_records};
 use distill::model::LoadOptions;
 use distill::model::lora::LoraConfig;
 use distill::pretrained::Pretrained;
@@ -14,15 +12,7 @@ use distill::train::run::{StepMetrics, TrainConfig, train};
 use distill::train::schedule::{Schedule, Scheduler};
 
 fn blocks(pretrained: &Pretrained) -> Vec<PackedBlock> {
-    let records = read_records(&common::repo_root().join("datasets/math_prompts_sample100.jsonl")).unwrap();
-    let options = TraceOptions {
-        format: TraceFormat::PromptResponse { prompt_field: "problem".into(), response_field: "answer".into() },
-        max_length: 96,
-        length_policy: LengthPolicy::Drop,
-        train_on_prompt: false,
-    };
-    let (examples, _) = tokenize_records(&records[50..], &pretrained.tokenizer, &options).unwrap();
-    examples.iter().take(8).map(PackedBlock::single).collect()
+    common::math_blocks(&pretrained.tokenizer, 50, 8)
 }
 
 fn run(batch: usize, accumulation: usize, steps: usize) -> Vec<StepMetrics> {

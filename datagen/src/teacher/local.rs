@@ -38,7 +38,7 @@ impl LocalTeacher {
     pub fn load(dir: &Path, device: Option<&str>, dtype: &str, max_batch_size: usize) -> Result<LocalTeacher, String> {
         let (device, name) = distill::device::select(device).map_err(|e| e.to_string())?;
         let dtype = distill::device::dtype(dtype, &device, &name).map_err(|e| e.to_string())?;
-        let pretrained = Pretrained::load(dir, &device, LoadOptions { dtype }).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let pretrained = Pretrained::load(dir, &device, LoadOptions::in_dtype(dtype)).map_err(|e| format!("{}: {e}", dir.display()))?;
         let Pretrained { model, tokenizer, eos_token_ids, .. } = pretrained;
         let (jobs, queue) = mpsc::channel();
         std::thread::Builder::new()

@@ -14,6 +14,21 @@ pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
+/// `take` one-row blocks of the bundled math prompts from row `skip` on (problem → answer,
+/// at most 96 tokens), tokenized by `tokenizer`.
+pub fn math_blocks(tokenizer: &distill::text::Tokenizer, skip: usize, take: usize) -> Vec<distill::data::packing::PackedBlock> {
+    use distill::data::traces::{LengthPolicy, TraceFormat, TraceOptions, tokenize_records};
+    let records = distill::data::records::read_records(&repo_root().join("datasets/math_prompts_sample100.jsonl")).unwrap();
+    let options = TraceOptions {
+        format: TraceFormat::PromptResponse { prompt_field: "problem".into(), response_field: "answer".into() },
+        max_length: 96,
+        length_policy: LengthPolicy::Drop,
+        train_on_prompt: false,
+    };
+    let (examples, _) = tokenize_records(&records[skip..], tokenizer, &options).unwrap();
+    examples.iter().take(take).map(distill::data::packing::PackedBlock::single).collect()
+}
+
 pub fn reference() -> serde_json::Value {
     let text = std::fs::read_to_string(fixtures().join("reference.json")).expect("reference.json");
     serde_json::from_str(&text).expect("reference.json is JSON")

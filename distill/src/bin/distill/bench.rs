@@ -11,7 +11,7 @@ use distill::student::model_config_from_any;
 use crate::args::{BenchForwardArgs, BenchGenerateArgs, BenchTrainArgs};
 
 pub fn bench_train(args: BenchTrainArgs) -> Result<()> {
-    use distill::benchmark::{BurnSide, TrainBench, compare_training};
+    use distill::benchmark::{BurnSide, compare_training};
     if args.reference.is_some() && args.lora_rank.is_some() {
         bail!("--reference measures full fine-tuning in PyTorch; compare LoRA runs without it (or drop --lora-rank)");
     }
@@ -32,18 +32,7 @@ pub fn bench_train(args: BenchTrainArgs) -> Result<()> {
     }
     let available = distill::train::job::device_memory(None, &device_name);
     for &seq_len in &args.seq_len {
-        let bench = TrainBench {
-            seq_len,
-            batch_size: args.per_device_train_batch_size,
-            warmup_steps: args.warmup_steps,
-            steps: args.steps.max(1),
-            compute_dtype,
-            gradient_checkpointing: args.gradient_checkpointing,
-            lora_rank: args.lora_rank,
-            devices: Vec::new(),
-            shard_optimizer: false,
-            load_in_bits: load_in_bits(&args),
-        };
+        let bench = train_bench(&args, seq_len, compute_dtype, Vec::new());
         let compared = compare_training(&config, &args.config, &bench, args.reference.as_deref(), &device, available);
         let measured = match compared.burn {
             BurnSide::Skipped { plan_bytes, available_bytes } => {
@@ -86,20 +75,26 @@ pub fn bench_train(args: BenchTrainArgs) -> Result<()> {
     Ok(())
 }
 
-fn load_in_bits(args: &BenchTrainArgs) -> Option<u8> {
-    if args.load_in_4bit {
-        Some(4)
-    } else if args.load_in_8bit {
-        Some(8)
-    } else {
-        None
+/// The steps `bench train` measures at `seq_len` on `devices` (empty: the measured device alone).
+fn train_bench(args: &BenchTrainArgs, seq_len: usize, compute_dtype: Option<DType>, devices: Vec<distill::burn::tensor::Device>) -> distill::benchmark::TrainBench {
+    distill::benchmark::TrainBench {
+        seq_len,
+        batch_size: args.per_device_train_batch_size,
+        warmup_steps: args.warmup_steps,
+        steps: args.steps.max(1),
+        compute_dtype,
+        gradient_checkpointing: args.gradient_checkpointing,
+        lora_rank: args.lora_rank,
+        shard_optimizer: args.shard_optimizer && !devices.is_empty(),
+        devices,
+        load_in_bits: if args.load_in_4bit { Some(4) } else if args.load_in_8bit { Some(8) } else { None },
     }
 }
 
 /// `bench train --devices`: tokens/s on the first device alone and on all of them, the same
 /// per-device batch, and the scaling efficiency (n-device tokens/s over n × one device's).
 fn bench_data_parallel(args: &BenchTrainArgs, config: &distill::model::ModelConfig, compute_dtype: Option<DType>) -> Result<()> {
-    use distill::benchmark::{TrainBench, measure_training};
+    use distill::benchmark::measure_training;
     let devices = args.devices.iter().map(|name| distill::device::parse(name)).collect::<Result<Vec<_>, _>>()?;
     let n = devices.len();
     println!(
@@ -108,20 +103,8 @@ fn bench_data_parallel(args: &BenchTrainArgs, config: &distill::model::ModelConf
         args.devices[0], args.devices.join(","), if args.shard_optimizer { ", optimizer sharded" } else { "" },
     );
     for &seq_len in &args.seq_len {
-        let bench = |devices: Vec<distill::burn::tensor::Device>| TrainBench {
-            seq_len,
-            batch_size: args.per_device_train_batch_size,
-            warmup_steps: args.warmup_steps,
-            steps: args.steps.max(1),
-            compute_dtype,
-            gradient_checkpointing: args.gradient_checkpointing,
-            lora_rank: args.lora_rank,
-            devices,
-            shard_optimizer: args.shard_optimizer,
-            load_in_bits: load_in_bits(args),
-        };
-        let one = measure_training(config, &bench(Vec::new()), &devices[0]);
-        let all = measure_training(config, &bench(devices.clone()), &devices[0]);
+        let one = measure_training(config, &train_bench(args, seq_len, compute_dtype, Vec::new()), &devices[0]);
+        let all = measure_training(config, &train_bench(args, seq_len, compute_dtype, devices.clone()), &devices[0]);
         let efficiency = all.tokens_per_s / (n as f64 * one.tokens_per_s);
         if args.json {
             println!("{}", serde_json::json!({"seq_len": seq_len, "devices": n, "one_device_tokens_per_s": one.tokens_per_s, "tokens_per_s": all.tokens_per_s, "scaling_efficiency": efficiency}));
