@@ -185,3 +185,28 @@ fn flex_and_wgpu_train_together() {
     let mixed = run(vec![flex(), distill::device::parse("wgpu").unwrap().autodiff()], true, 2, 1, None);
     assert_same(&one, &mixed, 1e-4, 1e-4, "flex + wgpu vs flex");
 }
+
+/// Bad `--devices` / QLoRA settings are refused before anything is written, with what to change.
+#[test]
+fn bad_parallel_and_quantization_settings_are_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let train = |name: &str, extra: &[&str]| {
+        let out = dir.path().join(name);
+        let mut args = vec![
+            "train", "--model", "tests/fixtures/tiny-qwen2", "--data", "datasets/r1_traces_sample40.jsonl",
+            "--prompt-field", "problem", "--response-field", "generated_solution", "--out", out.to_str().unwrap(),
+            "--max-length", "96", "--truncate", "--max-steps", "1",
+        ];
+        args.extend(extra);
+        let output = common::distill(&args);
+        assert!(!out.exists() || std::fs::read_dir(&out).unwrap().next().is_none(), "{name}: {} was written", out.display());
+        output
+    };
+    common::assert_clean_failure(&train("unknown", &["--devices", "flex,tpu"]), &["unknown device `tpu`"]);
+    common::assert_clean_failure(&train("both", &["--devices", "flex,flex", "--device", "flex"]), &["--devices", "--device"]);
+    common::assert_clean_failure(&train("bf16-on-wgpu", &["--devices", "flex,wgpu", "--dtype", "bf16"]), &["wgpu has no bf16 compute"]);
+    common::assert_clean_failure(
+        &train("two-widths", &["--device", "flex", "--lora-rank", "4", "--load-in-4bit", "--load-in-8bit"]),
+        &["--load-in-4bit and --load-in-8bit exclude each other"],
+    );
+}
