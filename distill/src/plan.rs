@@ -174,7 +174,9 @@ impl MemoryPlan {
         let devices = options.devices.max(1) as u64;
         // A sharded optimizer's shares are balanced to within one parameter.
         let sharded = options.shard_optimizer && devices > 1;
-        let owned = if sharded { trainable.div_ceil(devices) } else { trainable };
+        // The first device takes the largest parameter whole (the embeddings of a full run).
+        let largest_trainable = if lora.is_some() { 0 } else { largest_parameter(config) };
+        let owned = if sharded { trainable.div_ceil(devices).max(largest_trainable).min(trainable) } else { trainable };
         // Sharded mixed precision: f32 master weights for this device's share only.
         let narrowed = if sharded && mixed { trainable - owned } else { 0 };
         let base = if lora.is_some() { options.base } else { BaseStorage::Full };

@@ -7,7 +7,7 @@ use distill::burn::module::{Module, ModuleVisitor, Param};
 use distill::burn::tensor::{DType, Device, Tensor};
 use distill::data::packing::PackedBlock;
 use distill::model::lora::LoraConfig;
-use distill::model::{LoadOptions, Model};
+use distill::model::{BaseStorage, LoadOptions, Model};
 use distill::pretrained::Pretrained;
 use distill::train::optim::{AdamW, AdamWConfig};
 use distill::train::parallel::Replicas;
@@ -27,7 +27,9 @@ struct Flatten(Vec<f32>);
 
 impl ModuleVisitor for Flatten {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-        self.0.extend(param.val().into_data().convert::<f32>().as_slice::<f32>().unwrap());
+        let value = param.val();
+        let value = if matches!(value.dtype(), DType::QFloat(_)) { value.dequantize() } else { value };
+        self.0.extend(value.into_data().convert::<f32>().as_slice::<f32>().unwrap());
     }
 }
 
@@ -38,12 +40,16 @@ fn weights(model: &Model) -> Vec<f32> {
 }
 
 fn start(device: &Device, lora: Option<&LoraConfig>) -> (Model, Vec<PackedBlock>) {
+    start_with(device, lora, BaseStorage::Full)
+}
+
+fn start_with(device: &Device, lora: Option<&LoraConfig>, base: BaseStorage) -> (Model, Vec<PackedBlock>) {
     let pretrained = Pretrained::load(&common::fixtures().join("tiny-qwen2"), device, LoadOptions::default()).unwrap();
     let blocks = common::math_blocks(&pretrained.tokenizer, 40, 16);
     let model = match lora {
         Some(lora) => {
             device.seed(3);
-            pretrained.model.with_lora(lora)
+            pretrained.model.with_lora(lora).with_frozen_base(base, DType::F32)
         }
         None => pretrained.model,
     };
@@ -55,8 +61,20 @@ fn run(devices: Vec<Device>, shard_optimizer: bool, batch: usize, accumulation: 
 }
 
 fn run_in(devices: Vec<Device>, shard_optimizer: bool, batch: usize, accumulation: usize, lora: Option<&LoraConfig>, compute_dtype: Option<DType>) -> Run {
+    run_on_base(devices, shard_optimizer, batch, accumulation, lora, compute_dtype, BaseStorage::Full)
+}
+
+fn run_on_base(
+    devices: Vec<Device>,
+    shard_optimizer: bool,
+    batch: usize,
+    accumulation: usize,
+    lora: Option<&LoraConfig>,
+    compute_dtype: Option<DType>,
+    base: BaseStorage,
+) -> Run {
     let first = devices.first().cloned().unwrap_or_else(flex);
-    let (model, blocks) = start(&first, lora);
+    let (model, blocks) = start_with(&first, lora, base);
     let config = TrainConfig {
         schedule: Schedule { learning_rate: 3e-3, scheduler: Scheduler::Cosine, warmup_steps: 1, total_steps: 4, min_lr_ratio: 0.1 },
         adamw: AdamWConfig { weight_decay: 0.01, ..Default::default() },
@@ -177,6 +195,26 @@ fn lora_data_parallel_equals_one_device() {
     assert_same(&one, &two, 1e-5, 1e-5, "LoRA on 2 devices vs 1");
 }
 
+/// LoRA dropout on two devices draws the masks one device draws for the same micro-batches
+/// (they follow the step and the micro-batch's place in it; burn's generator is one per
+/// process, so replicas that draw take turns instead of taking each other's draws), and QLoRA's
+/// quantized base forks to every replica: both equal one device running the same two
+/// micro-batches one after the other.
+#[test]
+fn lora_dropout_and_qlora_on_two_devices_equal_one_device() {
+    let lora = LoraConfig { rank: 4, alpha: 8.0, dropout: 0.1, targets: vec!["q_proj".into(), "v_proj".into(), "down_proj".into()] };
+    let one = run(vec![], false, 2, 2, Some(&lora));
+    let two = run(vec![flex(), flex()], true, 2, 1, Some(&lora));
+    assert_same(&one, &two, 1e-5, 1e-5, "LoRA with dropout on 2 devices vs 1");
+    let without = LoraConfig { dropout: 0.0, ..lora.clone() };
+    let undropped = run(vec![], false, 2, 2, Some(&without));
+    assert!((undropped.metrics[0].grad_norm - one.metrics[0].grad_norm).abs() > 1e-3 * one.metrics[0].grad_norm, "dropout changed nothing");
+    let quantized = BaseStorage::Quantized { bits: 4 };
+    let one = run_on_base(vec![], false, 2, 2, Some(&lora), None, quantized);
+    let two = run_on_base(vec![flex(), flex()], true, 2, 1, Some(&lora), None, quantized);
+    assert_same(&one, &two, 1e-5, 1e-5, "QLoRA on 2 devices vs 1");
+}
+
 /// Mixed backends: a replica on flex and one on wgpu (lavapipe on CI) train as one device does,
 /// within wgpu's own agreement with flex.
 #[test]
@@ -204,6 +242,7 @@ fn bad_parallel_and_quantization_settings_are_clear_errors() {
     };
     common::assert_clean_failure(&train("unknown", &["--devices", "flex,tpu"]), &["unknown device `tpu`"]);
     common::assert_clean_failure(&train("both", &["--devices", "flex,flex", "--device", "flex"]), &["--devices", "--device"]);
+    common::assert_clean_failure(&train("twice", &["--devices", "wgpu,wgpu"]), &["--devices names wgpu twice"]);
     common::assert_clean_failure(&train("bf16-on-wgpu", &["--devices", "flex,wgpu", "--dtype", "bf16"]), &["wgpu has no bf16 compute"]);
     common::assert_clean_failure(
         &train("two-widths", &["--device", "flex", "--lora-rank", "4", "--load-in-4bit", "--load-in-8bit"]),

@@ -109,6 +109,16 @@ impl Model {
         self.net.layers.first().is_some_and(|l| l.self_attn.lora.is_some() || l.mlp.lora.is_some())
     }
 
+    /// Whether training draws random masks (LoRA dropout). They come from the device's
+    /// generator, which burn keeps per backend for the whole process.
+    pub fn draws_dropout(&self) -> bool {
+        self.net.layers.iter().any(|layer| {
+            let attention = layer.self_attn.lora.iter().flat_map(|l| [&l.q_proj, &l.k_proj, &l.v_proj, &l.o_proj]);
+            let mlp = layer.mlp.lora.iter().flat_map(|l| [&l.gate_proj, &l.up_proj, &l.down_proj]);
+            attention.chain(mlp).flatten().any(|adapter| adapter.dropout > 0.0)
+        })
+    }
+
     /// The adapters folded into the weights, checked: the merged model's logits on two probe
     /// rows must equal the adapted model's (to 1e-3 of the largest logit). Returns the merged
     /// model and the largest difference seen.

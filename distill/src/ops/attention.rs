@@ -123,6 +123,8 @@ pub struct Plan {
     layout: Layout,
     block: usize,
     blocks: Vec<QueryBlock>,
+    /// Threads the blocks are spread over (see [`Plan::runs`]).
+    workers: usize,
 }
 
 const HIDDEN: f32 = f32::NEG_INFINITY;
@@ -191,7 +193,47 @@ impl Plan {
             blocks.push(QueryBlock { start, end, key_start, past_rows, past_keys, diagonal });
             start = end;
         }
-        Plan { layout, block, blocks }
+        // flex runs element-wise operations on one thread, so blocks computed side by side
+        // use the other cores; a GPU queues the work of every thread on one stream.
+        let workers = if crate::device::is_flex(&device) { rayon::current_num_threads().clamp(1, blocks.len().max(1)) } else { 1 };
+        Plan { layout, block, blocks, workers }
+    }
+
+    /// The blocks cut into contiguous runs of about equal cost (key-query pairs), one per
+    /// worker thread.
+    fn runs(&self) -> Vec<&[QueryBlock]> {
+        if self.workers <= 1 {
+            return vec![&self.blocks[..]];
+        }
+        let cost = |b: &QueryBlock| (b.end - b.start) * (b.end - b.key_start);
+        let total: usize = self.blocks.iter().map(cost).sum();
+        let mut runs = Vec::with_capacity(self.workers);
+        let (mut first, mut done) = (0, 0);
+        for (index, block) in self.blocks.iter().enumerate() {
+            done += cost(block);
+            if done * self.workers >= total * (runs.len() + 1) && runs.len() + 1 < self.workers {
+                runs.push(&self.blocks[first..=index]);
+                first = index + 1;
+            }
+        }
+        if first < self.blocks.len() {
+            runs.push(&self.blocks[first..]);
+        }
+        runs
+    }
+
+    /// `work` on each run of blocks, on threads of their own when there are several; results
+    /// in block order.
+    fn on_runs<T: Send>(&self, work: impl Fn(&[QueryBlock]) -> T + Sync) -> Vec<T> {
+        let runs = self.runs();
+        if runs.len() == 1 {
+            return vec![work(runs[0])];
+        }
+        std::thread::scope(|scope| {
+            let work = &work;
+            let running: Vec<_> = runs.into_iter().map(|run| scope.spawn(move || work(run))).collect();
+            running.into_iter().map(|thread| thread.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))).collect()
+        })
     }
 
     pub fn layout(&self) -> &Layout {
@@ -263,30 +305,34 @@ pub fn forward(plan: &Plan, q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> (Tensor
     // The softmax scale goes on the queries (seq × head_dim), not on every score (seq × keys).
     let scale = (head_dim as f64).powf(-0.5);
     let (q, k, v) = (grouped(q * scale, kv_heads), k.unsqueeze_dim::<5>(2), v.unsqueeze_dim::<5>(2));
-    let mut outputs = Vec::with_capacity(plan.blocks.len());
-    let mut lses = Vec::with_capacity(plan.blocks.len());
-    for block in &plan.blocks {
-        let q_block = q.clone().narrow(3, block.start, block.end - block.start);
-        let pieces = pieces(block);
-        let scored: Vec<Tensor<5>> = pieces.iter().map(|piece| scores(&q_block, &k, piece)).collect();
-        let max = scored.iter().map(|s| s.clone().max_dim(4)).reduce(|a, b| a.max_pair(b)).expect("a block sees itself");
-        let exps: Vec<Tensor<5>> = scored.into_iter().map(|s| (s - max.clone()).exp()).collect();
-        let sum = exps.iter().map(|e| e.clone().sum_dim(4)).reduce(|a, b| a + b).expect("a block sees itself");
-        // Σ exp · V, normalised after the matmul: a division over `n × head_dim`, not over every
-        // score (the unnormalised exps are in [0, 1], so nothing is lost in a low dtype).
-        let mut output: Option<Tensor<5>> = None;
-        for (piece, e) in pieces.iter().zip(exps) {
-            let values = v.clone().narrow(3, piece.start, piece.end - piece.start);
-            let part = to_f32(to_dtype(e, dtype).matmul(values));
-            output = Some(match output {
-                Some(o) => o + part,
-                None => part,
-            });
-        }
-        let output = output.map(|o| to_dtype(o / sum.clone(), dtype));
-        outputs.push(output.expect("a block sees itself"));
-        lses.push(max + sum.log());
-    }
+    let forward_run = |blocks: &[QueryBlock]| -> Vec<(Tensor<5>, Tensor<5>)> {
+        blocks
+            .iter()
+            .map(|block| {
+                let q_block = q.clone().narrow(3, block.start, block.end - block.start);
+                let pieces = pieces(block);
+                let scored: Vec<Tensor<5>> = pieces.iter().map(|piece| scores(&q_block, &k, piece)).collect();
+                let max = scored.iter().map(|s| s.clone().max_dim(4)).reduce(|a, b| a.max_pair(b)).expect("a block sees itself");
+                let exps: Vec<Tensor<5>> = scored.into_iter().map(|s| (s - max.clone()).exp()).collect();
+                let sum = exps.iter().map(|e| e.clone().sum_dim(4)).reduce(|a, b| a + b).expect("a block sees itself");
+                // Σ exp · V, normalised after the matmul: a division over `n × head_dim`, not
+                // over every score (the unnormalised exps are in [0, 1], so nothing is lost in
+                // a low dtype).
+                let mut output: Option<Tensor<5>> = None;
+                for (piece, e) in pieces.iter().zip(exps) {
+                    let values = v.clone().narrow(3, piece.start, piece.end - piece.start);
+                    let part = to_f32(to_dtype(e, dtype).matmul(values));
+                    output = Some(match output {
+                        Some(o) => o + part,
+                        None => part,
+                    });
+                }
+                let output = output.map(|o| to_dtype(o / sum.clone(), dtype)).expect("a block sees itself");
+                (output, max + sum.log())
+            })
+            .collect()
+    };
+    let (outputs, lses): (Vec<Tensor<5>>, Vec<Tensor<5>>) = plan.on_runs(forward_run).into_iter().flatten().unzip();
     let output = Tensor::cat(outputs, 3)
         .reshape([batch, heads, seq, head_dim])
         .swap_dims(1, 2)
@@ -313,39 +359,51 @@ pub fn backward(
     // With q' = q · scale the scores are q'kᵀ: dK = dSᵀ q', and dQ = dS k · scale.
     let (q, k, v) = (grouped(q * scale, kv_heads), k.unsqueeze_dim::<5>(2), v.unsqueeze_dim::<5>(2));
     let device = q.device();
-    let mut key_grad = Tensor::<5>::zeros([batch, kv_heads, 1, seq, head_dim], (&device, DType::F32));
-    let mut value_grad = Tensor::<5>::zeros([batch, kv_heads, 1, seq, head_dim], (&device, DType::F32));
-    let mut query_grads = Vec::with_capacity(plan.blocks.len());
     let accumulate = |total: Tensor<5>, piece: &Piece, part: Tensor<5>| {
         let range = [0..batch, 0..kv_heads, 0..1, piece.start..piece.end, 0..head_dim];
         let sum = total.clone().slice(range.clone()) + part;
         total.slice_assign(range, sum)
     };
-    for block in &plan.blocks {
-        let n = block.end - block.start;
-        let q_block = q.clone().narrow(3, block.start, n);
-        let grad_block = output_grad.clone().narrow(3, block.start, n);
-        let lse_block = lse.clone().narrow(3, block.start, n);
-        let correction_block = correction.clone().narrow(3, block.start, n);
-        let mut query_grad: Option<Tensor<5>> = None;
-        for piece in pieces(block) {
-            let p = (scores(&q_block, &k, &piece) - lse_block.clone()).exp();
-            let values = v.clone().narrow(3, piece.start, piece.end - piece.start);
-            let keys = k.clone().narrow(3, piece.start, piece.end - piece.start);
-            let part = to_dtype(p.clone(), dtype).swap_dims(3, 4).matmul(grad_block.clone());
-            value_grad = accumulate(value_grad, &piece, to_f32(part.sum_dim(2)));
-            let p_grad = to_f32(grad_block.clone().matmul(values.swap_dims(3, 4)));
-            let s_grad = to_dtype(p * (p_grad - correction_block.clone()), dtype);
-            let part = to_f32(s_grad.clone().matmul(keys));
-            query_grad = Some(match query_grad {
-                Some(g) => g + part,
-                None => part,
-            });
-            let part = s_grad.swap_dims(3, 4).matmul(q_block.clone());
-            key_grad = accumulate(key_grad, &piece, to_f32(part.sum_dim(2)));
+    // Each run of blocks sums dK and dV of its own; the runs' sums are added in block order.
+    let backward_run = |blocks: &[QueryBlock]| -> (Vec<Tensor<5>>, Tensor<5>, Tensor<5>) {
+        let mut key_grad = Tensor::<5>::zeros([batch, kv_heads, 1, seq, head_dim], (&device, DType::F32));
+        let mut value_grad = Tensor::<5>::zeros([batch, kv_heads, 1, seq, head_dim], (&device, DType::F32));
+        let mut query_grads = Vec::with_capacity(blocks.len());
+        for block in blocks {
+            let n = block.end - block.start;
+            let q_block = q.clone().narrow(3, block.start, n);
+            let grad_block = output_grad.clone().narrow(3, block.start, n);
+            let lse_block = lse.clone().narrow(3, block.start, n);
+            let correction_block = correction.clone().narrow(3, block.start, n);
+            let mut query_grad: Option<Tensor<5>> = None;
+            for piece in pieces(block) {
+                let p = (scores(&q_block, &k, &piece) - lse_block.clone()).exp();
+                let values = v.clone().narrow(3, piece.start, piece.end - piece.start);
+                let keys = k.clone().narrow(3, piece.start, piece.end - piece.start);
+                let part = to_dtype(p.clone(), dtype).swap_dims(3, 4).matmul(grad_block.clone());
+                value_grad = accumulate(value_grad, &piece, to_f32(part.sum_dim(2)));
+                let p_grad = to_f32(grad_block.clone().matmul(values.swap_dims(3, 4)));
+                let s_grad = to_dtype(p * (p_grad - correction_block.clone()), dtype);
+                let part = to_f32(s_grad.clone().matmul(keys));
+                query_grad = Some(match query_grad {
+                    Some(g) => g + part,
+                    None => part,
+                });
+                let part = s_grad.swap_dims(3, 4).matmul(q_block.clone());
+                key_grad = accumulate(key_grad, &piece, to_f32(part.sum_dim(2)));
+            }
+            query_grads.push(to_dtype(query_grad.expect("a block sees itself") * scale, dtype));
         }
-        query_grads.push(to_dtype(query_grad.expect("a block sees itself") * scale, dtype));
+        (query_grads, key_grad, value_grad)
+    };
+    let mut query_grads = Vec::with_capacity(plan.blocks.len());
+    let (mut key_grad, mut value_grad): (Option<Tensor<5>>, Option<Tensor<5>>) = (None, None);
+    for (queries, keys, values) in plan.on_runs(backward_run) {
+        query_grads.extend(queries);
+        key_grad = Some(key_grad.map_or(keys.clone(), |total| total + keys));
+        value_grad = Some(value_grad.map_or(values.clone(), |total| total + values));
     }
+    let (key_grad, value_grad) = (key_grad.expect("one run at least"), value_grad.expect("one run at least"));
     let query_grad = Tensor::cat(query_grads, 3).reshape([batch, heads, seq, head_dim]);
     let key_grad = to_dtype(key_grad.reshape([batch, kv_heads, seq, head_dim]), dtype);
     let value_grad = to_dtype(value_grad.reshape([batch, kv_heads, seq, head_dim]), dtype);

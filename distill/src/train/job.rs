@@ -547,7 +547,10 @@ impl Job {
             if let Some(eval) = &self.eval
                 && (step.step % eval_every == 0 || step.step == total_steps)
             {
-                let (loss, tokens) = eval_loss(&replicas.full_model(), eval, self.compute_dtype);
+                // A LoRA base held in the compute dtype needs its adapters cast to match; a full
+                // fine-tuning run is evaluated in f32, as before data parallelism.
+                let cast = self.compute_dtype.filter(|_| self.lora.is_some() && self.base.storage != BaseStorage::Full);
+                let (loss, tokens) = eval_loss(&replicas.inference_model(), eval, cast);
                 reporter.note(&format!("step {}: eval loss {loss:.4} ({tokens} tokens)", step.step));
                 let line = serde_json::json!({"step": step.step, "eval_loss": loss, "eval_tokens": tokens});
                 writeln!(metrics, "{line}").map_err(io(&metrics_path))?;
@@ -605,12 +608,10 @@ fn changed_settings(saved: &serde_json::Value, current: &serde_json::Value) -> V
 }
 
 /// Mean loss over the eval rows, and the tokens it covers (forward passes only).
-fn eval_loss(model: &Model, eval: &Packed, compute_dtype: Option<DType>) -> (f64, usize) {
-    let model = model.for_inference();
-    // As trained: a bf16 base needs the adapters in bf16 too.
-    let model = match compute_dtype {
+fn eval_loss(model: &Model, eval: &Packed, cast: Option<DType>) -> (f64, usize) {
+    let model = match cast {
         Some(dtype) => model.compute_copy(dtype),
-        None => model,
+        None => model.clone(),
     };
     let (mut sum, mut count) = (0.0, 0);
     for index in 0..eval.len() {
@@ -728,6 +729,14 @@ pub fn checkpoint_model(dir: &Path, device: &Device) -> Result<(Model, PathBuf, 
     let eos = crate::pretrained::eos_token_ids(&tokenizer_dir, &config.eos_token_ids)?;
     let compute_dtype = setting("compute_dtype").as_str().map(|d| crate::device::dtype_named(&d.to_lowercase())).transpose().map_err(|_| invalid("compute_dtype"))?;
     let bits = setting("load_in_bits").as_u64().map(|b| b as u8);
+    if let Some(dtype) = compute_dtype
+        && !device.supports_dtype(dtype)
+    {
+        return Err(JobError::Invalid(format!(
+            "{}: the run held its LoRA base in {dtype:?}, which this device cannot compute; export it on flex (the default) or a device with {dtype:?}",
+            dir.display()
+        )));
+    }
     let base = base_model(&config, init, checkpoint_dir.as_deref(), seed, Some((&lora, Base::new(bits, compute_dtype))), device)?;
     let adapted = checkpoint::read_adapters(dir, base)?;
     let (merged, _) = adapted.merge_lora().map_err(JobError::Invalid)?;

@@ -254,6 +254,17 @@ impl AdamW {
             .collect()
     }
 
+    /// Moves each parameter's moments to the device `device_of` names (a sharded optimizer's
+    /// owner), so that a resumed run holds them where its steps will use them.
+    pub fn place_moments(&mut self, device_of: impl Fn(ParamId) -> Option<burn::tensor::Device>) {
+        let ids: Vec<ParamId> = self.moments.keys().copied().collect();
+        for id in ids {
+            if let (Some(device), Some(moments)) = (device_of(id), self.moments.remove(&id)) {
+                self.moments.insert(id, moments.on(&device));
+            }
+        }
+    }
+
     /// One moment of one parameter on the host (`second`: the squared-gradient average).
     pub fn moment_values(&self, id: ParamId, second: bool) -> Option<Vec<f32>> {
         let moments = self.moments.get(&id)?;

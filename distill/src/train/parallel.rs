@@ -102,6 +102,24 @@ impl Replicas {
         self.models.len()
     }
 
+    /// Puts the moments `optimizer` holds (a checkpoint's, read onto the first device) on the
+    /// devices that own their parameters.
+    pub fn place_moments(&self, optimizer: &mut AdamW) {
+        if self.len() > 1 {
+            optimizer.place_moments(|id| self.owners.get(&id).map(|&owner| self.devices[owner].clone().inner()));
+        }
+    }
+
+    /// The first replica for forward passes off the graph (eval): under sharded mixed
+    /// precision in the compute dtype throughout, which is what its steps compute with.
+    pub fn inference_model(&self) -> Model {
+        let model = self.models[0].for_inference();
+        match self.narrowed {
+            Some(dtype) => model.compute_copy(dtype),
+            None => model,
+        }
+    }
+
     pub fn is_empty(&self) -> bool {
         self.models.is_empty()
     }

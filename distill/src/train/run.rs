@@ -91,6 +91,10 @@ pub fn train<E>(
     let per_step = config.global_batch();
     let per_epoch = steps_per_epoch(blocks.len(), config);
     let mut replicas = Replicas::new(model, &config.devices, config.shard_optimizer, config.compute_dtype);
+    replicas.place_moments(optimizer);
+    // Dropout masks come from the device's generator, which burn keeps once per process: two
+    // replicas drawing at once would take each other's draws, so such a run takes turns.
+    let side_by_side = !replicas.model(0).draws_dropout();
     let mut order: Option<(usize, Vec<usize>)> = None;
     for step in start_step..config.schedule.total_steps {
         let started = Instant::now();
@@ -130,8 +134,8 @@ pub fn train<E>(
                 grads.add(&model.net, &scaled.backward());
                 (grads, loss)
             };
-            let per_device: Vec<(AccumulatedGrads, f64)> = if devices == 1 {
-                vec![run_device(0)]
+            let per_device: Vec<(AccumulatedGrads, f64)> = if devices == 1 || !side_by_side {
+                (0..devices).map(run_device).collect()
             } else {
                 std::thread::scope(|scope| {
                     let running: Vec<_> = (0..devices).map(|device| scope.spawn(move || run_device(device))).collect();

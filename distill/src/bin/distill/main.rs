@@ -373,6 +373,11 @@ fn train_command(args: TrainArgs) -> Result<()> {
         (device, name, Vec::new())
     } else {
         let devices = args.devices.iter().map(|name| Ok((distill::device::parse(name)?, name.clone()))).collect::<Result<Vec<_>>>()?;
+        // Two replicas on one GPU would share its memory, which the plan gives to one; flex is
+        // the host, counted per replica, and has one device handle only.
+        if let Some(twice) = args.devices.iter().enumerate().find(|(i, name)| *name != "flex" && args.devices[..*i].contains(name)).map(|(_, name)| name) {
+            bail!("--devices names {twice} twice; name each device once (flex alone may repeat: replicas on the host's cores)");
+        }
         eprintln!("devices: {} (data parallel)", args.devices.join(", "));
         (devices[0].0.clone(), devices[0].1.clone(), devices)
     };
