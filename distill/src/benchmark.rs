@@ -73,6 +73,7 @@ impl TrainBench {
                 shard_optimizer: self.shard_optimizer,
                 base: self.base(),
                 unpacked_quantization: crate::device::is_flex(device),
+                attention_threads: crate::ops::attention::threads_on(device),
             },
         )
     }

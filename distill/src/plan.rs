@@ -43,6 +43,9 @@ pub struct PlanOptions {
     /// Quantized values are held a byte each (flex); elsewhere burn packs them (4 bits: two to
     /// a byte).
     pub unpacked_quantization: bool,
+    /// Attention blocks computed side by side (flex: one per core; see
+    /// [`crate::ops::attention::threads_on`]).
+    pub attention_threads: usize,
 }
 
 impl Default for PlanOptions {
@@ -60,6 +63,7 @@ impl Default for PlanOptions {
             shard_optimizer: false,
             base: BaseStorage::Full,
             unpacked_quantization: false,
+            attention_threads: 1,
         }
     }
 }
@@ -252,7 +256,9 @@ impl MemoryPlan {
         let chunk = (chunk_rows(config.vocab_size) as u64).min(tokens.max(1));
         let loss_chunk = 2 * chunk * vocab * 4 + if output_trained { 4 * vocab * hidden } else { 0 };
         let block = block_size(options.batch_size.max(1), config.num_attention_heads, options.seq_len.max(1)) as u64;
-        let attention_block = 3 * rows * heads * block * seq * 4 + tokens * (2 * intermediate + 2 * hidden) * e;
+        let blocks = seq.div_ceil(block).max(1);
+        let side_by_side = (options.attention_threads.max(1) as u64).min(blocks);
+        let attention_block = side_by_side * 3 * rows * heads * block * seq * 4 + tokens * (2 * intermediate + 2 * hidden) * e;
         let recomputed = if options.gradient_checkpointing { per_layer } else { 0 };
         // A quantized projection is dequantized for its matmul (f32; on the CubeCL backends then
         // cast to the compute dtype, while flex multiplies in f32), whatever else the step
@@ -263,7 +269,7 @@ impl MemoryPlan {
         };
         let (workspace, what) = [
             (loss_chunk, format!("{chunk} × {vocab} f32 logits and their gradient")),
-            (attention_block, format!("an attention block of {block} queries × {seq} keys and a layer's gradients")),
+            (attention_block, format!("{side_by_side} attention block(s) of {block} queries × {seq} keys and a layer's gradients")),
             (recomputed, "one layer recomputed".to_string()),
         ]
         .into_iter()

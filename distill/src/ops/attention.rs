@@ -101,6 +101,13 @@ pub fn block_size(rows: usize, heads: usize, len: usize) -> usize {
     (SCORE_BUDGET / (rows * heads * len).max(1)).clamp(16, 512).min(len.max(1))
 }
 
+/// Attention blocks `device` computes side by side: one per core on flex, which runs
+/// element-wise operations on one thread; one elsewhere (a GPU queues every thread's work on
+/// one stream).
+pub fn threads_on(device: &Device) -> usize {
+    if crate::device::is_flex(device) { rayon::current_num_threads() } else { 1 }
+}
+
 /// One block of queries and the masks of the keys it sees, on the device.
 #[derive(Debug, Clone)]
 struct QueryBlock {
@@ -193,9 +200,7 @@ impl Plan {
             blocks.push(QueryBlock { start, end, key_start, past_rows, past_keys, diagonal });
             start = end;
         }
-        // flex runs element-wise operations on one thread, so blocks computed side by side
-        // use the other cores; a GPU queues the work of every thread on one stream.
-        let workers = if crate::device::is_flex(&device) { rayon::current_num_threads().clamp(1, blocks.len().max(1)) } else { 1 };
+        let workers = threads_on(&device).clamp(1, blocks.len().max(1));
         Plan { layout, block, blocks, workers }
     }
 

@@ -396,6 +396,7 @@ impl Job {
                 shard_optimizer: train_config.shard_optimizer,
                 base: base.storage,
                 unpacked_quantization: crate::device::is_flex(&spec.device),
+                attention_threads: crate::ops::attention::threads_on(&spec.device),
             },
         );
         reporter.note(&format!("memory plan at {longest} tokens × {} rows:", train_config.per_device_train_batch_size));

@@ -120,6 +120,7 @@ fn info(args: InfoArgs) -> Result<()> {
         base: distill::model::BaseStorage::choose(bits, compute_dtype != DType::F32),
         // Planned for a GPU, where burn packs quantized values; flex holds a byte each.
         unpacked_quantization: false,
+        attention_threads: 1,
     };
     let plan = MemoryPlan::new(&config, &plan_options);
     let memory = args.gpu_memory.as_deref().map(distill::info::parse_memory).transpose().map_err(anyhow::Error::msg)?;
