@@ -590,7 +590,7 @@ impl Job {
 
 /// The keys whose values differ between two runs' settings. The number of devices is not one
 /// of them: blocks are dealt to steps by the global batch (devices × batch × accumulation), so
-/// a run resumes on any number of devices that keeps it.
+/// a run resumes on any number of devices that keeps it (with the same per-device batch).
 fn changed_settings(saved: &serde_json::Value, current: &serde_json::Value) -> Vec<String> {
     let empty = serde_json::Map::new();
     let mut saved = saved.as_object().unwrap_or(&empty).clone();

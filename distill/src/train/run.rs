@@ -123,7 +123,8 @@ pub fn train<E>(
                     _ => model.clone(),
                 };
                 // Dropout masks (LoRA) depend on the step and the micro-batch's place in it
-                // only, so a resumed run draws the same ones, on any number of devices.
+                // only, so a resumed run draws the same ones, on any number of devices (with
+                // the same per-device batch).
                 let index = round * devices + device;
                 let dropout_seed = config.seed.wrapping_mul(0x9E37_79B9).wrapping_add(step as u64).wrapping_mul(31).wrapping_add(index as u64);
                 let training = Training { dropout_seed: Some(dropout_seed), checkpoint: config.gradient_checkpointing };

@@ -166,7 +166,7 @@ pub struct TrainArgs {
     /// backends such as flex,wgpu work too): each device runs its own micro-batches and the
     /// gradients are summed before one optimizer step. The global batch is devices ×
     /// --per-device-train-batch-size × --gradient-accumulation-steps, as in accelerate; a run
-    /// may resume on another number of devices with the same global batch.
+    /// may resume on another number of devices with the same per-device and global batch.
     #[arg(long, value_delimiter = ',', conflicts_with = "device")]
     pub devices: Vec<String>,
     /// The device's memory (80GB, 24GiB; both read as GiB) to check the memory plan against;
