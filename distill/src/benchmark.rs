@@ -74,6 +74,7 @@ impl TrainBench {
                 base: self.base(),
                 unpacked_quantization: crate::device::is_flex(device),
                 attention_threads: crate::ops::attention::threads_on(device),
+                average_share: false,
             },
         )
     }

@@ -46,6 +46,9 @@ pub struct PlanOptions {
     /// Attention blocks computed side by side (flex: one per core; see
     /// [`crate::ops::attention::threads_on`]).
     pub attention_threads: usize,
+    /// Sharded: plan an average device's share instead of the first device's (which holds the
+    /// largest parameter whole), for the sum over replicas that share one host.
+    pub average_share: bool,
 }
 
 impl Default for PlanOptions {
@@ -64,6 +67,7 @@ impl Default for PlanOptions {
             base: BaseStorage::Full,
             unpacked_quantization: false,
             attention_threads: 1,
+            average_share: false,
         }
     }
 }
@@ -95,9 +99,9 @@ fn kept_per_token(config: &ModelConfig) -> u64 {
     let kv = (config.num_key_value_heads * config.head_dim) as u64;
     let intermediate = config.intermediate_size as u64;
     // Two RMSNorms (input, x / rms, normed output) = 6 × hidden; attention: q and k after RoPE,
-    // v, the context (shared with o_proj's input) = 2q + 2kv; SwiGLU: gate, sigmoid(gate),
-    // silu(gate), up and the product = 5 × intermediate.
-    6 * hidden + 2 * q + 2 * kv + 5 * intermediate
+    // v, the context (shared with o_proj's input) = 2q + 2kv; SwiGLU (one operation, see
+    // `ops::swiglu`): gate and up, and the product as down_proj's input = 3 × intermediate.
+    6 * hidden + 2 * q + 2 * kv + 3 * intermediate
 }
 
 /// LoRA adapter parameters of one decoder layer.
@@ -179,7 +183,7 @@ impl MemoryPlan {
         // A sharded optimizer's shares are balanced to within one parameter.
         let sharded = options.shard_optimizer && devices > 1;
         // The first device takes the largest parameter whole (the embeddings of a full run).
-        let largest_trainable = if lora.is_some() { 0 } else { largest_parameter(config) };
+        let largest_trainable = if lora.is_some() || options.average_share { 0 } else { largest_parameter(config) };
         let owned = if sharded { trainable.div_ceil(devices).max(largest_trainable).min(trainable) } else { trainable };
         // Sharded mixed precision: f32 master weights for this device's share only.
         let narrowed = if sharded && mixed { trainable - owned } else { 0 };
@@ -255,7 +259,7 @@ impl MemoryPlan {
         // with the layer's MLP gradients (backward pass), or one layer recomputed.
         let chunk = (chunk_rows(config.vocab_size) as u64).min(tokens.max(1));
         let loss_chunk = 2 * chunk * vocab * 4 + if output_trained { 4 * vocab * hidden } else { 0 };
-        let block = block_size(options.batch_size.max(1), config.num_attention_heads, options.seq_len.max(1)) as u64;
+        let block = block_size(options.batch_size.max(1), config.num_attention_heads, options.seq_len.max(1), options.attention_threads) as u64;
         let blocks = seq.div_ceil(block).max(1);
         let side_by_side = (options.attention_threads.max(1) as u64).min(blocks);
         let attention_block = side_by_side * 3 * rows * heads * block * seq * 4 + tokens * (2 * intermediate + 2 * hidden) * e;

@@ -4,7 +4,6 @@
 
 use burn::module::{Module, Param};
 use burn::nn::{Embedding, EmbeddingConfig, Initializer, Linear, LinearConfig, RmsNorm, RmsNormConfig};
-use burn::tensor::activation::silu;
 use burn::tensor::{Device, Int, Tensor};
 
 use std::sync::Arc;
@@ -47,7 +46,7 @@ impl Mlp {
         let lora = self.lora.as_ref();
         let gate = project(&self.gate_proj, lora.and_then(|l| l.gate_proj.as_ref()), x.clone(), training);
         let up = project(&self.up_proj, lora.and_then(|l| l.up_proj.as_ref()), x, training);
-        project(&self.down_proj, lora.and_then(|l| l.down_proj.as_ref()), silu(gate) * up, training)
+        project(&self.down_proj, lora.and_then(|l| l.down_proj.as_ref()), crate::ops::swiglu::swiglu(gate, up), training)
     }
 }
 

@@ -92,13 +92,15 @@ impl Layout {
     }
 }
 
-/// f32 elements of a score block (64 MiB): a block of queries is as many as fit, but at least
-/// 16 (so with very many heads × keys, as 64 heads at 32k tokens, a block holds more).
+/// f32 elements of the score blocks held at once (64 MiB): a block of queries is as many as
+/// fit, shared by the blocks computed side by side, but at least 16 (so with very many heads ×
+/// keys, as 64 heads at 32k tokens, a block holds more).
 pub const SCORE_BUDGET: usize = 1 << 24;
 
-/// Queries per block for `rows × heads` score rows over at most `len` keys.
-pub fn block_size(rows: usize, heads: usize, len: usize) -> usize {
-    (SCORE_BUDGET / (rows * heads * len).max(1)).clamp(16, 512).min(len.max(1))
+/// Queries per block for `rows × heads` score rows over at most `len` keys, with `threads`
+/// blocks computed side by side.
+pub fn block_size(rows: usize, heads: usize, len: usize, threads: usize) -> usize {
+    (SCORE_BUDGET / threads.max(1) / (rows * heads * len).max(1)).clamp(16, 512).min(len.max(1))
 }
 
 /// Attention blocks `device` computes side by side: one per core on flex, which runs
@@ -143,7 +145,7 @@ fn bias_tensor(values: Vec<f32>, shape: [usize; 5], device: &Device) -> Tensor<5
 impl Plan {
     /// Blocks sized by [`block_size`] for `heads` query heads.
     pub fn new(layout: Layout, heads: usize, device: &Device) -> Self {
-        let block = block_size(layout.rows(), heads, layout.len());
+        let block = block_size(layout.rows(), heads, layout.len(), threads_on(device));
         Self::with_block(layout, block, device)
     }
 

@@ -12,6 +12,7 @@ pub mod attention;
 pub mod checkpoint;
 pub mod cross_entropy;
 pub mod quantized;
+pub mod swiglu;
 
 use std::fmt::Debug;
 use std::marker::PhantomData;

@@ -381,31 +381,33 @@ impl Job {
 
         // The plan is for the longest block this run will see.
         let longest = (0..train.len()).map(|b| train.blocks[b].iter().map(|&i| data.example_len(i)).sum::<usize>()).max().unwrap_or(0);
-        let plan = MemoryPlan::new(
-            &config,
-            &PlanOptions {
-                seq_len: longest,
-                batch_size: train_config.per_device_train_batch_size,
-                gradient_accumulation_steps: train_config.gradient_accumulation_steps,
-                compute_dtype: compute_dtype.unwrap_or(DType::F32),
-                gradient_checkpointing: train_config.gradient_checkpointing,
-                lora_rank: lora.as_ref().map(|l| l.rank),
-                lora_targets: lora.as_ref().map(|l| l.targets.clone()),
-                runtime_bytes,
-                devices: train_config.data_parallel(),
-                shard_optimizer: train_config.shard_optimizer,
-                base: base.storage,
-                unpacked_quantization: crate::device::is_flex(&spec.device),
-                attention_threads: crate::ops::attention::threads_on(&spec.device),
-            },
-        );
+        let plan_options = PlanOptions {
+            seq_len: longest,
+            batch_size: train_config.per_device_train_batch_size,
+            gradient_accumulation_steps: train_config.gradient_accumulation_steps,
+            compute_dtype: compute_dtype.unwrap_or(DType::F32),
+            gradient_checkpointing: train_config.gradient_checkpointing,
+            lora_rank: lora.as_ref().map(|l| l.rank),
+            lora_targets: lora.as_ref().map(|l| l.targets.clone()),
+            runtime_bytes,
+            devices: train_config.data_parallel(),
+            shard_optimizer: train_config.shard_optimizer,
+            base: base.storage,
+            unpacked_quantization: crate::device::is_flex(&spec.device),
+            attention_threads: crate::ops::attention::threads_on(&spec.device),
+            average_share: false,
+        };
+        let plan = MemoryPlan::new(&config, &plan_options);
         reporter.note(&format!("memory plan at {longest} tokens × {} rows:", train_config.per_device_train_batch_size));
         for line in plan.table().lines() {
             reporter.note(&format!("  {line}"));
         }
         // Replicas on flex share the host's memory.
         let on_host = spec.devices.iter().filter(|(_, name)| name == "flex").count().max(1) as u64;
-        let needed = if spec.device_name == "flex" { plan.host_total(on_host) } else { plan.total() };
+        let needed = match spec.device_name.as_str() {
+            "flex" if on_host > 1 => MemoryPlan::new(&config, &PlanOptions { average_share: true, ..plan_options.clone() }).host_total(on_host),
+            _ => plan.total(),
+        };
         if needed != plan.total() {
             reporter.note(&format!("  {:<18} {:>9.2} GiB  {on_host} replicas on flex share the host's memory", "host total", crate::info::gib(needed)));
         }

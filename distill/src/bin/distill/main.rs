@@ -121,6 +121,7 @@ fn info(args: InfoArgs) -> Result<()> {
         // Planned for a GPU, where burn packs quantized values; flex holds a byte each.
         unpacked_quantization: false,
         attention_threads: 1,
+        average_share: false,
     };
     let plan = MemoryPlan::new(&config, &plan_options);
     let memory = args.gpu_memory.as_deref().map(distill::info::parse_memory).transpose().map_err(anyhow::Error::msg)?;
