@@ -115,6 +115,7 @@ fn assert_same(a: &Run, b: &Run, tolerance: f64, weight_tolerance: f64, what: &s
 /// device, the only way to have two flex devices).
 #[test]
 fn two_devices_equal_one_device_with_twice_the_batch() {
+    let _generator = common::random_generator();
     let one = run(vec![], false, 4, 1, None);
     let two = run(vec![flex(), flex()], false, 2, 1, None);
     assert_same(&one, &two, 1e-5, 1e-5, "2 devices × batch 2 vs 1 × batch 4");
@@ -132,6 +133,7 @@ fn two_devices_equal_one_device_with_twice_the_batch() {
 /// of the unsharded optimizer.
 #[test]
 fn sharded_optimizer_steps_equal_unsharded_ones() {
+    let _generator = common::random_generator();
     let unsharded = run(vec![flex(), flex()], false, 2, 1, None);
     let sharded = run(vec![flex(), flex()], true, 2, 1, None);
     assert_same(&unsharded, &sharded, 1e-6, 1e-6, "sharded vs unsharded");
@@ -151,6 +153,7 @@ fn sharded_optimizer_steps_equal_unsharded_ones() {
 /// pass is a cast). The checkpointed model is whole and f32.
 #[test]
 fn sharded_mixed_precision_keeps_master_weights_per_device() {
+    let _generator = common::random_generator();
     let unsharded = run_in(vec![flex(), flex()], false, 2, 2, None, Some(DType::BF16));
     let sharded = run_in(vec![flex(), flex()], true, 2, 2, None, Some(DType::BF16));
     assert_same(&unsharded, &sharded, 1e-5, 1e-5, "sharded vs unsharded, bf16 compute");
@@ -189,6 +192,7 @@ impl ModuleVisitor for Dtypes {
 /// the same everywhere.
 #[test]
 fn lora_data_parallel_equals_one_device() {
+    let _generator = common::random_generator();
     let lora = LoraConfig { rank: 4, alpha: 8.0, dropout: 0.0, targets: vec!["q_proj".into(), "v_proj".into(), "down_proj".into()] };
     let one = run(vec![], false, 4, 1, Some(&lora));
     let two = run(vec![flex(), flex()], true, 2, 1, Some(&lora));
@@ -202,6 +206,7 @@ fn lora_data_parallel_equals_one_device() {
 /// micro-batches one after the other.
 #[test]
 fn lora_dropout_and_qlora_on_two_devices_equal_one_device() {
+    let _generator = common::random_generator();
     let lora = LoraConfig { rank: 4, alpha: 8.0, dropout: 0.1, targets: vec!["q_proj".into(), "v_proj".into(), "down_proj".into()] };
     let one = run(vec![], false, 2, 2, Some(&lora));
     let two = run(vec![flex(), flex()], true, 2, 1, Some(&lora));
@@ -219,6 +224,7 @@ fn lora_dropout_and_qlora_on_two_devices_equal_one_device() {
 /// within wgpu's own agreement with flex.
 #[test]
 fn flex_and_wgpu_train_together() {
+    let _generator = common::random_generator();
     let one = run(vec![], false, 4, 1, None);
     let mixed = run(vec![flex(), distill::device::parse("wgpu").unwrap().autodiff()], true, 2, 1, None);
     assert_same(&one, &mixed, 1e-4, 1e-4, "flex + wgpu vs flex");

@@ -75,6 +75,7 @@ fn dtypes(model: &Model) -> Vec<DType> {
 /// merge into the dequantized base passes export's logits check.
 #[test]
 fn qlora_follows_lora_over_the_dequantized_base_and_merges() {
+    let _generator = common::random_generator();
     for bits in [4u8, 8] {
         let (quantized, blocks) = adapted(BaseStorage::Quantized { bits }, DType::F32);
         let quantized_count = dtypes(&quantized).iter().filter(|d| matches!(d, DType::QFloat(_))).count();
@@ -108,6 +109,7 @@ fn qlora_follows_lora_over_the_dequantized_base_and_merges() {
 /// f32 base's, the 8-bit one's within 0.5%.
 #[test]
 fn quantized_base_stays_close_to_the_original() {
+    let _generator = common::random_generator();
     let (full, blocks) = adapted(BaseStorage::Full, DType::F32);
     let loss = |model: &Model| distill::train::loss(&model.for_inference(), &blocks[..4]).into_scalar::<f32>() as f64;
     let reference = loss(&full);
@@ -123,6 +125,7 @@ fn quantized_base_stays_close_to_the_original() {
 /// it follows the f32 run as mixed precision does.
 #[test]
 fn lora_over_a_bf16_base_stores_it_once() {
+    let _generator = common::random_generator();
     let (model, blocks) = adapted(BaseStorage::Compute, DType::BF16);
     let kinds = dtypes(&model);
     let adapters = 2 * 4 * 2;

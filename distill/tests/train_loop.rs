@@ -32,6 +32,7 @@ fn run_with(
     accumulation: usize,
     steps: usize,
 ) -> Vec<StepMetrics> {
+    let _generator = common::random_generator();
     let mut pretrained = Pretrained::load(&common::fixtures().join("tiny-qwen2"), &device, LoadOptions::default()).unwrap();
     if let Some(lora) = lora {
         device.seed(17);

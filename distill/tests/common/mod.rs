@@ -6,6 +6,13 @@ use std::process::{Command, Output};
 
 use distill::burn::tensor::Device;
 
+/// Held by a test while it seeds and draws from burn's random generator, which is one per
+/// process: tests of one binary run on threads side by side and would take each other's draws.
+pub fn random_generator() -> std::sync::MutexGuard<'static, ()> {
+    static GENERATOR: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    GENERATOR.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 pub fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
 }
