@@ -10,15 +10,11 @@ mod common;
 /// before the model was built), and the plan's prediction of the whole peak.
 fn step_peak(config: &std::path::Path, seq: usize, checkpointing: bool) -> (u64, u64, u64) {
     let seq = seq.to_string();
-    let mut args = vec!["bench", "train", "--config", config.to_str().unwrap(), "--seq-len", &seq, "--steps", "1", "--device", "flex", "--json"];
+    let mut args = vec!["--config", config.to_str().unwrap(), "--seq-len", &seq, "--steps", "1", "--device", "flex"];
     if checkpointing {
         args.push("--gradient-checkpointing");
     }
-    let output = common::distill(&args);
-    assert!(output.status.success(), "{}", common::stderr(&output));
-    let stdout = String::from_utf8(output.stdout).unwrap();
-    let line = stdout.lines().find(|l| l.starts_with('{')).unwrap_or_else(|| panic!("no JSON in {stdout}"));
-    let measured: serde_json::Value = serde_json::from_str(line).unwrap();
+    let measured = common::bench_train_json(&args);
     let bytes = |key: &str| measured[key].as_u64().unwrap();
     (bytes("peak_memory_bytes") - bytes("baseline_bytes"), bytes("peak_memory_bytes"), bytes("plan_bytes"))
 }

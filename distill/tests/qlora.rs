@@ -158,12 +158,9 @@ fn a_quantized_base_lowers_peak_memory() {
     });
     std::fs::write(&config, json.to_string()).unwrap();
     let peak = |extra: &[&str]| -> f64 {
-        let mut args = vec!["bench", "train", "--config", config.to_str().unwrap(), "--seq-len", "128", "--steps", "1", "--device", "flex", "--lora-rank", "8", "--bf16", "--json"];
+        let mut args = vec!["--config", config.to_str().unwrap(), "--seq-len", "128", "--steps", "1", "--device", "flex", "--lora-rank", "8", "--bf16"];
         args.extend(extra);
-        let output = common::distill(&args);
-        assert!(output.status.success(), "{}", common::stderr(&output));
-        let stdout = String::from_utf8(output.stdout).unwrap();
-        let measured: serde_json::Value = serde_json::from_str(stdout.lines().find(|l| l.starts_with('{')).unwrap()).unwrap();
+        let measured = common::bench_train_json(&args);
         (measured["peak_memory_bytes"].as_u64().unwrap() - measured["baseline_bytes"].as_u64().unwrap()) as f64 / (1 << 20) as f64
     };
     let bf16 = peak(&[]);

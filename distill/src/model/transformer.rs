@@ -239,7 +239,16 @@ impl BaseStorage {
 pub fn quant_scheme(bits: u8) -> burn::tensor::quantization::QuantScheme {
     use burn::tensor::quantization::{QuantScheme, QuantValue, ScaleDtype};
     let value = if bits == 4 { QuantValue::Q4S } else { QuantValue::Q8S };
-    QuantScheme::default().with_value(value).per_block([32], ScaleDtype::F16)
+    QuantScheme::default().with_value(value).per_block([QUANT_BLOCK as u8], ScaleDtype::F16)
+}
+
+/// Values per block of [`quant_scheme`].
+const QUANT_BLOCK: usize = 32;
+
+/// Whether a decoder layer's parameter of shape `dims` is quantized for a QLoRA base: a
+/// projection matrix (`[in, out]`) whose output splits into whole blocks.
+pub fn quantizable(dims: &[usize]) -> bool {
+    dims.len() == 2 && dims[1] % QUANT_BLOCK == 0
 }
 
 /// Stores the frozen parameters of `model` as `storage` says; trainable ones (the adapters) are
@@ -266,7 +275,7 @@ pub fn store_frozen(model: CausalLm, storage: BaseStorage, dtype: burn::tensor::
             }
             let in_layers = self.path.iter().any(|p| p == "layers");
             let quantize = match self.storage {
-                BaseStorage::Quantized { bits } if D == 2 && in_layers && param.val().dims()[D - 1] % 32 == 0 => Some(bits),
+                BaseStorage::Quantized { bits } if in_layers && quantizable(&param.val().dims()) => Some(bits),
                 _ => None,
             };
             let dtype = self.dtype;

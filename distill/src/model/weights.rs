@@ -281,7 +281,9 @@ impl Loader<'_> {
     fn linear(&mut self, prefix: &str, bias: bool) -> Result<Linear, WeightsError> {
         let weight = self.tensor::<2>(&format!("{prefix}.weight"))?.transpose();
         let weight = match self.options.quantize_bits {
-            Some(bits) if prefix.contains("layers.") && weight.dims()[1] % 32 == 0 => weight.quantize_dynamic(&super::transformer::quant_scheme(bits)),
+            Some(bits) if prefix.contains("layers.") && super::transformer::quantizable(&weight.dims()) => {
+                weight.quantize_dynamic(&super::transformer::quant_scheme(bits))
+            }
             _ => weight,
         };
         let bias = if bias { Some(self.param(&format!("{prefix}.bias"))?) } else { None };

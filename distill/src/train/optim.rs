@@ -115,13 +115,6 @@ pub fn clip_scale(norm: f64, max_grad_norm: Option<f64>) -> f64 {
     }
 }
 
-/// The global gradient norm of one backward pass.
-pub fn global_grad_norm(model: &CausalLm, grads: &Gradients) -> f64 {
-    let mut accumulated = AccumulatedGrads::default();
-    accumulated.add(model, grads);
-    accumulated.norm()
-}
-
 struct Update<'a> {
     optimizer: &'a mut AdamW,
     grads: &'a mut AccumulatedGrads,

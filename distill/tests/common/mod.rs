@@ -36,6 +36,18 @@ pub fn math_blocks(tokenizer: &distill::text::Tokenizer, skip: usize, take: usiz
     examples.iter().take(take).map(distill::data::packing::PackedBlock::single).collect()
 }
 
+/// `distill bench train … --json` run in a process of its own: the JSON line it printed.
+pub fn bench_train_json(args: &[&str]) -> serde_json::Value {
+    let mut all = vec!["bench", "train"];
+    all.extend_from_slice(args);
+    all.push("--json");
+    let output = distill(&all);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let stdout = String::from_utf8(output.stdout).unwrap();
+    let line = stdout.lines().find(|l| l.starts_with('{')).unwrap_or_else(|| panic!("no JSON in {stdout}"));
+    serde_json::from_str(line).unwrap()
+}
+
 pub fn reference() -> serde_json::Value {
     let text = std::fs::read_to_string(fixtures().join("reference.json")).expect("reference.json");
     serde_json::from_str(&text).expect("reference.json is JSON")
