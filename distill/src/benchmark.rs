@@ -160,6 +160,11 @@ pub struct TrainMeasurement {
     pub peak_memory_bytes: u64,
     /// Resident memory before the model was built (the process itself).
     pub baseline_bytes: u64,
+    /// The most heap bytes held at once during the steps, and before the model was built,
+    /// where the binary counts them ([`crate::memory::CountingAllocator`]): on the CPU, the
+    /// peak without the allocator's own slack, so two runs compare without its noise.
+    pub peak_allocated_bytes: Option<u64>,
+    pub baseline_allocated_bytes: Option<u64>,
     pub plan: crate::plan::MemoryPlan,
     pub plan_bytes: u64,
 }
@@ -187,7 +192,9 @@ pub fn measure_training(config: &crate::model::ModelConfig, bench: &TrainBench, 
     };
     crate::memory::release_free_memory();
     let baseline = crate::memory::current_bytes().unwrap_or(0);
+    let baseline_allocated = crate::memory::allocated_bytes();
     crate::memory::reset_host_peak();
+    crate::memory::reset_allocated_peak();
     let device = device.clone().autodiff();
     device.seed(0);
     let model = crate::model::Model::random(config.clone(), &device);
@@ -205,6 +212,7 @@ pub fn measure_training(config: &crate::model::ModelConfig, bench: &TrainBench, 
             // there, as a run that loads its base in the storage dtype would see them.
             crate::memory::release_free_memory();
             crate::memory::reset_host_peak();
+            crate::memory::reset_allocated_peak();
             model
         }
         None => model,
@@ -228,6 +236,7 @@ pub fn measure_training(config: &crate::model::ModelConfig, bench: &TrainBench, 
         peak = peak.max(step.peak_memory_bytes.unwrap_or(0));
         Ok(())
     });
+    let peak_allocated = crate::memory::peak_allocated_bytes();
     rates.sort_by(f64::total_cmp);
     let plan = bench.plan(config, Some(baseline), &device);
     TrainMeasurement {
@@ -235,6 +244,8 @@ pub fn measure_training(config: &crate::model::ModelConfig, bench: &TrainBench, 
         tokens_per_s: rates.get(rates.len() / 2).copied().unwrap_or(f64::NAN),
         peak_memory_bytes: peak,
         baseline_bytes: baseline,
+        peak_allocated_bytes: peak_allocated,
+        baseline_allocated_bytes: baseline_allocated,
         plan_bytes: plan.total(),
         plan,
     }

@@ -1,5 +1,8 @@
 //! Peak memory, for the training log and `distill bench train`.
 
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
 use burn::tensor::Device;
 
 /// What training has needed so far, in bytes: on a GPU backend, what the device's allocator
@@ -61,3 +64,70 @@ pub fn keep_freed_memory() {
 
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 pub fn keep_freed_memory() {}
+
+/// The global allocator of the `distill` binary: the system allocator, counting the bytes it
+/// has handed out and not got back. Its peak is what the process held at once, as PyTorch's
+/// `max_memory_allocated` is for a GPU: unlike the resident size it leaves out what glibc keeps
+/// in its heaps and per-thread arenas after a free, which varies from run to run with how the
+/// threads were scheduled.
+pub struct CountingAllocator;
+
+static ALLOCATED: AtomicUsize = AtomicUsize::new(0);
+static PEAK_ALLOCATED: AtomicUsize = AtomicUsize::new(0);
+static COUNTING: AtomicBool = AtomicBool::new(false);
+
+fn allocated(bytes: usize) {
+    let now = ALLOCATED.fetch_add(bytes, Ordering::Relaxed) + bytes;
+    if now > PEAK_ALLOCATED.load(Ordering::Relaxed) {
+        PEAK_ALLOCATED.fetch_max(now, Ordering::Relaxed);
+    }
+}
+
+// SAFETY: every call goes to the system allocator unchanged; the counters only observe it.
+unsafe impl GlobalAlloc for CountingAllocator {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        COUNTING.store(true, Ordering::Relaxed);
+        let pointer = unsafe { System.alloc(layout) };
+        if !pointer.is_null() {
+            allocated(layout.size());
+        }
+        pointer
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        let pointer = unsafe { System.alloc_zeroed(layout) };
+        if !pointer.is_null() {
+            allocated(layout.size());
+        }
+        pointer
+    }
+
+    unsafe fn dealloc(&self, pointer: *mut u8, layout: Layout) {
+        unsafe { System.dealloc(pointer, layout) };
+        ALLOCATED.fetch_sub(layout.size(), Ordering::Relaxed);
+    }
+
+    unsafe fn realloc(&self, pointer: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        let moved = unsafe { System.realloc(pointer, layout, new_size) };
+        if !moved.is_null() {
+            ALLOCATED.fetch_sub(layout.size(), Ordering::Relaxed);
+            allocated(new_size);
+        }
+        moved
+    }
+}
+
+/// Heap bytes held now, where [`CountingAllocator`] is the global allocator.
+pub fn allocated_bytes() -> Option<u64> {
+    COUNTING.load(Ordering::Relaxed).then(|| ALLOCATED.load(Ordering::Relaxed) as u64)
+}
+
+/// The most heap bytes held at once since the start or [`reset_allocated_peak`].
+pub fn peak_allocated_bytes() -> Option<u64> {
+    COUNTING.load(Ordering::Relaxed).then(|| PEAK_ALLOCATED.load(Ordering::Relaxed) as u64)
+}
+
+/// Starts a new peak of [`peak_allocated_bytes`] from what is held now.
+pub fn reset_allocated_peak() {
+    PEAK_ALLOCATED.store(ALLOCATED.load(Ordering::Relaxed), Ordering::Relaxed);
+}

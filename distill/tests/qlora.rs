@@ -141,13 +141,11 @@ fn lora_over_a_bf16_base_stores_it_once() {
 
 /// Measured on flex, each in its own `distill bench train` process: LoRA over a 4-bit base
 /// needs less memory than LoRA over a bf16 base, on a model whose decoder projections (134M
-/// parameters, 256 MiB in bf16) dominate: at least half the stored difference (a transient
-/// dequantized weight per matmul, and on a busy machine more overlap of transients, take some).
+/// parameters, 256 MiB in bf16) dominate. The peak compared is the heap's (bytes allocated and
+/// not yet freed, counted by the binary's allocator): the resident size adds what glibc keeps
+/// in its per-thread arenas, which varies by tens of MiB with how the threads ran.
 #[test]
 fn a_quantized_base_lowers_peak_memory() {
-    if !cfg!(target_os = "linux") {
-        return;
-    }
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("config.json");
     let json = serde_json::json!({
@@ -157,20 +155,24 @@ fn a_quantized_base_lowers_peak_memory() {
         "rope_theta": 10000.0, "tie_word_embeddings": true,
     });
     std::fs::write(&config, json.to_string()).unwrap();
-    let peak = |extra: &[&str]| -> f64 {
+    let mib = |bytes: &serde_json::Value| bytes.as_u64().unwrap() as f64 / (1 << 20) as f64;
+    let peak = |extra: &[&str]| -> (f64, f64) {
         let mut args = vec!["--config", config.to_str().unwrap(), "--seq-len", "128", "--steps", "1", "--device", "flex", "--lora-rank", "8", "--bf16"];
         args.extend(extra);
         let measured = common::bench_train_json(&args);
-        (measured["peak_memory_bytes"].as_u64().unwrap() - measured["baseline_bytes"].as_u64().unwrap()) as f64 / (1 << 20) as f64
+        let allocated = mib(&measured["peak_allocated_bytes"]) - mib(&measured["baseline_allocated_bytes"]);
+        (allocated, mib(&measured["peak_memory_bytes"]) - mib(&measured["baseline_bytes"]))
     };
-    let bf16 = peak(&[]);
-    let four = peak(&["--load-in-4bit"]);
+    let (bf16, bf16_resident) = peak(&[]);
+    let (four, four_resident) = peak(&["--load-in-4bit"]);
     let projections = 32.0 * (4.0 * 512.0 * 512.0 + 3.0 * 512.0 * 2048.0);
     // flex holds each quantized value in a byte (burn's native store), with an f32 scale per
     // block of 32; bf16 holds two bytes.
     let stored_difference = projections * (2.0 - 1.0 - 4.0 / 32.0) / (1 << 20) as f64;
-    println!("peak over the baseline: bf16 base {bf16:.1} MiB, 4-bit base {four:.1} MiB; stored weights differ by {stored_difference:.1} MiB");
-    assert!(bf16 - four >= 0.5 * stored_difference, "4-bit base {four:.1} MiB vs bf16 base {bf16:.1} MiB (weights differ by {stored_difference:.1} MiB)");
+    println!(
+        "peak allocated over the baseline: bf16 base {bf16:.1} MiB, 4-bit base {four:.1} MiB (resident: {bf16_resident:.1} and {four_resident:.1} MiB); stored weights differ by {stored_difference:.1} MiB"
+    );
+    assert!(bf16 - four >= 0.6 * stored_difference, "4-bit base {four:.1} MiB vs bf16 base {bf16:.1} MiB (weights differ by {stored_difference:.1} MiB)");
 }
 
 /// `distill train --load-in-4bit` end to end, with layer checkpointing: the run trains, checks

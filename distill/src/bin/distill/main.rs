@@ -63,6 +63,10 @@ mod bench;
 use args::*;
 use bench::{bench_forward, bench_generate, bench_train};
 
+/// Counts heap bytes, for the allocated peak that `distill bench train` reports.
+#[global_allocator]
+static ALLOCATOR: distill::memory::CountingAllocator = distill::memory::CountingAllocator;
+
 fn main() -> Result<()> {
     distill::memory::keep_freed_memory();
     let cli = Cli::parse();
