@@ -72,7 +72,7 @@ impl TrainBench {
                 devices: self.devices.len().max(1),
                 shard_optimizer: self.shard_optimizer,
                 base: self.base(),
-                unpacked_quantization: crate::device::is_flex(device),
+                f32_matmul: crate::device::is_flex(device),
                 attention_threads: crate::ops::attention::threads_on(device),
                 average_share: false,
             },

@@ -15,6 +15,7 @@ use burn::tensor::Tensor;
 use safetensors::Dtype;
 use serde_json::json;
 
+use crate::model::linear::Linear;
 use crate::model::weights::{INDEX_FILE, SINGLE_FILE, expected_tensors};
 use crate::model::{CausalLm, Model};
 use crate::tensor_file::{self, Entry, TensorFileError};
@@ -123,8 +124,8 @@ fn hf_tensor(net: &CausalLm, name: &str) -> Option<(Vec<f32>, Vec<usize>)> {
         (values, shape)
     }
     // burn's Linear stores `[in, out]`; HF stores `[out, in]`.
-    let linear_weight = |linear: &burn::nn::Linear| data(linear.weight.val().transpose());
-    let bias = |linear: &burn::nn::Linear| linear.bias.as_ref().map(|b| data(b.val()));
+    let linear_weight = |linear: &Linear| data(linear.weight().transpose());
+    let bias = |linear: &Linear| linear.bias.as_ref().map(|b| data(b.val()));
     match name {
         "model.embed_tokens.weight" => return Some(data(net.embed_tokens.weight.val())),
         "model.norm.weight" => return Some(data(net.norm.gamma.val())),

@@ -40,9 +40,9 @@ pub struct PlanOptions {
     pub shard_optimizer: bool,
     /// LoRA only: how the frozen base is held (see [`BaseStorage`]).
     pub base: BaseStorage,
-    /// Quantized values are held a byte each (flex); elsewhere burn packs them (4 bits: two to
-    /// a byte).
-    pub unpacked_quantization: bool,
+    /// The device multiplies a bf16 matmul in f32 (flex): a dequantized weight is multiplied as
+    /// it is, with no copy in the compute dtype.
+    pub f32_matmul: bool,
     /// Attention blocks computed side by side (flex: one per core; see
     /// [`crate::ops::attention::threads_on`]).
     pub attention_threads: usize,
@@ -65,7 +65,7 @@ impl Default for PlanOptions {
             devices: 1,
             shard_optimizer: false,
             base: BaseStorage::Full,
-            unpacked_quantization: false,
+            f32_matmul: false,
             attention_threads: 1,
             average_share: false,
         }
@@ -147,11 +147,10 @@ fn projection_parameters(config: &ModelConfig) -> u64 {
     hidden * (q + 2 * kv) + q * hidden + 3 * hidden * config.intermediate_size as u64
 }
 
-/// Bytes per quantized value, and of its block's scale: burn packs values (4 bits: two to a
-/// byte) with an f16 scale per 32 on the CubeCL backends; flex holds a byte a value and an
-/// f32 scale.
-pub fn quantized_bytes(bits: u8, unpacked: bool) -> (f64, f64) {
-    if unpacked { (1.0, 4.0 / 32.0) } else { (bits as f64 / 8.0, 2.0 / 32.0) }
+/// Bytes per quantized value, and its share of its block's scale (held in the compute dtype,
+/// `scale_bytes` a scale); see [`crate::model::linear::QuantizedWeight`].
+pub fn quantized_bytes(bits: u8, scale_bytes: u64) -> (f64, f64) {
+    (bits as f64 / 8.0, scale_bytes as f64 / crate::model::linear::BLOCK as f64)
 }
 
 /// The largest parameter tensor: embeddings / lm_head or an MLP matrix.
@@ -210,7 +209,7 @@ impl MemoryPlan {
                 item("weights", Phase::Always, e * parameters + 4 * adapters, format!("the frozen base in {:?}, the adapters in f32", options.compute_dtype));
             }
             BaseStorage::Quantized { bits } => {
-                let (value_bytes, scale_bytes) = quantized_bytes(bits, options.unpacked_quantization);
+                let (value_bytes, scale_bytes) = quantized_bytes(bits, e);
                 let quantized = (projections as f64 * (value_bytes + scale_bytes)) as u64;
                 item(
                     "weights",
@@ -264,11 +263,14 @@ impl MemoryPlan {
         let side_by_side = (options.attention_threads.max(1) as u64).min(blocks);
         let attention_block = side_by_side * 3 * rows * heads * block * seq * 4 + tokens * (2 * intermediate + 2 * hidden) * e;
         let recomputed = if options.gradient_checkpointing { per_layer } else { 0 };
-        // A quantized projection is dequantized for its matmul (f32; on the CubeCL backends then
-        // cast to the compute dtype, while flex multiplies in f32), whatever else the step
-        // holds then.
+        // A quantized projection is dequantized for its matmul a slice at a time, whatever else
+        // the step holds then: the slice in f32 and its unpacked integers, and on the CubeCL
+        // backends a copy in the compute dtype (flex multiplies in f32).
         let dequantized = match base {
-            BaseStorage::Quantized { .. } => (4 + if mixed && !options.unpacked_quantization { e } else { 0 }) * (intermediate * hidden),
+            BaseStorage::Quantized { .. } => {
+                let slice = (intermediate * hidden).min(crate::ops::quantized::SLICE_VALUES as u64);
+                (8 + if mixed && !options.f32_matmul { e } else { 0 }) * slice
+            }
             _ => 0,
         };
         let (workspace, what) = [

@@ -27,9 +27,7 @@ struct Flatten(Vec<f32>);
 
 impl ModuleVisitor for Flatten {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-        let value = param.val();
-        let value = if matches!(value.dtype(), DType::QFloat(_)) { value.dequantize() } else { value };
-        self.0.extend(value.into_data().convert::<f32>().as_slice::<f32>().unwrap());
+        self.0.extend(param.val().into_data().convert::<f32>().as_slice::<f32>().unwrap());
     }
 }
 

@@ -69,6 +69,12 @@ fn dtypes(model: &Model) -> Vec<DType> {
     seen.0
 }
 
+/// How many projections hold their weight in `bits` bits.
+fn quantized_projections(model: &Model, bits: usize) -> usize {
+    let projections = model.net.layers.iter().flat_map(|layer| layer.projections());
+    projections.filter(|p| p.quantized.as_ref().is_some_and(|q| q.bits() == bits) && p.weight.is_none()).count()
+}
+
 /// 4-bit base: the projections stay quantized through training (no dequantized copy is
 /// stored back), the loss follows LoRA over the same values dequantized into f32 (the same
 /// numbers, dequantized per matmul instead of once: to 1e-5), training lowers it, and the
@@ -78,7 +84,7 @@ fn qlora_follows_lora_over_the_dequantized_base_and_merges() {
     let _generator = common::random_generator();
     for bits in [4u8, 8] {
         let (quantized, blocks) = adapted(BaseStorage::Quantized { bits }, DType::F32);
-        let quantized_count = dtypes(&quantized).iter().filter(|d| matches!(d, DType::QFloat(_))).count();
+        let quantized_count = quantized_projections(&quantized, bits as usize);
         // Projections whose output splits into blocks of 32 (all of them in real models; in
         // tiny-qwen2 not k_proj, v_proj of width 16).
         let c = &quantized.config;
@@ -98,7 +104,7 @@ fn qlora_follows_lora_over_the_dequantized_base_and_merges() {
         }
         let after = loss(&trained);
         assert!(after < 0.9 * before, "{bits}-bit: training moved the loss on its rows from {before} to {after}");
-        assert_eq!(dtypes(&trained).iter().filter(|d| matches!(d, DType::QFloat(_))).count(), expected, "still quantized after training");
+        assert_eq!(quantized_projections(&trained, bits as usize), expected, "still quantized after training");
         let (merged, difference) = trained.merge_lora().unwrap();
         assert!(dtypes(&merged).iter().all(|d| *d == DType::F32), "the export is dense");
         assert!(difference < 1e-3, "{bits}-bit merge: {difference}");
@@ -140,10 +146,12 @@ fn lora_over_a_bf16_base_stores_it_once() {
 }
 
 /// Measured on flex, each in its own `distill bench train` process: LoRA over a 4-bit base
-/// needs less memory than LoRA over a bf16 base, on a model whose decoder projections (134M
-/// parameters, 256 MiB in bf16) dominate. The peak compared is the heap's (bytes allocated and
-/// not yet freed, counted by the binary's allocator): the resident size adds what glibc keeps
-/// in its per-thread arenas, which varies by tens of MiB with how the threads ran.
+/// needs less memory than LoRA over a bf16 base by the difference of the stored weights, on a
+/// model whose decoder projections (134M parameters, 256 MiB in bf16) dominate. Nothing but a
+/// slice's transient unpacking stands between the two (measured: 183.6 of 184 MiB). The peak
+/// compared is the heap's (bytes allocated and not yet freed, counted by the binary's
+/// allocator): the resident size adds what glibc keeps after frees, which varies by tens of
+/// MiB from run to run.
 #[test]
 fn a_quantized_base_lowers_peak_memory() {
     let dir = tempfile::tempdir().unwrap();
@@ -166,13 +174,12 @@ fn a_quantized_base_lowers_peak_memory() {
     let (bf16, bf16_resident) = peak(&[]);
     let (four, four_resident) = peak(&["--load-in-4bit"]);
     let projections = 32.0 * (4.0 * 512.0 * 512.0 + 3.0 * 512.0 * 2048.0);
-    // flex holds each quantized value in a byte (burn's native store), with an f32 scale per
-    // block of 32; bf16 holds two bytes.
-    let stored_difference = projections * (2.0 - 1.0 - 4.0 / 32.0) / (1 << 20) as f64;
+    // Half a byte a value and a bf16 scale per block of 32, against two bytes.
+    let stored_difference = projections * (2.0 - 0.5 - 2.0 / 32.0) / (1 << 20) as f64;
     println!(
         "peak allocated over the baseline: bf16 base {bf16:.1} MiB, 4-bit base {four:.1} MiB (resident: {bf16_resident:.1} and {four_resident:.1} MiB); stored weights differ by {stored_difference:.1} MiB"
     );
-    assert!(bf16 - four >= 0.6 * stored_difference, "4-bit base {four:.1} MiB vs bf16 base {bf16:.1} MiB (weights differ by {stored_difference:.1} MiB)");
+    assert!(bf16 - four >= 0.95 * stored_difference, "4-bit base {four:.1} MiB vs bf16 base {bf16:.1} MiB (weights differ by {stored_difference:.1} MiB)");
 }
 
 /// `distill train --load-in-4bit` end to end, with layer checkpointing: the run trains, checks

@@ -57,7 +57,7 @@ fn run_with(
     train(pretrained.model, &mut optimizer, &blocks, &config, 0, |m, replicas, _| -> Result<(), ()> {
         let model = replicas.full_model();
         // Master weights stay f32 whatever the compute dtype.
-        assert_eq!(model.net.layers[0].mlp.up_proj.weight.val().dtype(), DType::F32);
+        assert_eq!(model.net.layers[0].mlp.up_proj.weight().dtype(), DType::F32);
         metrics.push(m.clone());
         Ok(())
     })

@@ -11,10 +11,10 @@
 use std::sync::Arc;
 
 use burn::module::Module;
-use burn::nn::Linear;
 use burn::tensor::activation::softmax;
 use burn::tensor::{Device, Tensor, TensorData};
 
+use super::linear::Linear;
 use super::lora::{AttentionLora, project};
 use super::transformer::Pass;
 use crate::ops::attention::Plan;

@@ -8,9 +8,9 @@
 //! is merged into `W` for export.
 
 use burn::module::{Module, Param};
-use burn::nn::Linear;
 use burn::tensor::{Device, Distribution, Tensor};
 
+use super::linear::Linear;
 use super::transformer::CausalLm;
 
 /// The projections LoRA can adapt, by their HF / PEFT names.
@@ -102,19 +102,19 @@ impl LoraLinear {
         let update = input
             .matmul(self.lora_a.val().transpose().unsqueeze())
             .matmul(self.lora_b.val().transpose().unsqueeze());
-        base_forward(base, x) + update * self.scaling
+        base.forward(x) + update * self.scaling
     }
 
     /// `base` with the update folded in (burn keeps weights as `[in, out]`).
     pub fn merge(&self, base: Linear) -> Linear {
         let delta = self.lora_a.val().transpose().matmul(self.lora_b.val().transpose()) * self.scaling;
         // A quantized or bf16 base is merged in the adapters' f32, as its values dequantize.
-        let weight = base.weight.map(|w| {
-            let w = if crate::ops::quantized::is_quantized(&w) { w.dequantize() } else { w };
+        let base = base.dequantized();
+        let weight = base.weight.expect("dequantized is dense").map(|w| {
             let w = if w.dtype() == delta.dtype() { w } else { w.cast(delta.dtype()) };
             (w + delta.clone()).detach()
         });
-        Linear { weight, bias: base.bias }
+        Linear::dense(weight, base.bias)
     }
 }
 
@@ -122,17 +122,8 @@ impl LoraLinear {
 pub fn project(base: &Linear, lora: Option<&LoraLinear>, x: Tensor<3>, training: bool) -> Tensor<3> {
     match lora {
         Some(lora) => lora.forward(base, x, training),
-        None => base_forward(base, x),
+        None => base.forward(x),
     }
-}
-
-/// A frozen base projection: a quantized weight (QLoRA) through its own operation.
-fn base_forward(base: &Linear, x: Tensor<3>) -> Tensor<3> {
-    let weight = base.weight.val();
-    if crate::ops::quantized::is_quantized(&weight) {
-        return crate::ops::quantized::linear(x, &weight, base.bias.as_ref().map(|b| b.val()));
-    }
-    base.forward(x)
 }
 
 #[derive(Module, Debug)]
@@ -156,7 +147,7 @@ pub fn attach(net: CausalLm, config: &LoraConfig, device: &Device) -> CausalLm {
     let wants = |name: &str| config.targets.iter().any(|t| t == name);
     let adapter = |name: &str, base: &Linear| {
         wants(name).then(|| {
-            let [d_input, d_output] = base.weight.dims();
+            let [d_input, d_output] = base.dims();
             LoraLinear::init(d_input, d_output, config, device)
         })
     };

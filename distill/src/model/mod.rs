@@ -2,6 +2,7 @@
 
 pub mod attention;
 pub mod config;
+pub mod linear;
 pub mod lora;
 pub mod rope;
 pub mod transformer;

@@ -3,13 +3,14 @@
 //! says (biases, RoPE scaling, tied embeddings), so one module serves both, as in transformers.
 
 use burn::module::{Module, Param};
-use burn::nn::{Embedding, EmbeddingConfig, Initializer, Linear, LinearConfig, RmsNorm, RmsNormConfig};
+use burn::nn::{Embedding, EmbeddingConfig, Initializer, LinearConfig, RmsNorm, RmsNormConfig};
 use burn::tensor::{Device, Int, Tensor};
 
 use std::sync::Arc;
 
 use super::attention::{Attention, LayerCache, Visibility};
 use super::config::ModelConfig;
+use super::linear::Linear;
 use super::lora::{MlpLora, project};
 use super::rope::RopeTables;
 
@@ -56,6 +57,20 @@ pub struct DecoderLayer {
     pub mlp: Mlp,
     pub input_layernorm: RmsNorm,
     pub post_attention_layernorm: RmsNorm,
+}
+
+impl DecoderLayer {
+    /// The seven projections, attention's then the MLP's.
+    pub fn projections(&self) -> [&Linear; 7] {
+        let (a, m) = (&self.self_attn, &self.mlp);
+        [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &m.gate_proj, &m.up_proj, &m.down_proj]
+    }
+
+    /// [`Self::projections`], to change.
+    pub fn projections_mut(&mut self) -> [&mut Linear; 7] {
+        let (a, m) = (&mut self.self_attn, &mut self.mlp);
+        [&mut a.q_proj, &mut a.k_proj, &mut a.v_proj, &mut a.o_proj, &mut m.gate_proj, &mut m.up_proj, &mut m.down_proj]
+    }
 }
 
 impl DecoderLayer {
@@ -115,14 +130,11 @@ fn normal_init() -> Initializer {
 }
 
 fn linear(d_input: usize, d_output: usize, bias: bool, device: &Device) -> Linear {
-    let mut layer = LinearConfig::new(d_input, d_output)
+    let layer = LinearConfig::new(d_input, d_output)
         .with_bias(bias)
         .with_initializer(normal_init())
         .init(device);
-    if let Some(bias) = layer.bias.take() {
-        layer.bias = Some(Param::from_tensor(bias.val().zeros_like()));
-    }
-    layer
+    Linear::dense(layer.weight, layer.bias.map(|bias| Param::from_tensor(bias.val().zeros_like())))
 }
 
 impl CausalLm {
@@ -190,19 +202,15 @@ impl CausalLm {
     }
 }
 
-/// Casts every parameter to `dtype` (bf16/f16 compute on devices that have it). A quantized
-/// base weight stays quantized (it is dequantized per matmul), and a parameter already in
-/// `dtype` is left as it is (a frozen bf16 base is not copied).
+/// Casts every float parameter to `dtype` (bf16/f16 compute on devices that have it). A
+/// parameter already in `dtype` is left as it is (a frozen bf16 base is not copied), and a
+/// quantized weight's packed values are integers that no cast touches.
 pub fn cast(model: CausalLm, dtype: burn::tensor::DType) -> CausalLm {
     struct Cast(burn::tensor::DType);
     impl burn::module::ModuleMapper for Cast {
         fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
             let dtype = self.0;
-            param.map(|tensor| match tensor.dtype() {
-                burn::tensor::DType::QFloat(_) => tensor,
-                current if current == dtype => tensor,
-                _ => tensor.cast(dtype),
-            })
+            param.map(|tensor| if tensor.dtype() == dtype { tensor } else { tensor.cast(dtype) })
         }
     }
     model.map(&mut Cast(dtype))
@@ -233,73 +241,43 @@ impl BaseStorage {
     }
 }
 
-/// The scheme of [`BaseStorage::Quantized`]: symmetric, blocks of 32 along the output
-/// dimension, an f16 scale per block (what bitsandbytes' NF4/int8 blocks hold, with burn's
-/// integer grids).
-pub fn quant_scheme(bits: u8) -> burn::tensor::quantization::QuantScheme {
-    use burn::tensor::quantization::{QuantScheme, QuantValue, ScaleDtype};
-    let value = if bits == 4 { QuantValue::Q4S } else { QuantValue::Q8S };
-    QuantScheme::default().with_value(value).per_block([QUANT_BLOCK as u8], ScaleDtype::F16)
-}
-
-/// Values per block of [`quant_scheme`].
-const QUANT_BLOCK: usize = 32;
-
-/// Whether a decoder layer's parameter of shape `dims` is quantized for a QLoRA base: a
-/// projection matrix (`[in, out]`) whose output splits into whole blocks.
-pub fn quantizable(dims: &[usize]) -> bool {
-    dims.len() == 2 && dims[1] % QUANT_BLOCK == 0
-}
-
 /// Stores the frozen parameters of `model` as `storage` says; trainable ones (the adapters) are
-/// left in f32. Only matrices inside the decoder layers whose rows split into blocks of 32 are
-/// quantized; embeddings, norms and the output layer are kept in `dtype`.
-pub fn store_frozen(model: CausalLm, storage: BaseStorage, dtype: burn::tensor::DType) -> CausalLm {
-    struct Store {
-        storage: BaseStorage,
-        dtype: burn::tensor::DType,
-        path: Vec<String>,
+/// left in f32. Under [`BaseStorage::Quantized`] the decoder layers' projections whose outputs
+/// split into blocks of 32 are quantized (with scales in `dtype`); everything else frozen is
+/// kept in `dtype`.
+pub fn store_frozen(mut model: CausalLm, storage: BaseStorage, dtype: burn::tensor::DType) -> CausalLm {
+    if storage == BaseStorage::Full {
+        return model;
     }
+    if let BaseStorage::Quantized { bits } = storage {
+        let quantize = |linear: &mut Linear| {
+            if !linear.is_quantized() && super::linear::quantizable(linear.dims()) {
+                *linear = linear.clone().quantize(bits, dtype);
+            }
+        };
+        for layer in &mut model.layers {
+            layer.projections_mut().into_iter().for_each(quantize);
+        }
+    }
+    struct Store(burn::tensor::DType);
     impl burn::module::ModuleMapper for Store {
-        fn enter_module(&mut self, name: &str, _container_type: &str) {
-            self.path.push(name.to_string());
-        }
-
-        fn exit_module(&mut self, _name: &str, _container_type: &str) {
-            self.path.pop();
-        }
-
         fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
-            if param.val().is_require_grad() || self.storage == BaseStorage::Full || matches!(param.val().dtype(), burn::tensor::DType::QFloat(_)) {
+            let dtype = self.0;
+            if param.val().is_require_grad() || param.val().dtype() == dtype {
                 return param;
             }
-            let in_layers = self.path.iter().any(|p| p == "layers");
-            let quantize = match self.storage {
-                BaseStorage::Quantized { bits } if in_layers && quantizable(&param.val().dims()) => Some(bits),
-                _ => None,
-            };
-            let dtype = self.dtype;
-            param.map(|tensor| match quantize {
-                Some(bits) => tensor.quantize_dynamic(&quant_scheme(bits)),
-                None if tensor.dtype() == dtype => tensor,
-                None => tensor.cast(dtype),
-            })
+            param.map(|tensor| tensor.cast(dtype))
         }
     }
-    model.map(&mut Store { storage, dtype, path: Vec::new() })
+    model.map(&mut Store(dtype))
 }
 
-/// Every parameter in f32, quantized ones dequantized: the model a LoRA export merges into.
-pub fn full_precision(model: CausalLm) -> CausalLm {
-    struct Widen;
-    impl burn::module::ModuleMapper for Widen {
-        fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
-            param.map(|tensor| match tensor.dtype() {
-                burn::tensor::DType::QFloat(_) => tensor.dequantize().cast(burn::tensor::DType::F32),
-                burn::tensor::DType::F32 => tensor,
-                _ => tensor.cast(burn::tensor::DType::F32),
-            })
+/// Every parameter in f32, quantized weights dequantized: the model a LoRA export merges into.
+pub fn full_precision(mut model: CausalLm) -> CausalLm {
+    for layer in &mut model.layers {
+        for linear in layer.projections_mut() {
+            *linear = linear.clone().dequantized();
         }
     }
-    model.map(&mut Widen)
+    cast(model, burn::tensor::DType::F32)
 }

@@ -9,7 +9,9 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use burn::module::Param;
-use burn::nn::{Embedding, Linear, RmsNorm};
+use burn::nn::{Embedding, RmsNorm};
+
+use super::linear::{Linear, QuantizedWeight};
 use burn::tensor::{DType, Device, Tensor, TensorData};
 use memmap2::Mmap;
 use safetensors::tensor::Metadata;
@@ -203,8 +205,8 @@ pub struct LoadOptions {
     /// Compute dtype of the parameters (f32 everywhere; bf16/f16 where the device has it).
     pub dtype: DType,
     /// Quantize the decoder layers' projections to this many bits as they are read (QLoRA's
-    /// frozen base; see [`super::transformer::quant_scheme`]), so the full-precision model is
-    /// never in memory at once.
+    /// frozen base, with scales in `dtype`; see [`QuantizedWeight`]), so the full-precision
+    /// model is never in memory at once.
     pub quantize_bits: Option<u8>,
 }
 
@@ -249,7 +251,8 @@ struct Loader<'a> {
 }
 
 impl Loader<'_> {
-    fn tensor<const D: usize>(&mut self, name: &str) -> Result<Tensor<D>, WeightsError> {
+    /// The values of `name` on the host, checked against the shape the config implies.
+    fn values(&mut self, name: &str) -> Result<(Vec<f32>, Vec<usize>), WeightsError> {
         let expected = self.shapes.get(name).cloned().unwrap_or_default();
         let (values, found) = match self.checkpoint.read_f32(name) {
             Some(result) => result?,
@@ -269,6 +272,11 @@ impl Loader<'_> {
                 found,
             });
         }
+        Ok((values, found))
+    }
+
+    fn tensor<const D: usize>(&mut self, name: &str) -> Result<Tensor<D>, WeightsError> {
+        let (values, found) = self.values(name)?;
         let tensor = Tensor::<D>::from_data(TensorData::new(values, found), self.device);
         Ok(if self.options.dtype == DType::F32 { tensor } else { tensor.cast(self.options.dtype) })
     }
@@ -279,15 +287,25 @@ impl Loader<'_> {
 
     /// HF stores `[out, in]`; burn's `Linear` multiplies by `[in, out]`.
     fn linear(&mut self, prefix: &str, bias: bool) -> Result<Linear, WeightsError> {
-        let weight = self.tensor::<2>(&format!("{prefix}.weight"))?.transpose();
-        let weight = match self.options.quantize_bits {
-            Some(bits) if prefix.contains("layers.") && super::transformer::quantizable(&weight.dims()) => {
-                weight.quantize_dynamic(&super::transformer::quant_scheme(bits))
-            }
-            _ => weight,
-        };
+        let name = format!("{prefix}.weight");
         let bias = if bias { Some(self.param(&format!("{prefix}.bias"))?) } else { None };
-        Ok(Linear { weight: Param::from_tensor(weight), bias })
+        let outputs = self.shapes.get(&name).map_or(0, |shape| shape[0]);
+        match self.options.quantize_bits {
+            Some(bits) if prefix.contains("layers.") && super::linear::quantizable([0, outputs]) => {
+                let (values, found) = self.values(&name)?;
+                let inputs = found[1];
+                // Transposed on the host, so that only the quantized weight reaches the device.
+                let mut rows = vec![0f32; values.len()];
+                for (output, row) in values.chunks_exact(inputs).enumerate() {
+                    for (input, value) in row.iter().enumerate() {
+                        rows[input * outputs + output] = *value;
+                    }
+                }
+                let quantized = QuantizedWeight::from_rows(&rows, [inputs, outputs], bits, self.options.dtype, self.device);
+                Ok(Linear { weight: None, quantized: Some(quantized), bias })
+            }
+            _ => Ok(Linear::dense(Param::from_tensor(self.tensor::<2>(&name)?.transpose()), bias)),
+        }
     }
 
     fn norm(&mut self, name: &str, epsilon: f64) -> Result<RmsNorm, WeightsError> {
@@ -382,7 +400,7 @@ mod tests {
         let device = crate::device::parse("flex").unwrap();
         let model = load(dir.path(), &config, &device, LoadOptions::default()).unwrap();
         // HF `[out, in]` becomes burn's `[in, out]`.
-        let q = model.layers[0].self_attn.q_proj.weight.val();
+        let q = model.layers[0].self_attn.q_proj.weight();
         assert_eq!(q.dims(), [8, 8]);
         let q = q.into_data().convert::<f32>();
         assert_eq!(q.as_slice::<f32>().unwrap()[1], 8.0 * 0.25 - 3.0);

@@ -43,17 +43,9 @@ impl<M> fmt::Debug for CheckpointOp<M> {
 /// The float parameters of a module in visiting order, rank erased.
 struct Parameters(Vec<DispatchTensor>);
 
-/// A frozen quantized weight (QLoRA) is no input of the operation: it takes no gradient, and
-/// the module keeps it as it is for the recomputation.
-fn is_input<const D: usize>(param: &Param<Tensor<D>>) -> bool {
-    !matches!(param.val().dtype(), burn::tensor::DType::QFloat(_))
-}
-
 impl ModuleVisitor for Parameters {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-        if is_input(param) {
-            self.0.push(param.val().into_dispatch());
-        }
+        self.0.push(param.val().into_dispatch());
     }
 }
 
@@ -66,9 +58,6 @@ struct FreshLeaves<'a> {
 
 impl ModuleMapper for FreshLeaves<'_> {
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
-        if !is_input(&param) {
-            return param;
-        }
         let tracked = self.needed[self.index];
         self.index += 1;
         param.map(|value| {
@@ -86,9 +75,7 @@ struct ReadGrads<'a> {
 
 impl ModuleVisitor for ReadGrads<'_> {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-        if is_input(param) {
-            self.found.push(param.val().grad(self.grads).map(|g| g.inner().into_dispatch()));
-        }
+        self.found.push(param.val().grad(self.grads).map(|g| g.inner().into_dispatch()));
     }
 }
 

@@ -393,7 +393,7 @@ impl Job {
             devices: train_config.data_parallel(),
             shard_optimizer: train_config.shard_optimizer,
             base: base.storage,
-            unpacked_quantization: crate::device::is_flex(&spec.device),
+            f32_matmul: crate::device::is_flex(&spec.device),
             attention_threads: crate::ops::attention::threads_on(&spec.device),
             average_share: false,
         };

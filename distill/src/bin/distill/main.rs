@@ -122,8 +122,8 @@ fn info(args: InfoArgs) -> Result<()> {
         devices: args.devices.max(1),
         shard_optimizer: options.shard_optimizer.unwrap_or(false),
         base: distill::model::BaseStorage::choose(bits, compute_dtype != DType::F32),
-        // Planned for a GPU, where burn packs quantized values; flex holds a byte each.
-        unpacked_quantization: false,
+        // Planned for a GPU, which multiplies in the compute dtype.
+        f32_matmul: false,
         attention_threads: 1,
         average_share: false,
     };
