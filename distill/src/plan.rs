@@ -310,11 +310,11 @@ impl MemoryPlan {
     }
 
     /// What `replicas` devices of this plan need when they share one host's memory (data
-    /// parallel on flex): the process and the largest transient once (measured, the replicas'
-    /// transients seldom coincide: two replicas peaked between this and one workspace more),
-    /// the rest once per replica.
+    /// parallel on flex): the process once, the rest once per replica. The replicas run the
+    /// same passes over equal micro-batches side by side, so their largest transients coincide
+    /// (measured: two replicas peaked a whole workspace above the plan that counted it once).
     pub fn host_total(&self, replicas: u64) -> u64 {
-        let once: u64 = self.items.iter().filter(|i| i.name == "runtime" || i.name == "workspace").map(|i| i.bytes).sum();
+        let once: u64 = self.items.iter().filter(|i| i.name == "runtime").map(|i| i.bytes).sum();
         once + replicas.max(1) * self.total().saturating_sub(once)
     }
 
