@@ -562,7 +562,7 @@ impl Job {
             let stop = interrupted.load(Ordering::SeqCst);
             if step.step % save_every == 0 || step.step == total_steps || stop {
                 let state = TrainerState { global_step: step.step, optimizer_steps: optimizer.steps, settings: self.settings.clone() };
-                checkpoint::save(&out, &replicas.full_model(), optimizer, &state, &self.tokenizer_dir, &self.eos_token_ids)?;
+                checkpoint::save(&out, &replicas.checkpoint_view(), optimizer, &state, &self.tokenizer_dir, &self.eos_token_ids)?;
                 if keep > 0 {
                     checkpoint::prune(&out, keep)?;
                 }

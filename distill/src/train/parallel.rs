@@ -136,8 +136,21 @@ impl Replicas {
             return Cow::Borrowed(&self.models[0]);
         }
         let updated = self.owned_values();
-        let device = self.devices[0].clone().inner();
+        let device = Some(self.devices[0].clone().inner());
         let net = self.models[0].net.clone().map(&mut Assign { owners: &self.owners, index: 0, values: &updated, device, as_received: true });
+        Cow::Owned(Model { net, ..self.models[0].clone() })
+    }
+
+    /// What a checkpoint writes: [`Self::full_model`], except that under sharded mixed
+    /// precision each parameter's f32 value stays on the device that owns it, so nothing is
+    /// gathered (a 7B model's f32 copy would be 28 GB more on the first device). The checkpoint
+    /// writer reads one tensor at a time from wherever it is; nothing may compute with this.
+    pub fn checkpoint_view(&self) -> Cow<'_, Model> {
+        if self.narrowed.is_none() {
+            return Cow::Borrowed(&self.models[0]);
+        }
+        let updated = self.owned_values();
+        let net = self.models[0].net.clone().map(&mut Assign { owners: &self.owners, index: 0, values: &updated, device: None, as_received: true });
         Cow::Owned(Model { net, ..self.models[0].clone() })
     }
 
@@ -190,7 +203,7 @@ impl Replicas {
             let updated = self.owned_values();
             for (index, model) in self.models.iter_mut().enumerate() {
                 let device = self.devices[index].clone().inner();
-                let mut assign = Assign { owners: &self.owners, index, values: &updated, device, as_received: false };
+                let mut assign = Assign { owners: &self.owners, index, values: &updated, device: Some(device), as_received: false };
                 model.net = model.net.clone().map(&mut assign);
             }
         }
@@ -260,7 +273,8 @@ struct Assign<'a> {
     owners: &'a HashMap<ParamId, usize>,
     index: usize,
     values: &'a HashMap<ParamId, (Tensor<1>, Vec<usize>)>,
-    device: Device,
+    /// Where the values go; `None`: they stay on their owners.
+    device: Option<Device>,
     /// Keep the owner's dtype (f32) instead of the replica's own.
     as_received: bool,
 }
@@ -273,7 +287,11 @@ impl ModuleMapper for Assign<'_> {
                 param.map(|old| {
                     // Sent in the receiver's dtype (a narrowed replica's bf16: half the bytes).
                     let value = if self.as_received || value.dtype() == old.dtype() { value.clone() } else { value.clone().cast(old.dtype()) };
-                    leaf_like(&old, value.to_device(&self.device).reshape(dims))
+                    let value = match &self.device {
+                        Some(device) => value.to_device(device),
+                        None => value,
+                    };
+                    leaf_like(&old, value.reshape(dims))
                 })
             }
             _ => param,
