@@ -16,6 +16,15 @@ use crate::model::{BaseStorage, ModelConfig};
 use crate::ops::attention::block_size;
 use crate::ops::cross_entropy::chunk_rows;
 
+/// How a run's summary line names its checkpointing.
+pub fn checkpointing_phrase(gradient_checkpointing: bool, activation_offloading: bool) -> &'static str {
+    match (gradient_checkpointing, activation_offloading) {
+        (_, true) => ", gradient checkpointing with the layer inputs offloaded to host memory",
+        (true, false) => ", gradient checkpointing",
+        (false, false) => "",
+    }
+}
+
 /// What a run looks like, for its plan.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PlanOptions {
@@ -40,9 +49,11 @@ pub struct PlanOptions {
     pub shard_optimizer: bool,
     /// LoRA only: how the frozen base is held (see [`BaseStorage`]).
     pub base: BaseStorage,
-    /// The device multiplies a bf16 matmul in f32 (flex): a dequantized weight is multiplied as
-    /// it is, with no copy in the compute dtype.
-    pub f32_matmul: bool,
+    /// The device is flex, the host's CPU: it multiplies a bf16 matmul in f32 (a dequantized
+    /// weight needs no copy in the compute dtype), and activation offloading moves nothing.
+    pub flex: bool,
+    /// With checkpointing: the layer inputs wait in host memory (`--activation-offloading`).
+    pub activation_offloading: bool,
     /// Attention blocks computed side by side (flex: one per core; see
     /// [`crate::ops::attention::threads_on`]).
     pub attention_threads: usize,
@@ -65,7 +76,8 @@ impl Default for PlanOptions {
             devices: 1,
             shard_optimizer: false,
             base: BaseStorage::Full,
-            f32_matmul: false,
+            flex: false,
+            activation_offloading: false,
             attention_threads: 1,
             average_share: false,
         }
@@ -137,6 +149,8 @@ pub enum Phase {
     Backward,
     /// The optimizer step, after the backward pass has freed the activations.
     Optimizer,
+    /// In host memory, not the device's (offloaded activations): outside the device's total.
+    Host,
 }
 
 /// Parameters of one decoder layer's seven projections (what QLoRA quantizes).
@@ -237,10 +251,15 @@ impl MemoryPlan {
         // input, x / rms and output.
         let per_layer = tokens * (kept_per_token(config) * e + 4 * heads);
         let outside = tokens * hidden * e * 4;
-        let (activations, detail) = if options.gradient_checkpointing {
-            (tokens * layers * hidden * e + outside, format!("each of {layers} layers' input"))
-        } else {
-            (layers * per_layer + outside, format!("what {layers} layers keep for the backward pass"))
+        let layer_input = tokens * hidden * e;
+        let offloaded = options.gradient_checkpointing && options.activation_offloading && !options.flex;
+        let (activations, detail) = match (options.gradient_checkpointing, offloaded) {
+            (true, true) => {
+                item("offloaded", Phase::Host, layers * layer_input, format!("each of {layers} layers' input, in host memory"));
+                (outside, "outside the layers; their inputs wait in host memory".to_string())
+            }
+            (true, false) => (layers * layer_input + outside, format!("each of {layers} layers' input")),
+            (false, _) => (layers * per_layer + outside, format!("what {layers} layers keep for the backward pass")),
         };
         item("activations", Phase::Backward, activations, detail);
 
@@ -262,14 +281,15 @@ impl MemoryPlan {
         let blocks = seq.div_ceil(block).max(1);
         let side_by_side = (options.attention_threads.max(1) as u64).min(blocks);
         let attention_block = side_by_side * 3 * rows * heads * block * seq * 4 + tokens * (2 * intermediate + 2 * hidden) * e;
-        let recomputed = if options.gradient_checkpointing { per_layer } else { 0 };
+        // Offloaded, the layer's input comes back to the device for its recomputation.
+        let recomputed = if options.gradient_checkpointing { per_layer + if offloaded { layer_input } else { 0 } } else { 0 };
         // A quantized projection is dequantized for its matmul a slice at a time, whatever else
         // the step holds then: the slice in f32 and its unpacked integers, and on the CubeCL
         // backends a copy in the compute dtype (flex multiplies in f32).
         let dequantized = match base {
             BaseStorage::Quantized { .. } => {
                 let slice = (intermediate * hidden).min(crate::ops::quantized::SLICE_VALUES as u64);
-                (8 + if mixed && !options.f32_matmul { e } else { 0 }) * slice
+                (8 + if mixed && !options.flex { e } else { 0 }) * slice
             }
             _ => 0,
         };
@@ -303,6 +323,11 @@ impl MemoryPlan {
         self.items.iter().filter(|i| i.phase == phase).map(|i| i.bytes).sum()
     }
 
+    /// What the run keeps in host memory besides the device's (offloaded activations).
+    pub fn host_bytes(&self) -> u64 {
+        self.phase(Phase::Host)
+    }
+
     /// The peak: what is always held, plus the larger of the backward and optimizer phases
     /// (the optimizer step runs after the backward pass has freed the activations).
     pub fn total(&self) -> u64 {
@@ -328,6 +353,7 @@ impl MemoryPlan {
                     Phase::Always => "",
                     Phase::Backward => " [backward]",
                     Phase::Optimizer => " [optimizer step]",
+                    Phase::Host => " [host memory, not counted below]",
                 };
                 format!("{:<18} {:>9.2} GiB  {}{when}", i.name, crate::info::gib(i.bytes), i.detail)
             })
@@ -350,36 +376,46 @@ pub struct Route {
 /// The routes `distill info` weighs for `devices` devices of `options`' length, batch, dtype
 /// and checkpointing: full fine-tuning, with the optimizer sharded (several devices), LoRA
 /// (over the base in the compute dtype under mixed precision) and QLoRA, LoRA at
-/// `lora_rank` (its targets as `options` says).
+/// `lora_rank` (its targets as `options` says); then each again with the checkpointed layer
+/// inputs offloaded to host memory, which costs transfers and so comes after.
 pub fn routes(config: &ModelConfig, options: &PlanOptions, devices: usize, lora_rank: usize) -> Vec<Route> {
     let devices = devices.max(1);
     let mixed = options.compute_dtype != DType::F32;
-    let devices_flag = if devices > 1 { format!("--devices <{devices} devices> ") } else { String::new() };
-    let plan = |lora: bool, shard: bool, base: BaseStorage| {
+    let plan = |lora: bool, shard: bool, base: BaseStorage, offload: bool| {
         let options = PlanOptions {
             lora_rank: lora.then_some(lora_rank),
             devices,
             shard_optimizer: shard,
             base,
+            gradient_checkpointing: options.gradient_checkpointing || offload,
+            activation_offloading: offload,
             ..options.clone()
         };
         MemoryPlan::new(config, &options).total()
     };
-    let mut routes = vec![Route { name: "full".into(), flags: devices_flag.trim_end().to_string(), bytes_per_device: plan(false, false, BaseStorage::Full) }];
+    let lora_base = if mixed { BaseStorage::Compute } else { BaseStorage::Full };
+    let mut kinds = vec![("full".to_string(), vec![], false, false, BaseStorage::Full)];
     if devices > 1 {
-        routes.push(Route {
-            name: "full + sharded optimizer".into(),
-            flags: format!("{devices_flag}--shard-optimizer"),
-            bytes_per_device: plan(false, true, BaseStorage::Full),
-        });
+        kinds.push(("full + sharded optimizer".into(), vec!["--shard-optimizer".to_string()], false, true, BaseStorage::Full));
     }
-    let base = if mixed { BaseStorage::Compute } else { BaseStorage::Full };
-    routes.push(Route { name: format!("LoRA rank {lora_rank}"), flags: format!("{devices_flag}--lora-rank {lora_rank}"), bytes_per_device: plan(true, false, base) });
-    routes.push(Route {
-        name: format!("QLoRA rank {lora_rank} (4-bit base)"),
-        flags: format!("{devices_flag}--lora-rank {lora_rank} --load-in-4bit"),
-        bytes_per_device: plan(true, false, BaseStorage::Quantized { bits: 4 }),
-    });
+    kinds.push((format!("LoRA rank {lora_rank}"), vec![format!("--lora-rank {lora_rank}")], true, false, lora_base));
+    kinds.push((format!("QLoRA rank {lora_rank} (4-bit base)"), vec![format!("--lora-rank {lora_rank} --load-in-4bit")], true, false, BaseStorage::Quantized { bits: 4 }));
+    let mut routes = Vec::new();
+    for offload in [false, true] {
+        for (name, flags, lora, shard, base) in &kinds {
+            let mut flags = flags.clone();
+            if devices > 1 {
+                flags.insert(0, format!("--devices <{devices} devices>"));
+            }
+            let name = if offload {
+                flags.push("--activation-offloading".into());
+                format!("{name} + activation offloading")
+            } else {
+                name.clone()
+            };
+            routes.push(Route { name, flags: flags.join(" "), bytes_per_device: plan(*lora, *shard, *base, offload) });
+        }
+    }
     routes
 }
 

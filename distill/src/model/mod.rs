@@ -39,6 +39,8 @@ pub struct Training {
     pub dropout_seed: Option<u64>,
     /// Layer-level activation checkpointing.
     pub checkpoint: bool,
+    /// With `checkpoint`: the kept layer inputs wait in host memory (activation offloading).
+    pub offload: bool,
 }
 
 /// A student on a device: its config, its weights and its RoPE tables.
@@ -160,7 +162,7 @@ impl Model {
     }
 
     fn pass(&self, positions: &[Vec<usize>], visibility: Visibility, training: Training) -> Pass {
-        Pass { rope: self.rope_tables(positions), visibility, dropout: training.dropout_seed, checkpoint: training.checkpoint }
+        Pass { rope: self.rope_tables(positions), visibility, dropout: training.dropout_seed, checkpoint: training.checkpoint, offload: training.offload }
     }
 
     /// Memory-efficient attention over `layout` (see [`crate::ops::attention`]).

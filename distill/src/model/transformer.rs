@@ -24,6 +24,8 @@ pub struct Pass {
     pub dropout: Option<u64>,
     /// Layer-level activation checkpointing (training only).
     pub checkpoint: bool,
+    /// With `checkpoint`: the kept layer inputs wait in host memory.
+    pub offload: bool,
 }
 
 impl Pass {
@@ -78,9 +80,10 @@ impl DecoderLayer {
     /// the backward pass, which runs the layer again.
     pub fn forward(&self, x: Tensor<3>, pass: &Pass, index: usize, cache: Option<&mut LayerCache>) -> Tensor<3> {
         if pass.checkpoint && cache.is_none() && x.is_autodiff() {
+            let offload = pass.offload;
             let pass = pass.clone();
             let forward = Arc::new(move |layer: &DecoderLayer, x: Tensor<3>| layer.forward_whole(x, &pass, index, None));
-            return crate::ops::checkpoint::checkpoint(self, x, forward);
+            return crate::ops::checkpoint::checkpoint(self, x, forward, offload);
         }
         self.forward_whole(x, pass, index, cache)
     }

@@ -10,13 +10,17 @@
 //! must not appear in the inner one, whose backward runs while the outer graph is locked.
 //! Randomness inside the module (LoRA dropout) must be seeded by the module itself so that the
 //! recomputation draws what the forward pass drew.
+//!
+//! With offloading (TRL's `activation_offloading`), the kept input waits in host memory (on
+//! flex) and comes back to the device for its recomputation: a GPU then holds one layer's input
+//! at a time instead of every layer's.
 
 use std::fmt;
 use std::sync::Arc;
 
 use burn::backend::DispatchTensor;
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
-use burn::tensor::Tensor;
+use burn::tensor::{Device, Tensor, TensorData};
 
 use super::{Differentiable, MAX_INPUTS, apply, ranked};
 
@@ -26,11 +30,19 @@ pub type Forward<M> = Arc<dyn Fn(&M, Tensor<3>) -> Tensor<3> + Send + Sync>;
 struct CheckpointOp<M> {
     module: M,
     forward: Forward<M>,
+    offload: Option<Offload>,
+}
+
+/// Where a kept input waits, and the device it goes back to.
+#[derive(Clone)]
+struct Offload {
+    host: Device,
+    home: Device,
 }
 
 impl<M: Clone> Clone for CheckpointOp<M> {
     fn clone(&self) -> Self {
-        CheckpointOp { module: self.module.clone(), forward: self.forward.clone() }
+        CheckpointOp { module: self.module.clone(), forward: self.forward.clone(), offload: self.offload.clone() }
     }
 }
 
@@ -83,17 +95,26 @@ impl<M> Differentiable for CheckpointOp<M>
 where
     M: Module + Clone + Send + Sync + 'static,
 {
-    /// The module's input, on the inner device.
+    /// The module's input, on the inner device (offloaded: on the host).
     type Saved = DispatchTensor;
 
     fn forward(&self, inputs: &[DispatchTensor], needed: Option<&[bool]>) -> (DispatchTensor, Option<Self::Saved>) {
         let input = ranked::<3>(inputs[0].clone());
-        let output = (self.forward)(&self.module.valid(), input);
-        (output.into_dispatch(), needed.map(|_| inputs[0].clone()))
+        let output = (self.forward)(&self.module.valid(), input.clone());
+        let kept = needed.map(|_| match &self.offload {
+            Some(offload) => to_host(input, &offload.host).into_dispatch(),
+            None => inputs[0].clone(),
+        });
+        (output.into_dispatch(), kept)
     }
 
     fn backward(&self, saved: Self::Saved, output_grad: DispatchTensor, needed: &[bool]) -> Vec<Option<DispatchTensor>> {
-        let input = Tensor::from_inner(ranked::<3>(saved));
+        let input = ranked::<3>(saved);
+        let input = match &self.offload {
+            Some(offload) => input.to_device(&offload.home),
+            None => input,
+        };
+        let input = Tensor::from_inner(input);
         let input = if needed[0] { input.require_grad() } else { input };
         let module = self.module.clone().map(&mut FreshLeaves { needed: &needed[1..], index: 0 });
         let output = (self.forward)(&module, input.clone());
@@ -106,17 +127,36 @@ where
     }
 }
 
-/// `forward(module, input)` with only `input` kept for the backward pass, where the module is run
-/// again. `module`'s parameters live on the autodiff device (tracked or frozen); `forward` must
-/// work on the inner device too.
-pub fn checkpoint<M>(module: &M, input: Tensor<3>, forward: Forward<M>) -> Tensor<3>
+/// `forward(module, input)` with only `input` kept for the backward pass (`offload`: kept in
+/// host memory), where the module is run again. `module`'s parameters live on the autodiff
+/// device (tracked or frozen); `forward` must work on the inner device too.
+pub fn checkpoint<M>(module: &M, input: Tensor<3>, forward: Forward<M>, offload: bool) -> Tensor<3>
 where
     M: Module + Clone + Send + Sync + 'static,
 {
+    // On flex the input is in host memory already.
+    let offload = (offload && !crate::device::is_flex(&input.device())).then(|| Offload { host: host_device(), home: input.device().inner() });
     let mut parameters = Parameters(Vec::new());
     module.visit(&mut parameters);
     assert!(parameters.0.len() < MAX_INPUTS, "a checkpointed module has at most {} parameters", MAX_INPUTS - 1);
     let mut inputs = vec![input.into_dispatch()];
     inputs.extend(parameters.0);
-    ranked(apply(CheckpointOp { module: module.clone(), forward }, inputs))
+    ranked(apply(CheckpointOp { module: module.clone(), forward, offload }, inputs))
+}
+
+/// `tensor` copied into host memory of its own. Read back from a GPU, its bytes can be a view
+/// of the device allocator's staging buffer (so `to_device` alone leaves wgpu's accounting of
+/// device memory where it was); one more copy on the host lets that buffer go.
+fn to_host(tensor: Tensor<3>, host: &Device) -> Tensor<3> {
+    let data = tensor.into_data();
+    let own = TensorData::from_bytes_vec(data.as_bytes().to_vec(), data.shape().clone(), data.dtype());
+    Tensor::from_data(own, host)
+}
+
+/// Host memory, as a device.
+fn host_device() -> Device {
+    #[cfg(feature = "flex")]
+    return Device::flex();
+    #[cfg(not(feature = "flex"))]
+    panic!("--activation-offloading keeps the layer inputs on flex, which this build leaves out")
 }

@@ -366,7 +366,9 @@ impl Job {
             gradient_accumulation_steps: required(&options.gradient_accumulation_steps, "gradient_accumulation_steps").max(1),
             seed,
             compute_dtype,
-            gradient_checkpointing: required(&options.gradient_checkpointing, "gradient_checkpointing"),
+            gradient_checkpointing: required(&options.gradient_checkpointing, "gradient_checkpointing")
+                || required(&options.activation_offloading, "activation_offloading"),
+            activation_offloading: required(&options.activation_offloading, "activation_offloading"),
             devices: spec.devices.iter().map(|(device, _)| device.clone().autodiff()).collect(),
             shard_optimizer: required(&options.shard_optimizer, "shard_optimizer"),
         };
@@ -387,13 +389,14 @@ impl Job {
             gradient_accumulation_steps: train_config.gradient_accumulation_steps,
             compute_dtype: compute_dtype.unwrap_or(DType::F32),
             gradient_checkpointing: train_config.gradient_checkpointing,
+            activation_offloading: train_config.activation_offloading,
             lora_rank: lora.as_ref().map(|l| l.rank),
             lora_targets: lora.as_ref().map(|l| l.targets.clone()),
             runtime_bytes,
             devices: train_config.data_parallel(),
             shard_optimizer: train_config.shard_optimizer,
             base: base.storage,
-            f32_matmul: crate::device::is_flex(&spec.device),
+            flex: crate::device::is_flex(&spec.device),
             attention_threads: crate::ops::attention::threads_on(&spec.device),
             average_share: false,
         };
@@ -421,6 +424,14 @@ impl Job {
             }
             Some(memory) => reporter.note(&format!("  fits the {:.2} GiB of {}", crate::info::gib(memory), spec.device_name)),
             None => reporter.note(&format!("  ({} does not report its memory to burn; give --gpu-memory to check the plan)", spec.device_name)),
+        }
+        if let Some(host) = device_memory(None, "flex").filter(|&host| plan.host_bytes() > host) {
+            return Err(JobError::Invalid(format!(
+                "the offloaded layer inputs need {:.2} GiB of host memory but {:.2} GiB is available; lower --max-length or \
+                 --per-device-train-batch-size, or train without --activation-offloading",
+                crate::info::gib(plan.host_bytes()),
+                crate::info::gib(host)
+            )));
         }
 
         // Everything that decides the run's trajectory; a resume must match it. Paths are
@@ -479,7 +490,7 @@ impl Job {
             config.per_device_train_batch_size,
             config.gradient_accumulation_steps,
             self.compute_dtype.map(|d| format!(", {d:?} compute over f32 {}", if self.lora.is_some() { "adapters" } else { "weights" })).unwrap_or_default(),
-            if config.gradient_checkpointing { ", gradient checkpointing" } else { "" },
+            crate::plan::checkpointing_phrase(config.gradient_checkpointing, config.activation_offloading),
         )
     }
 

@@ -59,6 +59,11 @@ pub struct TrainingOptions {
     /// there (transformers' gradient_checkpointing_enable): much less memory, ~1/3 more compute.
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub gradient_checkpointing: Option<bool>,
+    /// Keep those layer inputs in host memory and bring each back for its layer's backward pass
+    /// (TRL's activation_offloading): a GPU then holds one layer's input at a time. Implies
+    /// --gradient-checkpointing; on flex, whose memory is the host's, it changes nothing.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub activation_offloading: Option<bool>,
     /// With --devices: each device keeps the AdamW moments, the gradient sum and (under mixed
     /// precision) the f32 master weights of its share of the parameters only (ZeRO stage 2), so
     /// optimizer memory per device falls by the number of devices.
@@ -135,6 +140,7 @@ impl TrainingOptions {
             adam_epsilon: Some(1e-8),
             dtype: Some("f32".into()),
             gradient_checkpointing: Some(false),
+            activation_offloading: Some(false),
             shard_optimizer: Some(false),
             lora_rank: None,
             load_in_4bit: Some(false),

@@ -29,6 +29,9 @@ pub struct TrainConfig {
     pub compute_dtype: Option<DType>,
     /// Layer-level activation checkpointing: keep each decoder layer's input only.
     pub gradient_checkpointing: bool,
+    /// Keep those inputs in host memory until the backward pass needs them (implies
+    /// checkpointing; nothing moves on flex, whose memory is the host's).
+    pub activation_offloading: bool,
     /// Data parallel: every device (autodiff), the model's own first; empty: the model's
     /// device alone. Micro-batch `j` of a step runs on device `j % devices`.
     pub devices: Vec<Device>,
@@ -127,7 +130,11 @@ pub fn train<E>(
                 // the same per-device batch).
                 let index = round * devices + device;
                 let dropout_seed = config.seed.wrapping_mul(0x9E37_79B9).wrapping_add(step as u64).wrapping_mul(31).wrapping_add(index as u64);
-                let training = Training { dropout_seed: Some(dropout_seed), checkpoint: config.gradient_checkpointing };
+                let training = Training {
+                    dropout_seed: Some(dropout_seed),
+                    checkpoint: config.gradient_checkpointing || config.activation_offloading,
+                    offload: config.activation_offloading,
+                };
                 let micro_batch: Vec<&PackedBlock> = micro_batch.iter().collect();
                 let Some(sum) = super::nll_sum(&compute, &Batch::new(&micro_batch), training) else { return (grads, 0.0) };
                 let scaled = sum / step_tokens.max(1) as f64;

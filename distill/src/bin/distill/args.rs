@@ -50,6 +50,9 @@ pub struct InfoArgs {
     /// Layer-level activation checkpointing; default: the student config's.
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub gradient_checkpointing: Option<bool>,
+    /// Plan the checkpointed layer inputs in host memory (implies --gradient-checkpointing).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub activation_offloading: Option<bool>,
     /// Say whether the plan fits this much device memory (80GB, 24GiB).
     #[arg(long)]
     pub gpu_memory: Option<String>,
@@ -291,6 +294,9 @@ pub struct BenchTrainArgs {
     pub bf16: bool,
     #[arg(long)]
     pub gradient_checkpointing: bool,
+    /// Keep the checkpointed layer inputs in host memory (implies --gradient-checkpointing).
+    #[arg(long)]
+    pub activation_offloading: bool,
     /// Train LoRA adapters of this rank on every linear layer instead of every weight.
     #[arg(long)]
     pub lora_rank: Option<usize>,

@@ -26,7 +26,7 @@ pub fn bench_train(args: BenchTrainArgs) -> Result<()> {
             "model: {} parameters, {} row(s), {} timed step(s) per length after {} warm-up, {}{}{}",
             human_count(config.num_parameters()), args.per_device_train_batch_size, args.steps, args.warmup_steps,
             if args.bf16 { "bf16 compute over f32 weights" } else { "f32" },
-            if args.gradient_checkpointing { ", gradient checkpointing" } else { "" },
+            distill::plan::checkpointing_phrase(args.gradient_checkpointing, args.activation_offloading),
             args.lora_rank.map(|r| format!(", LoRA rank {r}")).unwrap_or_default(),
         );
     }
@@ -84,6 +84,7 @@ fn train_bench(args: &BenchTrainArgs, seq_len: usize, compute_dtype: Option<DTyp
         steps: args.steps.max(1),
         compute_dtype,
         gradient_checkpointing: args.gradient_checkpointing,
+        activation_offloading: args.activation_offloading,
         lora_rank: args.lora_rank,
         shard_optimizer: args.shard_optimizer && !devices.is_empty(),
         devices,

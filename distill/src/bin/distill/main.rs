@@ -95,6 +95,7 @@ fn info(args: InfoArgs) -> Result<()> {
         lora_targets: args.lora_targets.clone(),
         dtype: args.dtype.clone(),
         gradient_checkpointing: args.gradient_checkpointing,
+        activation_offloading: args.activation_offloading,
         shard_optimizer: args.shard_optimizer,
         load_in_4bit: args.load_in_4bit.then_some(true),
         load_in_8bit: args.load_in_8bit.then_some(true),
@@ -115,7 +116,8 @@ fn info(args: InfoArgs) -> Result<()> {
         batch_size: options.per_device_train_batch_size.unwrap_or(1),
         gradient_accumulation_steps: options.gradient_accumulation_steps.unwrap_or(1),
         compute_dtype,
-        gradient_checkpointing: options.gradient_checkpointing.unwrap_or(false),
+        gradient_checkpointing: options.gradient_checkpointing.unwrap_or(false) || options.activation_offloading.unwrap_or(false),
+        activation_offloading: options.activation_offloading.unwrap_or(false),
         lora_rank: options.lora_rank,
         lora_targets,
         runtime_bytes: None,
@@ -123,7 +125,7 @@ fn info(args: InfoArgs) -> Result<()> {
         shard_optimizer: options.shard_optimizer.unwrap_or(false),
         base: distill::model::BaseStorage::choose(bits, compute_dtype != DType::F32),
         // Planned for a GPU, which multiplies in the compute dtype.
-        f32_matmul: false,
+        flex: false,
         attention_threads: 1,
         average_share: false,
     };
@@ -171,7 +173,7 @@ fn info(args: InfoArgs) -> Result<()> {
         plan_options.batch_size,
         match plan_options.lora_rank { Some(rank) => format!("LoRA rank {rank}"), None => "full fine-tuning".into() },
         if plan_options.compute_dtype == DType::F32 { ", f32".to_string() } else { format!(", {:?} compute", plan_options.compute_dtype) },
-        if plan_options.gradient_checkpointing { ", gradient checkpointing" } else { "" },
+        distill::plan::checkpointing_phrase(plan_options.gradient_checkpointing, plan_options.activation_offloading),
     );
     for line in plan.table().lines() {
         println!("  {line}");
@@ -184,16 +186,17 @@ fn info(args: InfoArgs) -> Result<()> {
         "routes on {} device(s) at {} tokens × {} rows{}{} (memory per device){}:",
         args.devices, plan_options.seq_len, plan_options.batch_size,
         if plan_options.compute_dtype == DType::F32 { ", f32".to_string() } else { format!(", {:?} compute", plan_options.compute_dtype) },
-        if plan_options.gradient_checkpointing { ", gradient checkpointing" } else { "" },
+        distill::plan::checkpointing_phrase(plan_options.gradient_checkpointing, plan_options.activation_offloading),
         memory.map(|m| format!(", against {:.0} GiB", gib(m))).unwrap_or_default(),
     );
+    let width = routes.iter().map(|r| r.name.chars().count()).max().unwrap_or(0);
     for route in &routes {
         let verdict = match memory {
             Some(m) if route.bytes_per_device <= m => "fits    ",
             Some(_) => "too big ",
             None => "",
         };
-        println!("  {verdict}{:<32} {:>9.2} GiB  {}", route.name, gib(route.bytes_per_device), route.flags);
+        println!("  {verdict}{:<width$} {:>9.2} GiB  {}", route.name, gib(route.bytes_per_device), route.flags);
     }
     if let Some(memory) = memory {
         match routes.iter().find(|r| r.bytes_per_device <= memory) {
