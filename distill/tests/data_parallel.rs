@@ -82,6 +82,7 @@ fn run_on_base(
         seed: 5,
         compute_dtype,
         gradient_checkpointing: false,
+        activation_offloading: false,
         devices,
         shard_optimizer,
     };

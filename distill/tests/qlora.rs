@@ -41,6 +41,7 @@ fn run(model: Model, blocks: &[PackedBlock], compute_dtype: Option<DType>) -> (V
         seed: 1,
         compute_dtype,
         gradient_checkpointing: false,
+        activation_offloading: false,
         devices: Vec::new(),
         shard_optimizer: false,
     };

@@ -49,6 +49,7 @@ fn run_with(
         seed: 5,
         compute_dtype,
         gradient_checkpointing,
+        activation_offloading: false,
         devices: Vec::new(),
         shard_optimizer: false,
     };
