@@ -73,3 +73,34 @@ fn info_json_and_memory_grows_with_length() {
         assert!(items.contains(&name), "{name} missing from {items:?}");
     }
 }
+
+/// Every student has a route at its own settings (32k tokens × 2 rows) on one 80 GB GPU; the
+/// 70B's is QLoRA with the layer inputs offloaded, whose plan moves them to host memory.
+#[test]
+fn every_student_has_a_route_on_one_80gb_gpu() {
+    let info = |config: &str, extra: &[&str]| {
+        let mut args = vec!["info", config, "--json", "--gpu-memory", "80GB"];
+        args.extend_from_slice(extra);
+        let output = common::distill(&args);
+        assert!(output.status.success(), "{}", common::stderr(&output));
+        serde_json::from_slice::<serde_json::Value>(&output.stdout).unwrap()
+    };
+    for student in ["qwen2.5-math-1.5b", "qwen2.5-math-7b", "llama-3.1-8b", "qwen2.5-14b", "qwen2.5-32b", "llama-3.3-70b-instruct"] {
+        let report = info(&format!("student_configs/{student}.toml"), &[]);
+        let routes = report["routes"].as_array().unwrap();
+        let first = routes.iter().find(|r| r["fits"] == true).unwrap_or_else(|| panic!("{student}: no route fits: {routes:?}"));
+        if student.starts_with("llama-3.3-70b") {
+            assert_eq!(first["name"], "QLoRA rank 16 (4-bit base) + activation offloading");
+            assert!(first["flags"].as_str().unwrap().contains("--load-in-4bit --activation-offloading"));
+            let without = routes.iter().find(|r| r["name"] == "QLoRA rank 16 (4-bit base)").unwrap();
+            assert_eq!(without["fits"], false, "without offloading the 70B does not fit at 32k × 2");
+        }
+    }
+    let offloaded = info("student_configs/llama-3.3-70b-instruct.toml", &["--lora-rank", "16", "--load-in-4bit", "--activation-offloading"]);
+    let items = offloaded["training"]["items"].as_array().unwrap();
+    let host = items.iter().find(|i| i["name"] == "offloaded").expect("an offloaded item");
+    assert_eq!(host["phase"], "host");
+    // 80 layers' inputs: 65536 tokens × 8192 × 2 bytes each.
+    assert_eq!(host["bytes"].as_u64().unwrap(), 80 * 65536 * 8192 * 2);
+    assert_eq!(offloaded["fits"], true);
+}
