@@ -230,8 +230,8 @@ impl MemoryPlan {
                     Phase::Always,
                     quantized + e * (parameters - projections) + 4 * adapters,
                     format!(
-                        "{} projection weights in {bits} bits ({value_bytes} byte a value with its block scale), the rest in {:?}, the adapters in f32",
-                        crate::info::human_count(projections), options.compute_dtype
+                        "{} projection weights in {bits} bits ({:.3} bytes a value with its block scale), the rest in {:?}, the adapters in f32",
+                        crate::info::human_count(projections), value_bytes + scale_bytes, options.compute_dtype
                     ),
                 );
             }
