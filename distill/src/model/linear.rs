@@ -116,19 +116,20 @@ impl QuantizedWeight {
         let largest = ((1 << (bits - 1)) - 1) as f32;
         let offset = 1i32 << (bits - 1);
         let mut words = vec![0i32; rows.len() / per_word];
-        let mut scales = Vec::with_capacity(rows.len() / BLOCK);
-        for (block, values) in rows.chunks_exact(BLOCK).enumerate() {
+        let mut scales = vec![0f32; rows.len() / BLOCK];
+        // Block by block, a block's words and scale written by one thread.
+        use rayon::prelude::*;
+        let blocks = rows.par_chunks_exact(BLOCK).zip(words.par_chunks_exact_mut(BLOCK / per_word)).zip(scales.par_iter_mut());
+        blocks.for_each(|((values, words), scale)| {
             let absmax = values.iter().fold(0f32, |max, v| max.max(v.abs()));
             // Rounded to the stored dtype first, so that q is chosen against the scale that
             // dequantization will use.
-            let scale = stored(if absmax > 0.0 { absmax / largest } else { 1.0 }, scale_dtype);
-            scales.push(scale);
+            *scale = stored(if absmax > 0.0 { absmax / largest } else { 1.0 }, scale_dtype);
             for (index, value) in values.iter().enumerate() {
-                let q = (value / scale).round().clamp(-largest, largest) as i32 + offset;
-                let position = block * BLOCK + index;
-                words[position / per_word] |= q << ((position % per_word) * bits);
+                let q = (value / *scale).round().clamp(-largest, largest) as i32 + offset;
+                words[index / per_word] |= q << ((index % per_word) * bits);
             }
-        }
+        });
         let values = Tensor::<2, Int>::from_data(TensorData::new(words, [inputs, outputs / per_word]), device);
         let scales = Tensor::<2>::from_data(TensorData::new(scales, [inputs, outputs / BLOCK]), device);
         let scales = if scale_dtype == DType::F32 { scales } else { scales.cast(scale_dtype) };

@@ -10,8 +10,6 @@ use std::path::{Path, PathBuf};
 
 use burn::module::Param;
 use burn::nn::{Embedding, RmsNorm};
-
-use super::linear::{Linear, QuantizedWeight};
 use burn::tensor::{DType, Device, Tensor, TensorData};
 use memmap2::Mmap;
 use safetensors::tensor::Metadata;
@@ -19,6 +17,7 @@ use safetensors::{Dtype, SafeTensors};
 
 use super::attention::Attention;
 use super::config::ModelConfig;
+use super::linear::{Linear, QuantizedWeight};
 use super::transformer::{CausalLm, DecoderLayer, Mlp};
 
 pub const SINGLE_FILE: &str = "model.safetensors";
@@ -295,12 +294,13 @@ impl Loader<'_> {
                 let (values, found) = self.values(&name)?;
                 let inputs = found[1];
                 // Transposed on the host, so that only the quantized weight reaches the device.
+                use rayon::prelude::*;
                 let mut rows = vec![0f32; values.len()];
-                for (output, row) in values.chunks_exact(inputs).enumerate() {
-                    for (input, value) in row.iter().enumerate() {
-                        rows[input * outputs + output] = *value;
+                rows.par_chunks_mut(outputs).enumerate().for_each(|(input, row)| {
+                    for (output, value) in row.iter_mut().enumerate() {
+                        *value = values[output * inputs + input];
                     }
-                }
+                });
                 let quantized = QuantizedWeight::from_rows(&rows, [inputs, outputs], bits, self.options.dtype, self.device);
                 Ok(Linear { weight: None, quantized: Some(quantized), bias })
             }
