@@ -73,9 +73,7 @@ impl DecoderLayer {
         let (a, m) = (&mut self.self_attn, &mut self.mlp);
         [&mut a.q_proj, &mut a.k_proj, &mut a.v_proj, &mut a.o_proj, &mut m.gate_proj, &mut m.up_proj, &mut m.down_proj]
     }
-}
 
-impl DecoderLayer {
     /// Layer `index` of the model. With `pass.checkpoint` (and no cache) only `x` is kept for
     /// the backward pass, which runs the layer again.
     pub fn forward(&self, x: Tensor<3>, pass: &Pass, index: usize, cache: Option<&mut LayerCache>) -> Tensor<3> {
