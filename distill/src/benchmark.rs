@@ -67,7 +67,7 @@ impl TrainBench {
                 batch_size: self.batch_size.max(1),
                 gradient_accumulation_steps: 1,
                 compute_dtype: self.compute_dtype.unwrap_or(burn::tensor::DType::F32),
-                gradient_checkpointing: self.gradient_checkpointing || self.activation_offloading,
+                gradient_checkpointing: self.gradient_checkpointing,
                 activation_offloading: self.activation_offloading,
                 lora_rank: self.lora_rank,
                 lora_targets: None,
@@ -197,8 +197,7 @@ pub fn measure_training(config: &crate::model::ModelConfig, bench: &TrainBench, 
     crate::memory::release_free_memory();
     let baseline = crate::memory::current_bytes().unwrap_or(0);
     let baseline_allocated = crate::memory::allocated_bytes();
-    crate::memory::reset_host_peak();
-    crate::memory::reset_allocated_peak();
+    crate::memory::reset_peaks();
     let device = device.clone().autodiff();
     device.seed(0);
     let model = crate::model::Model::random(config.clone(), &device);
@@ -215,8 +214,7 @@ pub fn measure_training(config: &crate::model::ModelConfig, bench: &TrainBench, 
             // The base is built in f32 before it is stored smaller; the steps are measured from
             // there, as a run that loads its base in the storage dtype would see them.
             crate::memory::release_free_memory();
-            crate::memory::reset_host_peak();
-            crate::memory::reset_allocated_peak();
+            crate::memory::reset_peaks();
             model
         }
         None => model,

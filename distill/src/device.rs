@@ -109,8 +109,8 @@ fn wgpu_kind(index: Option<usize>) -> burn::tensor::DeviceKind {
     }
 }
 
-/// Whether `device` (or the device under its autodiff) is flex. flex holds quantized values a
-/// byte each (CubeCL packs them) and computes bf16 matmuls by widening both sides to f32.
+/// Whether `device` (or the device under its autodiff) is flex: the host's CPU, which computes
+/// bf16 matmuls by widening both sides to f32.
 pub fn is_flex(device: &Device) -> bool {
     #[cfg(feature = "flex")]
     if matches!(device.clone().inner().as_dispatch(), burn::backend::DispatchDevice::Flex(_)) {

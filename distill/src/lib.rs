@@ -23,4 +23,5 @@ pub mod staging;
 pub mod student;
 pub mod tensor_file;
 pub mod text;
+pub mod threads;
 pub mod train;

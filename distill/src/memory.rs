@@ -34,7 +34,7 @@ fn status_bytes(field: &str) -> Option<u64> {
 
 /// Starts a new peak: the kernel resets `VmHWM` to the current resident size (Linux 4.0+).
 /// Returns whether it could.
-pub fn reset_host_peak() -> bool {
+fn reset_host_peak() -> bool {
     std::fs::write("/proc/self/clear_refs", "5").is_ok()
 }
 
@@ -122,12 +122,14 @@ pub fn allocated_bytes() -> Option<u64> {
     COUNTING.load(Ordering::Relaxed).then(|| ALLOCATED.load(Ordering::Relaxed) as u64)
 }
 
-/// The most heap bytes held at once since the start or [`reset_allocated_peak`].
+/// The most heap bytes held at once since the start or [`reset_peaks`].
 pub fn peak_allocated_bytes() -> Option<u64> {
     COUNTING.load(Ordering::Relaxed).then(|| PEAK_ALLOCATED.load(Ordering::Relaxed) as u64)
 }
 
-/// Starts a new peak of [`peak_allocated_bytes`] from what is held now.
-pub fn reset_allocated_peak() {
+/// Starts new peaks from what is held now: the resident one ([`host_peak_bytes`], where the
+/// kernel allows) and the heap's ([`peak_allocated_bytes`]).
+pub fn reset_peaks() {
+    reset_host_peak();
     PEAK_ALLOCATED.store(ALLOCATED.load(Ordering::Relaxed), Ordering::Relaxed);
 }

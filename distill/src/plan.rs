@@ -52,7 +52,8 @@ pub struct PlanOptions {
     /// The device is flex, the host's CPU: it multiplies a bf16 matmul in f32 (a dequantized
     /// weight needs no copy in the compute dtype), and activation offloading moves nothing.
     pub flex: bool,
-    /// With checkpointing: the layer inputs wait in host memory (`--activation-offloading`).
+    /// The checkpointed layer inputs wait in host memory (`--activation-offloading`; implies
+    /// checkpointing).
     pub activation_offloading: bool,
     /// Attention blocks computed side by side (flex: one per core; see
     /// [`crate::ops::attention::threads_on`]).
@@ -252,8 +253,10 @@ impl MemoryPlan {
         let per_layer = tokens * (kept_per_token(config) * e + 4 * heads);
         let outside = tokens * hidden * e * 4;
         let layer_input = tokens * hidden * e;
-        let offloaded = options.gradient_checkpointing && options.activation_offloading && !options.flex;
-        let (activations, detail) = match (options.gradient_checkpointing, offloaded) {
+        // Offloading implies checkpointing, as `distill train` runs it.
+        let checkpointing = options.gradient_checkpointing || options.activation_offloading;
+        let offloaded = options.activation_offloading && !options.flex;
+        let (activations, detail) = match (checkpointing, offloaded) {
             (true, true) => {
                 item("offloaded", Phase::Host, layers * layer_input, format!("each of {layers} layers' input, in host memory"));
                 (outside, "outside the layers; their inputs wait in host memory".to_string())
@@ -282,7 +285,7 @@ impl MemoryPlan {
         let side_by_side = (options.attention_threads.max(1) as u64).min(blocks);
         let attention_block = side_by_side * 3 * rows * heads * block * seq * 4 + tokens * (2 * intermediate + 2 * hidden) * e;
         // Offloaded, the layer's input comes back to the device for its recomputation.
-        let recomputed = if options.gradient_checkpointing { per_layer + if offloaded { layer_input } else { 0 } } else { 0 };
+        let recomputed = if checkpointing { per_layer + if offloaded { layer_input } else { 0 } } else { 0 };
         // A quantized projection is dequantized for its matmul a slice at a time, whatever else
         // the step holds then: the slice in f32 and its unpacked integers, and on the CubeCL
         // backends a copy in the compute dtype (flex multiplies in f32).
@@ -387,7 +390,6 @@ pub fn routes(config: &ModelConfig, options: &PlanOptions, devices: usize, lora_
             devices,
             shard_optimizer: shard,
             base,
-            gradient_checkpointing: options.gradient_checkpointing || offload,
             activation_offloading: offload,
             ..options.clone()
         };

@@ -232,15 +232,7 @@ impl Plan {
     /// `work` on each run of blocks, on threads of their own when there are several; results
     /// in block order.
     fn on_runs<T: Send>(&self, work: impl Fn(&[QueryBlock]) -> T + Sync) -> Vec<T> {
-        let runs = self.runs();
-        if runs.len() == 1 {
-            return vec![work(runs[0])];
-        }
-        std::thread::scope(|scope| {
-            let work = &work;
-            let running: Vec<_> = runs.into_iter().map(|run| scope.spawn(move || work(run))).collect();
-            running.into_iter().map(|thread| thread.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))).collect()
-        })
+        crate::threads::side_by_side(self.runs(), work)
     }
 
     pub fn layout(&self) -> &Layout {

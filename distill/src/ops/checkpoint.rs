@@ -155,8 +155,5 @@ fn to_host(tensor: Tensor<3>, host: &Device) -> Tensor<3> {
 
 /// Host memory, as a device.
 fn host_device() -> Device {
-    #[cfg(feature = "flex")]
-    return Device::flex();
-    #[cfg(not(feature = "flex"))]
-    panic!("--activation-offloading keeps the layer inputs on flex, which this build leaves out")
+    crate::device::parse("flex").expect("--activation-offloading keeps the layer inputs on flex, which this build must include")
 }

@@ -23,18 +23,9 @@ fn by_chunks(inputs: &[Tensor<3>], f: impl Fn(&[Tensor<3>]) -> Vec<Tensor<3>> + 
         return f(inputs);
     }
     let chunk = seq.div_ceil(threads);
-    let parts: Vec<Vec<Tensor<3>>> = std::thread::scope(|scope| {
-        let f = &f;
-        let running: Vec<_> = (0..seq)
-            .step_by(chunk)
-            .map(|start| {
-                let len = chunk.min(seq - start);
-                let pieces: Vec<Tensor<3>> = inputs.iter().map(|t| t.clone().narrow(1, start, len)).collect();
-                scope.spawn(move || f(&pieces))
-            })
-            .collect();
-        running.into_iter().map(|thread| thread.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))).collect()
-    });
+    let chunks: Vec<Vec<Tensor<3>>> =
+        (0..seq).step_by(chunk).map(|start| inputs.iter().map(|t| t.clone().narrow(1, start, chunk.min(seq - start))).collect()).collect();
+    let parts = crate::threads::side_by_side(chunks, |pieces| f(&pieces));
     let outputs = parts[0].len();
     (0..outputs).map(|i| Tensor::cat(parts.iter().map(|p| p[i].clone()).collect(), 1)).collect()
 }

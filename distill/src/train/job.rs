@@ -229,6 +229,12 @@ pub fn device_memory(spec_memory: Option<u64>, device_name: &str) -> Option<u64>
     if device_name != "flex" {
         return None;
     }
+    host_memory()
+}
+
+/// The host memory this process may use: what the system has available plus what the process
+/// already holds (Linux `MemAvailable`).
+fn host_memory() -> Option<u64> {
     let meminfo = fs::read_to_string("/proc/meminfo").ok()?;
     let available = meminfo.lines().find(|l| l.starts_with("MemAvailable:"))?.split_whitespace().nth(1)?.parse::<u64>().ok()? * 1024;
     let resident = crate::memory::current_bytes().unwrap_or(0);
@@ -257,12 +263,7 @@ impl Job {
             }
         }
         let lora = lora_config(&options)?;
-        let bits = match (required(&options.load_in_4bit, "load_in_4bit"), required(&options.load_in_8bit, "load_in_8bit")) {
-            (true, true) => return Err(JobError::Invalid("--load-in-4bit and --load-in-8bit exclude each other".into())),
-            (true, false) => Some(4),
-            (false, true) => Some(8),
-            (false, false) => None,
-        };
+        let bits = options.load_in_bits().map_err(JobError::Invalid)?;
         if bits.is_some() && lora.is_none() {
             return Err(JobError::Invalid(format!(
                 "--load-in-{}bit quantizes the frozen base of a LoRA run (QLoRA); add --lora-rank (16 is a common choice)",
@@ -366,8 +367,7 @@ impl Job {
             gradient_accumulation_steps: required(&options.gradient_accumulation_steps, "gradient_accumulation_steps").max(1),
             seed,
             compute_dtype,
-            gradient_checkpointing: required(&options.gradient_checkpointing, "gradient_checkpointing")
-                || required(&options.activation_offloading, "activation_offloading"),
+            gradient_checkpointing: required(&options.gradient_checkpointing, "gradient_checkpointing"),
             activation_offloading: required(&options.activation_offloading, "activation_offloading"),
             devices: spec.devices.iter().map(|(device, _)| device.clone().autodiff()).collect(),
             shard_optimizer: required(&options.shard_optimizer, "shard_optimizer"),
@@ -425,7 +425,7 @@ impl Job {
             Some(memory) => reporter.note(&format!("  fits the {:.2} GiB of {}", crate::info::gib(memory), spec.device_name)),
             None => reporter.note(&format!("  ({} does not report its memory to burn; give --gpu-memory to check the plan)", spec.device_name)),
         }
-        if let Some(host) = device_memory(None, "flex").filter(|&host| plan.host_bytes() > host) {
+        if let Some(host) = host_memory().filter(|&host| plan.host_bytes() > host) {
             return Err(JobError::Invalid(format!(
                 "the offloaded layer inputs need {:.2} GiB of host memory but {:.2} GiB is available; lower --max-length or \
                  --per-device-train-batch-size, or train without --activation-offloading",

@@ -160,6 +160,16 @@ impl TrainingOptions {
         }
     }
 
+    /// The bits of `--load-in-4bit` / `--load-in-8bit` (`None`: neither), or why they conflict.
+    pub fn load_in_bits(&self) -> Result<Option<u8>, String> {
+        match (self.load_in_4bit == Some(true), self.load_in_8bit == Some(true)) {
+            (true, true) => Err("--load-in-4bit and --load-in-8bit exclude each other".into()),
+            (true, false) => Ok(Some(4)),
+            (false, true) => Ok(Some(8)),
+            (false, false) => Ok(None),
+        }
+    }
+
     /// Every option set here, else as in `fallback`.
     pub fn or(&self, fallback: &TrainingOptions) -> TrainingOptions {
         let serde_json::Value::Object(mine) = serde_json::to_value(self).expect("plain struct") else { unreachable!() };

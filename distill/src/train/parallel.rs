@@ -132,13 +132,7 @@ impl Replicas {
     /// The model as training has it, every parameter at full precision: the first replica, or
     /// under sharded mixed precision a copy with each parameter's f32 value from its owner.
     pub fn full_model(&self) -> Cow<'_, Model> {
-        if self.narrowed.is_none() {
-            return Cow::Borrowed(&self.models[0]);
-        }
-        let updated = self.owned_values();
-        let device = Some(self.devices[0].clone().inner());
-        let net = self.models[0].net.clone().map(&mut Assign { owners: &self.owners, index: 0, values: &updated, device, as_received: true });
-        Cow::Owned(Model { net, ..self.models[0].clone() })
+        self.with_owned_values(Some(self.devices[0].clone().inner()))
     }
 
     /// What a checkpoint writes: [`Self::full_model`], except that under sharded mixed
@@ -146,11 +140,17 @@ impl Replicas {
     /// gathered (a 7B model's f32 copy would be 28 GB more on the first device). The checkpoint
     /// writer reads one tensor at a time from wherever it is; nothing may compute with this.
     pub fn checkpoint_view(&self) -> Cow<'_, Model> {
+        self.with_owned_values(None)
+    }
+
+    /// The first replica with every parameter's f32 value from its owner, moved to `device`
+    /// (`None`: left where it is).
+    fn with_owned_values(&self, device: Option<Device>) -> Cow<'_, Model> {
         if self.narrowed.is_none() {
             return Cow::Borrowed(&self.models[0]);
         }
         let updated = self.owned_values();
-        let net = self.models[0].net.clone().map(&mut Assign { owners: &self.owners, index: 0, values: &updated, device: None, as_received: true });
+        let net = self.models[0].net.clone().map(&mut Assign { owners: &self.owners, index: 0, values: &updated, device, as_received: true });
         Cow::Owned(Model { net, ..self.models[0].clone() })
     }
 

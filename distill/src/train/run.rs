@@ -142,14 +142,8 @@ pub fn train<E>(
                 grads.add(&model.net, &scaled.backward());
                 (grads, loss)
             };
-            let per_device: Vec<(AccumulatedGrads, f64)> = if devices == 1 || !side_by_side {
-                (0..devices).map(run_device).collect()
-            } else {
-                std::thread::scope(|scope| {
-                    let running: Vec<_> = (0..devices).map(|device| scope.spawn(move || run_device(device))).collect();
-                    running.into_iter().map(|thread| thread.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))).collect()
-                })
-            };
+            let per_device: Vec<(AccumulatedGrads, f64)> =
+                if side_by_side { crate::threads::side_by_side((0..devices).collect(), run_device) } else { (0..devices).map(run_device).collect() };
             loss += per_device.iter().map(|(_, loss)| loss).sum::<f64>();
             replicas.reduce(per_device.into_iter().map(|(grads, _)| grads).collect());
         }

@@ -110,13 +110,13 @@ fn info(args: InfoArgs) -> Result<()> {
         _ => None,
     };
     let compute_dtype = distill::device::dtype_named(options.dtype.as_deref().unwrap_or("f32"))?;
-    let bits = if options.load_in_4bit == Some(true) { Some(4) } else if options.load_in_8bit == Some(true) { Some(8) } else { None };
+    let bits = options.load_in_bits().map_err(anyhow::Error::msg)?;
     let plan_options = PlanOptions {
         seq_len: options.max_length.unwrap_or(4096),
         batch_size: options.per_device_train_batch_size.unwrap_or(1),
         gradient_accumulation_steps: options.gradient_accumulation_steps.unwrap_or(1),
         compute_dtype,
-        gradient_checkpointing: options.gradient_checkpointing.unwrap_or(false) || options.activation_offloading.unwrap_or(false),
+        gradient_checkpointing: options.gradient_checkpointing.unwrap_or(false),
         activation_offloading: options.activation_offloading.unwrap_or(false),
         lora_rank: options.lora_rank,
         lora_targets,
