@@ -114,21 +114,39 @@ fn attention_matches_dense_attention_on_wgpu() {
     check(&distill::device::parse("wgpu").unwrap(), 1e-4, "wgpu");
 }
 
+/// The devices `DISTILL_TEST_DEVICES` names (a GPU machine's `vulkan`, `cuda`, …): the same
+/// cases at wgpu's tolerance, and bf16 where the device computes it.
+#[test]
+fn attention_matches_dense_attention_on_the_devices_named() {
+    for (name, device) in common::extra_devices() {
+        check(&device, 1e-4, &name);
+        if device.supports_dtype(DType::BF16) {
+            bf16_follows_f32(&device, &name);
+        } else {
+            println!("{name}: no bf16 compute, bf16 case not run");
+        }
+    }
+}
+
 /// bf16 compute keeps f32 statistics; it follows the f32 dense result to bf16's precision.
 #[test]
 fn attention_in_bf16_follows_f32() {
-    let device = distill::device::parse("flex").unwrap();
+    bf16_follows_f32(&distill::device::parse("flex").unwrap(), "flex");
+}
+
+fn bf16_follows_f32(device: &Device, name: &str) {
     let layout = Layout::from_segments(&[[vec![0u32; 30], vec![1; 1], vec![2; 19]].concat()]);
     device.seed(3);
-    let random = |heads: usize| Tensor::<4>::random([1, heads, 50, 16], Distribution::Normal(0.0, 1.0), &device);
+    let random = |heads: usize| Tensor::<4>::random([1, heads, 50, 16], Distribution::Normal(0.0, 1.0), device);
     let (q, k, v) = (random(4), random(2), random(2));
     let want = dense(q.clone(), k.clone(), v.clone(), &layout).into_data().convert::<f32>().as_slice::<f32>().unwrap().to_vec();
-    let plan = Arc::new(Plan::with_block(layout, 16, &device));
+    let plan = Arc::new(Plan::with_block(layout, 16, device));
     let bf16 = |t: Tensor<4>| t.cast(DType::BF16);
     let got = attention(bf16(q), bf16(k), bf16(v), &plan);
     assert_eq!(got.dtype(), DType::BF16);
     let error = relative_error(&got.into_data().convert::<f32>().as_slice::<f32>().unwrap().to_vec(), &want);
-    assert!(error < 2e-2, "bf16 attention differs from f32 by {error:e}");
+    println!("{name} bf16: output relative error {error:.2e} against f32");
+    assert!(error < 2e-2, "{name}: bf16 attention differs from f32 by {error:e}");
 }
 
 /// Packed short rows cost what they cost alone: no query block scores keys of another row.

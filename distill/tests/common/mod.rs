@@ -53,13 +53,27 @@ pub fn reference() -> serde_json::Value {
     serde_json::from_str(&text).expect("reference.json is JSON")
 }
 
-/// The devices the parity tests run on: flex always, wgpu (WGSL; Mesa lavapipe in CI).
-pub fn devices() -> Vec<(&'static str, Device)> {
-    let mut devices = vec![("flex", distill::device::parse("flex").unwrap())];
+/// The devices the parity tests run on: flex always, wgpu (WGSL; Mesa lavapipe in CI), and
+/// those that `DISTILL_TEST_DEVICES` names (e.g. `vulkan,cuda` on a GPU machine).
+pub fn devices() -> Vec<(String, Device)> {
+    let mut devices = vec![("flex".to_string(), distill::device::parse("flex").unwrap())];
     if std::env::var("DISTILL_TEST_SKIP_WGPU").is_err() {
-        devices.push(("wgpu", distill::device::parse("wgpu").unwrap()));
+        devices.push(("wgpu".to_string(), distill::device::parse("wgpu").unwrap()));
     }
+    devices.extend(extra_devices());
     devices
+}
+
+/// The devices named in `DISTILL_TEST_DEVICES` (comma-separated `--device` names): the opt-in
+/// GPU runs of the device-independent tests. A name that is not built in fails the test.
+pub fn extra_devices() -> Vec<(String, Device)> {
+    let names = std::env::var("DISTILL_TEST_DEVICES").unwrap_or_default();
+    names
+        .split(',')
+        .map(str::trim)
+        .filter(|name| !name.is_empty())
+        .map(|name| (name.to_string(), distill::device::parse(name).unwrap_or_else(|e| panic!("DISTILL_TEST_DEVICES: {e}"))))
+        .collect()
 }
 
 /// The `distill` binary, run from the repository root with its token cache in the temporary
