@@ -109,6 +109,16 @@ fn wgpu_kind(index: Option<usize>) -> burn::tensor::DeviceKind {
     }
 }
 
+/// The most bytes one tensor may span on the device named `name` (`--device`), where there is
+/// such a limit: wgpu binds a tensor as one storage buffer, and caps a binding at
+/// `max_storage_buffer_binding_size`, under 2 GiB (2147483644 bytes on an H200 with NVIDIA's
+/// Vulkan driver: a 14B model's f32 embeddings, 2.9 GiB, could not be bound). `None` on flex,
+/// CUDA and ROCm.
+pub fn tensor_limit(name: &str) -> Option<u64> {
+    let base = name.split(':').next().unwrap_or(name);
+    matches!(base, "wgpu" | "vulkan" | "metal" | "webgpu").then_some((1 << 31) - 4)
+}
+
 /// Whether `device` (or the device under its autodiff) is flex: the host's CPU, which computes
 /// bf16 matmuls by widening both sides to f32.
 pub fn is_flex(device: &Device) -> bool {

@@ -170,8 +170,18 @@ pub fn quantized_bytes(bits: u8, scale_bytes: u64) -> (f64, f64) {
 
 /// The largest parameter tensor: embeddings / lm_head or an MLP matrix.
 fn largest_parameter(config: &ModelConfig) -> u64 {
-    let hidden = config.hidden_size as u64;
-    (config.vocab_size as u64 * hidden).max(config.intermediate_size as u64 * hidden)
+    let (_, [rows, columns]) = largest_tensor(config);
+    (rows * columns) as u64
+}
+
+/// The largest parameter tensor's HF name and dims: the embeddings (lm_head has the same
+/// dims) or an MLP matrix.
+pub fn largest_tensor(config: &ModelConfig) -> (&'static str, [usize; 2]) {
+    if config.vocab_size >= config.intermediate_size {
+        ("model.embed_tokens.weight", [config.vocab_size, config.hidden_size])
+    } else {
+        ("model.layers.0.mlp.up_proj.weight", [config.intermediate_size, config.hidden_size])
+    }
 }
 
 impl MemoryPlan {

@@ -82,6 +82,29 @@ fn a_plan_that_cannot_fit_is_refused() {
     assert!(!out.exists());
 }
 
+/// wgpu binds a tensor of at most 2 GiB: a model whose embeddings are larger (an H200 refused
+/// a 14B's f32 embeddings in its first kernel) is refused before anything is built, naming the
+/// tensor and the devices that can hold it.
+#[test]
+fn a_tensor_larger_than_wgpu_can_bind_is_refused() {
+    if std::env::var("DISTILL_TEST_SKIP_WGPU").is_ok() {
+        return;
+    }
+    let model = copy_fixture("tiny-qwen2");
+    let path = model.path().join("config.json");
+    let mut config = read_json(&path);
+    config["vocab_size"] = 40_000_000.into();
+    std::fs::write(&path, config.to_string()).unwrap();
+    let runs = tempfile::tempdir().unwrap();
+    let out = runs.path().join("run");
+    let output = distill(&[
+        "train", "--model", model.path().to_str().unwrap(), "--data", TRACES, "--prompt-field", "problem", "--response-field",
+        "generated_solution", "--out", out.to_str().unwrap(), "--truncate", "--max-length", "96", "--init", "random", "--device", "wgpu",
+    ]);
+    assert_clean_failure(&output, &["binds at most 2.00 GiB per tensor", "model.embed_tokens.weight [40000000, 16]", "2.38 GiB", "cuda"]);
+    assert!(!out.exists());
+}
+
 /// A damaged token cache is noticed, rebuilt with a message, and the run goes on.
 #[test]
 fn a_damaged_token_cache_is_rebuilt() {

@@ -276,8 +276,9 @@ impl Loader<'_> {
 
     fn tensor<const D: usize>(&mut self, name: &str) -> Result<Tensor<D>, WeightsError> {
         let (values, found) = self.values(name)?;
-        let tensor = Tensor::<D>::from_data(TensorData::new(values, found), self.device);
-        Ok(if self.options.dtype == DType::F32 { tensor } else { tensor.cast(self.options.dtype) })
+        // Converted to the parameter dtype on the host: the device never holds an f32 copy (on
+        // wgpu, a 7B's f32 embeddings are more than one tensor may span).
+        Ok(Tensor::<D>::from_data(TensorData::new(values, found), (self.device, self.options.dtype)))
     }
 
     fn param<const D: usize>(&mut self, name: &str) -> Result<Param<Tensor<D>>, WeightsError> {

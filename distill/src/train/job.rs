@@ -220,6 +220,24 @@ fn lora_config(options: &TrainingOptions) -> Result<Option<LoraConfig>, JobError
     Ok(Some(lora))
 }
 
+/// Refuses a model whose largest tensor, held in `dtype`, is more than the device named
+/// `device_name` can bind (see [`crate::device::tensor_limit`]): the run would fail in its first
+/// kernel.
+pub fn check_tensor_limit(config: &ModelConfig, device_name: &str, dtype: DType) -> Result<(), JobError> {
+    let Some(limit) = crate::device::tensor_limit(device_name) else { return Ok(()) };
+    let (name, [rows, columns]) = crate::plan::largest_tensor(config);
+    let bytes = (rows * columns * dtype.size()) as u64;
+    if bytes <= limit {
+        return Ok(());
+    }
+    Err(JobError::Invalid(format!(
+        "{device_name} binds at most {:.2} GiB per tensor (wgpu's storage-buffer limit), but {name} [{rows}, {columns}] in {dtype:?} is {:.2} GiB; \
+         train this model on cuda or rocm, or as LoRA over a checkpoint's base in f16 (--lora-rank 16 --dtype f16 --init pretrained) where that fits",
+        crate::info::gib(limit),
+        crate::info::gib(bytes)
+    )))
+}
+
 /// The memory the device has for the plan check: what was given, else on the CPU the memory
 /// the system has available plus what this process already holds.
 pub fn device_memory(spec_memory: Option<u64>, device_name: &str) -> Option<u64> {
@@ -271,6 +289,11 @@ impl Job {
             )));
         }
         let base = Base::new(bits, compute_dtype);
+        // Only a LoRA base read from a checkpoint is never held in f32 whole.
+        let smaller_base = lora.is_some() && spec.init == Init::Pretrained && base.storage != BaseStorage::Full;
+        for name in std::iter::once(&spec.device_name).chain(spec.devices.iter().map(|(_, name)| name)) {
+            check_tensor_limit(&config, name, if smaller_base { base.dtype } else { DType::F32 })?;
+        }
         let (checkpoint_dir, tokenizer_dir) = sources(&spec.model, student.as_ref())?;
         if spec.init == Init::Pretrained && checkpoint_dir.is_none() {
             return Err(JobError::Invalid("--init pretrained needs a checkpoint folder (or `checkpoint` in the student config)".into()));
