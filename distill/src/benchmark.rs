@@ -139,7 +139,7 @@ pub fn compare_training(
         _ => {
             let measured = measure_training(config, bench, device);
             // The model is gone; hand its memory back before the next length.
-            crate::memory::release_free_memory();
+            crate::memory::release_device_memory(device);
             BurnSide::Measured(measured)
         }
     };
@@ -163,6 +163,9 @@ pub struct TrainMeasurement {
     pub peak_memory_bytes: u64,
     /// Resident memory before the model was built (the process itself).
     pub baseline_bytes: u64,
+    /// Model FLOPs per second (see [`training_flops_per_token`]), in TFLOP/s: over the device's
+    /// peak rate, the model FLOPs utilisation (MFU).
+    pub model_tflops: f64,
     /// The most heap bytes held at once during the steps, and before the model was built,
     /// where the binary counts them ([`crate::memory::CountingAllocator`]): on the CPU, the
     /// peak without the allocator's own slack, so two runs compare without its noise.
@@ -194,8 +197,11 @@ pub fn measure_training(config: &crate::model::ModelConfig, bench: &TrainBench, 
         devices: bench.devices.iter().map(|d| d.clone().autodiff()).collect(),
         shard_optimizer: bench.shard_optimizer,
     };
-    crate::memory::release_free_memory();
-    let baseline = crate::memory::current_bytes().unwrap_or(0);
+    crate::memory::release_device_memory(device);
+    // On a GPU the peak is the device allocator's, so the baseline is too (the process's host
+    // memory is not on the device).
+    let device_baseline = crate::memory::device_reserved_bytes(device).filter(|_| !crate::device::is_flex(device));
+    let baseline = device_baseline.or_else(crate::memory::current_bytes).unwrap_or(0);
     let baseline_allocated = crate::memory::allocated_bytes();
     crate::memory::reset_peaks();
     let device = device.clone().autodiff();
@@ -213,7 +219,7 @@ pub fn measure_training(config: &crate::model::ModelConfig, bench: &TrainBench, 
             let model = model.with_lora(lora).with_frozen_base(base, bench.compute_dtype.unwrap_or(burn::tensor::DType::F32));
             // The base is built in f32 before it is stored smaller; the steps are measured from
             // there, as a run that loads its base in the storage dtype would see them.
-            crate::memory::release_free_memory();
+            crate::memory::release_device_memory(&device);
             crate::memory::reset_peaks();
             model
         }
@@ -241,14 +247,56 @@ pub fn measure_training(config: &crate::model::ModelConfig, bench: &TrainBench, 
     let peak_allocated = crate::memory::peak_allocated_bytes();
     rates.sort_by(f64::total_cmp);
     let plan = bench.plan(config, Some(baseline), &device);
+    let tokens_per_s = rates.get(rates.len() / 2).copied().unwrap_or(f64::NAN);
     TrainMeasurement {
         seq_len: bench.seq_len,
-        tokens_per_s: rates.get(rates.len() / 2).copied().unwrap_or(f64::NAN),
+        tokens_per_s,
+        model_tflops: tokens_per_s * training_flops_per_token(config, bench.seq_len, bench.lora_rank.is_some()) / 1e12,
         peak_memory_bytes: peak,
         baseline_bytes: baseline,
         peak_allocated_bytes: peak_allocated,
         baseline_allocated_bytes: baseline_allocated,
         plan_bytes: plan.total(),
         plan,
+    }
+}
+
+/// The FLOPs of one trained token, as MFU counts them (PaLM's appendix B; recomputation under
+/// checkpointing not counted): a multiply-add is two FLOPs; the forward pass multiplies by every
+/// projection and `lm_head` (`2N`) and attends to `seq_len / 2` keys on average under the causal
+/// mask (`2 · seq_len · heads · head_dim` a layer); the backward pass is twice the forward. A
+/// LoRA run computes no gradient for the frozen weights, so its matmuls cost `4N`, not `6N`
+/// (the adapters are left out; attention's backward pass is whole either way).
+pub fn training_flops_per_token(config: &crate::model::ModelConfig, seq_len: usize, lora: bool) -> f64 {
+    let layers = config.num_hidden_layers as f64;
+    let hidden = config.hidden_size as f64;
+    let (heads, kv_heads, head_dim) = (config.num_attention_heads as f64, config.num_key_value_heads as f64, config.head_dim as f64);
+    let attention = hidden * head_dim * (2.0 * heads + 2.0 * kv_heads);
+    let mlp = 3.0 * hidden * config.intermediate_size as f64;
+    let matmul_parameters = layers * (attention + mlp) + config.vocab_size as f64 * hidden;
+    let matmuls = if lora { 4.0 } else { 6.0 } * matmul_parameters;
+    matmuls + 6.0 * layers * seq_len as f64 * heads * head_dim
+}
+
+#[cfg(test)]
+mod tests {
+    use super::training_flops_per_token;
+
+    /// Qwen2.5-Math-1.5B: its 1,543,714,304 parameters less the 144,896 of norms and q/k/v
+    /// biases are matmul weights (lm_head tied to the embeddings, counted once as a matmul).
+    #[test]
+    fn flops_per_token_count_every_matmul_and_causal_attention() {
+        let value = serde_json::json!({
+            "architectures": ["Qwen2ForCausalLM"], "hidden_act": "silu", "hidden_size": 1536,
+            "intermediate_size": 8960, "max_position_embeddings": 4096, "model_type": "qwen2",
+            "num_attention_heads": 12, "num_hidden_layers": 28, "num_key_value_heads": 2,
+            "rms_norm_eps": 1e-06, "rope_theta": 10000.0, "tie_word_embeddings": true, "vocab_size": 151936
+        });
+        let config = crate::model::ModelConfig::from_hf_json(&value, std::path::Path::new("config.json")).unwrap();
+        assert_eq!(config.num_parameters(), 1_543_714_304);
+        let matmul_parameters = 1_543_714_304.0 - 144_896.0;
+        let attention = 6.0 * 28.0 * 4096.0 * 12.0 * 128.0;
+        assert_eq!(training_flops_per_token(&config, 4096, false), 6.0 * matmul_parameters + attention);
+        assert_eq!(training_flops_per_token(&config, 4096, true), 4.0 * matmul_parameters + attention);
     }
 }

@@ -15,6 +15,20 @@ pub fn peak_bytes(device: &Device) -> Option<u64> {
     }
 }
 
+/// What the device's allocator holds now, where the backend reports it (the CubeCL backends:
+/// CUDA, ROCm, wgpu); `None` on flex, whose tensors are host memory.
+pub fn device_reserved_bytes(device: &Device) -> Option<u64> {
+    device.clone().inner().memory_pool_usage().map(|usage| usage.bytes_reserved)
+}
+
+/// Hands free memory back: the device allocator's free pages (a GPU's pools keep them, so its
+/// reservation is a high-water mark) and the heap's ([`release_free_memory`]). A measurement
+/// after a larger one, or after a model built in f32 and then stored smaller, starts clean.
+pub fn release_device_memory(device: &Device) {
+    device.clone().inner().memory_cleanup();
+    release_free_memory();
+}
+
 /// The process's peak resident set size (`VmHWM` of `/proc/self/status`).
 pub fn host_peak_bytes() -> Option<u64> {
     status_bytes("VmHWM:")

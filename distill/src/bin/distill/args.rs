@@ -321,6 +321,10 @@ pub struct BenchTrainArgs {
     /// With --devices: shard the optimizer over them (ZeRO stage 2).
     #[arg(long)]
     pub shard_optimizer: bool,
+    /// The device's peak rate in TFLOP/s for the compute dtype (e.g. 989 for an H100/H200 in
+    /// bf16, 67 in f32 without tensor cores): adds the model FLOPs utilisation (MFU).
+    #[arg(long)]
+    pub peak_tflops: Option<f64>,
     /// Print one JSON object per length (with the memory plan) instead of the table.
     #[arg(long)]
     pub json: bool,

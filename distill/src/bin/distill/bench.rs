@@ -21,6 +21,11 @@ pub fn bench_train(args: BenchTrainArgs) -> Result<()> {
         return bench_data_parallel(&args, &config, compute_dtype);
     }
     let (device, device_name) = distill::device::select(args.device.as_deref())?;
+    if args.bf16 {
+        distill::device::dtype("bf16", &device, &device_name)?;
+    }
+    // The bench builds its model in f32 (random weights), whatever the base is stored in then.
+    distill::train::job::check_tensor_limit(&config, &device_name, DType::F32)?;
     if !args.json {
         println!(
             "model: {} parameters, {} row(s), {} timed step(s) per length after {} warm-up, {}{}{}",
@@ -45,14 +50,17 @@ pub fn bench_train(args: BenchTrainArgs) -> Result<()> {
             }
             BurnSide::Measured(measured) => {
                 let versus = |peak: u64| 100.0 * (measured.plan_bytes as f64 / peak as f64 - 1.0);
-                // The heap's own peak leaves out what the allocator keeps after frees.
+                // The heap's own peak leaves out what the allocator keeps after frees (on flex,
+                // where the heap is the device's memory).
                 let heap = measured
                     .peak_allocated_bytes
+                    .filter(|_| distill::device::is_flex(&device))
                     .map(|heap| format!("; heap peak {:.2} GiB, plan {:+.0}%", gib(heap), versus(heap)))
                     .unwrap_or_default();
+                let mfu = args.peak_tflops.map(|peak| format!(", MFU {:.1}%", 100.0 * measured.model_tflops / peak)).unwrap_or_default();
                 println!(
-                    "burn     seq {seq_len:>6}   {:>9.1} tokens/s   peak memory {:>6.2} GiB   (plan {:.2} GiB, {:+.0}%{heap})",
-                    measured.tokens_per_s, gib(measured.peak_memory_bytes), gib(measured.plan_bytes), versus(measured.peak_memory_bytes),
+                    "burn     seq {seq_len:>6}   {:>9.1} tokens/s   peak memory {:>6.2} GiB   (plan {:.2} GiB, {:+.0}%{heap})   model {:.2} TFLOP/s{mfu}",
+                    measured.tokens_per_s, gib(measured.peak_memory_bytes), gib(measured.plan_bytes), versus(measured.peak_memory_bytes), measured.model_tflops,
                 );
                 Some(measured)
             }
@@ -69,7 +77,13 @@ pub fn bench_train(args: BenchTrainArgs) -> Result<()> {
             println!("{}", serde_json::json!({"reference": "pytorch", "seq_len": seq_len, "tokens_per_s": reference.tokens_per_s, "peak_memory_bytes": reference.peak_memory_bytes}));
             continue;
         }
-        println!("pytorch  seq {seq_len:>6}   {:>9.1} tokens/s   peak memory {:>6.2} GiB", reference.tokens_per_s, gib(reference.peak_memory_bytes as u64));
+        let reference_tflops = reference.tokens_per_s * distill::benchmark::training_flops_per_token(&config, seq_len, false) / 1e12;
+        let mfu = args.peak_tflops.map(|peak| format!(", MFU {:.1}%", 100.0 * reference_tflops / peak)).unwrap_or_default();
+        println!(
+            "pytorch  seq {seq_len:>6}   {:>9.1} tokens/s   peak memory {:>6.2} GiB   model {reference_tflops:.2} TFLOP/s{mfu}",
+            reference.tokens_per_s,
+            gib(reference.peak_memory_bytes as u64)
+        );
         if let Some(measured) = measured {
             println!(
                 "ratio    seq {seq_len:>6}   {:>9.2}× speed   {:>6.2}× memory   (burn / pytorch; speed > 1 and memory < 1 are better)",
