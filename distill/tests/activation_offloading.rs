@@ -84,3 +84,24 @@ fn the_train_command_offloads() {
     assert!(err.contains("gradient checkpointing with the layer inputs offloaded to host memory"), "{err}");
     assert!(out.join("final/model.safetensors").exists());
 }
+
+/// A run whose offloaded layer inputs need more host memory than the machine has is refused
+/// before anything is built or written, with the ways out.
+#[test]
+fn offloading_more_than_the_host_has_is_refused() {
+    let model = common::copy_fixture("tiny-qwen2");
+    let path = model.path().join("config.json");
+    let mut config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    // 10⁹ layers' inputs of 96 tokens × 16 values: 5.6 TiB.
+    config["num_hidden_layers"] = 1_000_000_000u64.into();
+    std::fs::write(&path, config.to_string()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let output = common::distill(&[
+        "train", "--model", model.path().to_str().unwrap(), "--data", "datasets/r1_traces_sample40.jsonl", "--prompt-field", "problem",
+        "--response-field", "generated_solution", "--out", out.to_str().unwrap(), "--max-length", "96", "--truncate", "--init", "random",
+        "--device", "wgpu", "--activation-offloading",
+    ]);
+    common::assert_clean_failure(&output, &["the offloaded layer inputs need", "GiB of host memory", "without --activation-offloading"]);
+    assert!(!out.exists(), "nothing is written for a refused run");
+}
