@@ -7,7 +7,8 @@
 #   2. a 1.5B student's shape (Qwen2.5-Math-1.5B, random weights) fully fine-tuned with
 #      gradient checkpointing at 4096 and 16384 tokens, beside PyTorch on CUDA: tokens/s, peak
 #      memory against the plan, MFU; in bf16 on vulkan where that works, else f32 on wgpu;
-#   3. QLoRA (4-bit base, LoRA rank 16) of a 14B shape (Qwen2.5-14B) at 4096 tokens;
+#   3. QLoRA (4-bit base, LoRA rank 16) of a 14B shape (Qwen2.5-14B) at 4096 tokens (refused on
+#      wgpu, which cannot bind its 2.9 GiB f32 embeddings: give a CUDA build and STUDENT_DEVICE);
 #   4. `bench train` on bench-100m beside PyTorch (f32, checkpointing).
 # The parts run in that order, each under its own time limit, and all of them within DEADLINE
 # seconds (default 570): a part that would start too late is skipped and says so, and a part
@@ -22,6 +23,8 @@
 # `--features vulkan` (in that build a Vulkan adapter runs SPIR-V kernels, under `--device
 # wgpu` too). README's "GPU runs" says how they are built and carried. PEAK_F32 and PEAK_BF16
 # are the device's dense peak rates in TFLOP/s for the MFU (an H100/H200's by default).
+# STUDENT_DEVICE=cuda (with `distill` built with `--features cuda`) trains the students there in
+# bf16 instead.
 set -u
 bin=$(cd "$1" && pwd)
 out=$2
@@ -87,7 +90,11 @@ qlora() {
 }
 wgpu_f32=("$bin/distill" bench train --device wgpu --peak-tflops "$peak_f32")
 vulkan_bf16_cmd=("$bin/distill-vulkan" bench train --device vulkan --bf16 --peak-tflops "$peak_bf16")
-if [ "$vulkan_bf16" = yes ]; then
+if [ -n "${STUDENT_DEVICE:-}" ]; then
+    named=("$bin/distill" bench train --device "$STUDENT_DEVICE" --bf16 --peak-tflops "$peak_bf16")
+    student "$STUDENT_DEVICE bf16" "${named[@]}"
+    qlora "$STUDENT_DEVICE bf16" "${named[@]}"
+elif [ "$vulkan_bf16" = yes ]; then
     student "vulkan bf16" "${vulkan_bf16_cmd[@]}"
     if wanted student && [ "$rc" != 0 ]; then student "wgpu f32" "${wgpu_f32[@]}"; fi
     qlora "vulkan bf16" "${vulkan_bf16_cmd[@]}"
