@@ -37,11 +37,15 @@ pub struct InfoArgs {
     /// Rows per forward pass; default: the student config's, else 1.
     #[arg(long, visible_alias = "batch-size")]
     pub per_device_train_batch_size: Option<usize>,
+    /// Micro-batches per optimizer step (above one, the plan holds their running gradient
+    /// sum); default: the student config's, else 1.
     #[arg(long)]
     pub gradient_accumulation_steps: Option<usize>,
     /// Plan LoRA adapters of this rank (on every linear layer unless --lora-targets).
     #[arg(long)]
     pub lora_rank: Option<usize>,
+    /// Comma-separated projections the adapters go on (q_proj, k_proj, v_proj, o_proj,
+    /// gate_proj, up_proj, down_proj), or all-linear (the default).
     #[arg(long)]
     pub lora_targets: Option<String>,
     /// Compute dtype: f32, or bf16 / f16 over f32 master weights; default: the student config's.
@@ -105,6 +109,7 @@ pub struct GenerateArgs {
     /// and its generation prompt.
     #[arg(long, group = "input")]
     pub messages: Option<PathBuf>,
+    /// Stop after this many generated tokens (or at an end-of-sequence token).
     #[arg(long, default_value_t = 256)]
     pub max_new_tokens: usize,
     /// Sampling temperature; 0 is greedy. R1's recommendation is 0.6.
@@ -113,6 +118,7 @@ pub struct GenerateArgs {
     /// Nucleus sampling mass. R1's recommendation is 0.95.
     #[arg(long, default_value_t = 0.95)]
     pub top_p: f32,
+    /// Seed of the sampler (with --temperature above 0).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     #[command(flatten)]
@@ -193,6 +199,7 @@ pub struct ExportArgs {
     /// Destination folder (must not exist or be empty).
     #[arg(long)]
     pub out: PathBuf,
+    /// Dtype of the written weights (HF checkpoints of the R1-Distill family are bf16).
     #[arg(long, default_value = "bf16", value_parser = ["bf16", "f16", "f32"])]
     pub dtype: String,
     /// Largest safetensors shard, as transformers spells it (5GB, 500MB).
@@ -257,8 +264,10 @@ pub struct BenchForwardArgs {
     /// Model to time: a student config, HF folder or config.json (random weights).
     #[arg(long, default_value = "student_configs/bench-100m.toml")]
     pub config: PathBuf,
+    /// Tokens of the timed prefill.
     #[arg(long, default_value_t = 512)]
     pub prompt_len: usize,
+    /// Tokens decoded one at a time after it (KV cache).
     #[arg(long, default_value_t = 64)]
     pub decode_tokens: usize,
     /// Timed repetitions (after one warm-up).
@@ -285,13 +294,19 @@ pub struct BenchTrainArgs {
     /// Timed optimizer steps per length (after the warm-up steps).
     #[arg(long, default_value_t = 3)]
     pub steps: usize,
+    /// Untimed steps first per length (kernel compilation and autotuning on a GPU, the first
+    /// allocation of the AdamW moments).
     #[arg(long, default_value_t = 1)]
     pub warmup_steps: usize,
     /// Rows per step.
     #[arg(long, default_value_t = 1)]
     pub per_device_train_batch_size: usize,
+    /// Compute in bf16 over f32 master weights (the reference autocasts to bf16); refused on
+    /// a device without bf16 (WGSL).
     #[arg(long)]
     pub bf16: bool,
+    /// Keep only each decoder layer's input and recompute the layer in the backward pass (the
+    /// reference calls gradient_checkpointing_enable()).
     #[arg(long)]
     pub gradient_checkpointing: bool,
     /// Keep the checkpointed layer inputs in host memory (implies --gradient-checkpointing).
@@ -312,6 +327,8 @@ pub struct BenchTrainArgs {
     /// `.venv/bin/python distill/benches/reference_train.py --threads 2`.
     #[arg(long, conflicts_with = "devices")]
     pub reference: Option<String>,
+    /// The device to measure: flex, wgpu, vulkan, metal, webgpu, cuda[:N], rocm[:N] (default: a
+    /// compiled-in CUDA, ROCm or Metal device, else flex).
     #[arg(long, conflicts_with = "devices")]
     pub device: Option<String>,
     /// Measure data parallelism: tokens/s on the first of these devices alone, then on all of
