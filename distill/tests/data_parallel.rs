@@ -157,7 +157,9 @@ fn sharded_mixed_precision_keeps_master_weights_per_device() {
     let sharded = run_in(vec![flex(), flex()], true, 2, 2, None, Some(DType::BF16));
     assert_same(&unsharded, &sharded, 1e-5, 1e-5, "sharded vs unsharded, bf16 compute");
     let one = run_in(vec![], false, 4, 2, None, Some(DType::BF16));
-    assert_same(&one, &sharded, 1e-3, 1e-3, "sharded on 2 devices vs 1, bf16 compute");
+    // One batch of 4 rows against two of 2: the bf16 activations round apart below one bf16
+    // step (7.8e-3 at 1.0); measured 1.0e-3 of the largest weight after four steps.
+    assert_same(&one, &sharded, 1e-3, 2e-3, "sharded on 2 devices vs 1, bf16 compute");
 
     let (model, _) = start(&flex(), None);
     let replicas = Replicas::new(model, &[flex(), flex()], true, Some(DType::BF16));

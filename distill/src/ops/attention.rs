@@ -32,6 +32,8 @@ use std::sync::Arc;
 use burn::backend::DispatchTensor;
 use burn::tensor::{DType, Device, Tensor, TensorData};
 
+#[cfg(feature = "flex")]
+use super::attention_host;
 use super::{Differentiable, apply, ranked};
 
 /// Which tokens of a batch of equal-length rows see which: every row is a run of segments and a
@@ -84,6 +86,21 @@ impl Layout {
     /// Where the segment holding token `t` of `row` starts.
     fn segment_start(&self, row: usize, t: usize) -> usize {
         self.starts[row][self.segment(row, t)]
+    }
+
+    /// Where each token's segment starts, row after row (`rows × len`).
+    pub(crate) fn token_segment_starts(&self) -> Vec<usize> {
+        let mut starts = Vec::with_capacity(self.rows() * self.len);
+        for row in &self.starts {
+            let mut segment = 0;
+            for t in 0..self.len {
+                while segment + 1 < row.len() && row[segment + 1] <= t {
+                    segment += 1;
+                }
+                starts.push(row[segment]);
+            }
+        }
+        starts
     }
 
     /// Whether token `query` of `row` sees token `key` (a dense reference for tests).
@@ -300,6 +317,10 @@ pub fn forward(plan: &Plan, q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> (Tensor
     let kv_heads = k.dims()[1];
     assert_eq!(seq, plan.layout.len(), "the plan was made for {} tokens, not {seq}", plan.layout.len());
     assert_eq!(batch, plan.layout.rows(), "the plan was made for {} rows, not {batch}", plan.layout.rows());
+    #[cfg(feature = "flex")]
+    if crate::device::is_flex(&q.device()) {
+        return host_forward(plan, q, k, v);
+    }
     let dtype = q.dtype();
     // The softmax scale goes on the queries (seq × head_dim), not on every score (seq × keys).
     let scale = (head_dim as f64).powf(-0.5);
@@ -347,6 +368,10 @@ pub fn backward(
     lse: Tensor<5>,
     output_grad: Tensor<3>,
 ) -> (Tensor<4>, Tensor<4>, Tensor<4>) {
+    #[cfg(feature = "flex")]
+    if crate::device::is_flex(&q.device()) {
+        return host_backward(plan, (q, k, v), output, lse, output_grad);
+    }
     let [batch, heads, seq, head_dim] = q.dims();
     let kv_heads = k.dims()[1];
     let dtype = q.dtype();
@@ -407,6 +432,52 @@ pub fn backward(
     let key_grad = to_dtype(key_grad.reshape([batch, kv_heads, seq, head_dim]), dtype);
     let value_grad = to_dtype(value_grad.reshape([batch, kv_heads, seq, head_dim]), dtype);
     (query_grad, key_grad, value_grad)
+}
+
+#[cfg(feature = "flex")]
+fn host_values<const D: usize>(t: Tensor<D>) -> Vec<f32> {
+    t.into_data().convert::<f32>().try_into_vec::<f32>().expect("f32 values after convert")
+}
+
+#[cfg(feature = "flex")]
+fn host_shape(q: &Tensor<4>, k: &Tensor<4>) -> attention_host::Shape {
+    let [batch, heads, seq, head_dim] = q.dims();
+    attention_host::Shape { batch, heads, kv_heads: k.dims()[1], seq, head_dim }
+}
+
+/// [`forward`] on flex: the fused host kernel, in f32 whatever the compute dtype.
+#[cfg(feature = "flex")]
+fn host_forward(plan: &Plan, q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> (Tensor<3>, Tensor<5>) {
+    let shape = host_shape(&q, &k);
+    let attention_host::Shape { batch, heads, kv_heads, seq, head_dim } = shape;
+    let (dtype, device) = (q.dtype(), q.device());
+    let (output, lse) = attention_host::forward(shape, &plan.layout.token_segment_starts(), &host_values(q), &host_values(k), &host_values(v));
+    let output = Tensor::<4>::from_data(TensorData::new(output, [batch, heads, seq, head_dim]), (&device, dtype))
+        .swap_dims(1, 2)
+        .reshape([batch, seq, heads * head_dim]);
+    let lse = Tensor::<5>::from_data(TensorData::new(lse, [batch, kv_heads, heads / kv_heads, seq, 1]), (&device, DType::F32));
+    (output, lse)
+}
+
+/// [`backward`] on flex.
+#[cfg(feature = "flex")]
+fn host_backward(
+    plan: &Plan,
+    (q, k, v): (Tensor<4>, Tensor<4>, Tensor<4>),
+    output: Tensor<3>,
+    lse: Tensor<5>,
+    output_grad: Tensor<3>,
+) -> (Tensor<4>, Tensor<4>, Tensor<4>) {
+    let shape = host_shape(&q, &k);
+    let attention_host::Shape { batch, heads, kv_heads, seq, head_dim } = shape;
+    let (dtype, device) = (q.dtype(), q.device());
+    let by_head = |t: Tensor<3>| host_values(t.reshape([batch, seq, heads, head_dim]).swap_dims(1, 2));
+    let (output, output_grad) = (by_head(output), by_head(output_grad));
+    let (q, k, v, lse) = (host_values(q), host_values(k), host_values(v), host_values(lse));
+    let saved = attention_host::Saved { q: &q, k: &k, v: &v, output: &output, lse: &lse, output_grad: &output_grad };
+    let (query_grad, key_grad, value_grad) = attention_host::backward(shape, &plan.layout.token_segment_starts(), saved);
+    let tensor = |values: Vec<f32>, heads: usize| Tensor::<4>::from_data(TensorData::new(values, [batch, heads, seq, head_dim]), (&device, dtype));
+    (tensor(query_grad, heads), tensor(key_grad, kv_heads), tensor(value_grad, kv_heads))
 }
 
 #[derive(Debug, Clone)]

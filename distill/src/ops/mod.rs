@@ -9,6 +9,8 @@
 //! backward pass needs, and the backward pass turns the output's gradient into the inputs'.
 
 pub mod attention;
+#[cfg(feature = "flex")]
+mod attention_host;
 pub mod checkpoint;
 pub mod cross_entropy;
 pub mod quantized;
