@@ -76,7 +76,6 @@ impl TrainBench {
                 shard_optimizer: self.shard_optimizer,
                 base: self.base(),
                 flex: crate::device::is_flex(device),
-                attention_threads: crate::ops::attention::threads_on(device),
                 average_share: false,
             },
         )

@@ -55,9 +55,6 @@ pub struct PlanOptions {
     /// The checkpointed layer inputs wait in host memory (`--activation-offloading`; implies
     /// checkpointing).
     pub activation_offloading: bool,
-    /// Attention blocks computed side by side (flex: one per core; see
-    /// [`crate::ops::attention::threads_on`]).
-    pub attention_threads: usize,
     /// Sharded: plan an average device's share instead of the first device's (which holds the
     /// largest parameter whole), for the sum over replicas that share one host.
     pub average_share: bool,
@@ -79,7 +76,6 @@ impl Default for PlanOptions {
             base: BaseStorage::Full,
             flex: false,
             activation_offloading: false,
-            attention_threads: 1,
             average_share: false,
         }
     }
@@ -289,11 +285,21 @@ impl MemoryPlan {
         // forward pass), or a query block's probabilities, their gradient and the score gradient
         // with the layer's MLP gradients (backward pass), or one layer recomputed.
         let chunk = (chunk_rows(config.vocab_size) as u64).min(tokens.max(1));
-        let loss_chunk = 2 * chunk * vocab * 4 + if output_trained { 4 * vocab * hidden } else { 0 };
-        let block = block_size(options.batch_size.max(1), config.num_attention_heads, options.seq_len.max(1), options.attention_threads) as u64;
-        let blocks = seq.div_ceil(block).max(1);
-        let side_by_side = (options.attention_threads.max(1) as u64).min(blocks);
-        let attention_block = side_by_side * 3 * rows * heads * block * seq * 4 + tokens * (2 * intermediate + 2 * hidden) * e;
+        // Under mixed precision the chunk's logits and their gradient also pass through the
+        // compute dtype on their way to and from f32.
+        let loss_chunk = (8 + if mixed { e } else { 0 }) * chunk * vocab + if output_trained { 4 * vocab * hidden } else { 0 };
+        let layer_gradients = tokens * (2 * intermediate + 2 * hidden) * e;
+        let (attention_block, attention_what) = if options.flex {
+            // The fused kernel (ops/attention_host.rs) works on f32 host copies: q, k, v, the
+            // output and its gradient in, dQ, dK, dV out; its tiles are a few hundred KiB.
+            let q_values = tokens * (config.num_attention_heads * config.head_dim) as u64;
+            let kv_values = tokens * (config.num_key_value_heads * config.head_dim) as u64;
+            let what = "the fused attention's f32 copies of q, k, v, the output and their gradients, and a layer's gradients";
+            (4 * (4 * q_values + 4 * kv_values) + layer_gradients, what.to_string())
+        } else {
+            let block = block_size(options.batch_size.max(1), config.num_attention_heads, options.seq_len.max(1)) as u64;
+            (3 * rows * heads * block * seq * 4 + layer_gradients, format!("an attention block of {block} queries × {seq} keys and a layer's gradients"))
+        };
         // Offloaded, the layer's input comes back to the device for its recomputation.
         let recomputed = if checkpointing { per_layer + if offloaded { layer_input } else { 0 } } else { 0 };
         // A quantized projection is dequantized for its matmul a slice at a time, whatever else
@@ -308,7 +314,7 @@ impl MemoryPlan {
         };
         let (workspace, what) = [
             (loss_chunk, format!("{chunk} × {vocab} f32 logits and their gradient")),
-            (attention_block, format!("{side_by_side} attention block(s) of {block} queries × {seq} keys and a layer's gradients")),
+            (attention_block, attention_what),
             (recomputed, "one layer recomputed".to_string()),
         ]
         .into_iter()

@@ -109,20 +109,18 @@ impl Layout {
     }
 }
 
-/// f32 elements of the score blocks held at once (64 MiB): a block of queries is as many as
-/// fit, shared by the blocks computed side by side, but at least 16 (so with very many heads ×
-/// keys, as 64 heads at 32k tokens, a block holds more).
+/// f32 elements of a block's scores (64 MiB): a block of queries is as many as fit, but at
+/// least 16 (so with very many heads × keys, as 64 heads at 32k tokens, a block holds more).
 pub const SCORE_BUDGET: usize = 1 << 24;
 
-/// Queries per block for `rows × heads` score rows over at most `len` keys, with `threads`
-/// blocks computed side by side.
-pub fn block_size(rows: usize, heads: usize, len: usize, threads: usize) -> usize {
-    (SCORE_BUDGET / threads.max(1) / (rows * heads * len).max(1)).clamp(16, 512).min(len.max(1))
+/// Queries per block for `rows × heads` score rows over at most `len` keys.
+pub fn block_size(rows: usize, heads: usize, len: usize) -> usize {
+    (SCORE_BUDGET / (rows * heads * len).max(1)).clamp(16, 512).min(len.max(1))
 }
 
-/// Attention blocks `device` computes side by side: one per core on flex, which runs
-/// element-wise operations on one thread; one elsewhere (a GPU queues every thread's work on
-/// one stream).
+/// Pieces of work `device` computes side by side (SwiGLU's chunks): one per core on flex, which
+/// runs element-wise operations on one thread; one elsewhere (a GPU queues every thread's work
+/// on one stream).
 pub fn threads_on(device: &Device) -> usize {
     if crate::device::is_flex(device) { rayon::current_num_threads() } else { 1 }
 }
@@ -149,8 +147,6 @@ pub struct Plan {
     layout: Layout,
     block: usize,
     blocks: Vec<QueryBlock>,
-    /// Threads the blocks are spread over (see [`Plan::runs`]).
-    workers: usize,
 }
 
 const HIDDEN: f32 = f32::NEG_INFINITY;
@@ -162,7 +158,7 @@ fn bias_tensor(values: Vec<f32>, shape: [usize; 5], device: &Device) -> Tensor<5
 impl Plan {
     /// Blocks sized by [`block_size`] for `heads` query heads.
     pub fn new(layout: Layout, heads: usize, device: &Device) -> Self {
-        let block = block_size(layout.rows(), heads, layout.len(), threads_on(device));
+        let block = block_size(layout.rows(), heads, layout.len());
         Self::with_block(layout, block, device)
     }
 
@@ -219,37 +215,7 @@ impl Plan {
             blocks.push(QueryBlock { start, end, key_start, past_rows, past_keys, diagonal });
             start = end;
         }
-        let workers = threads_on(&device).clamp(1, blocks.len().max(1));
-        Plan { layout, block, blocks, workers }
-    }
-
-    /// The blocks cut into contiguous runs of about equal cost (key-query pairs), one per
-    /// worker thread.
-    fn runs(&self) -> Vec<&[QueryBlock]> {
-        if self.workers <= 1 {
-            return vec![&self.blocks[..]];
-        }
-        let cost = |b: &QueryBlock| (b.end - b.start) * (b.end - b.key_start);
-        let total: usize = self.blocks.iter().map(cost).sum();
-        let mut runs = Vec::with_capacity(self.workers);
-        let (mut first, mut done) = (0, 0);
-        for (index, block) in self.blocks.iter().enumerate() {
-            done += cost(block);
-            if done * self.workers >= total * (runs.len() + 1) && runs.len() + 1 < self.workers {
-                runs.push(&self.blocks[first..=index]);
-                first = index + 1;
-            }
-        }
-        if first < self.blocks.len() {
-            runs.push(&self.blocks[first..]);
-        }
-        runs
-    }
-
-    /// `work` on each run of blocks, on threads of their own when there are several; results
-    /// in block order.
-    fn on_runs<T: Send>(&self, work: impl Fn(&[QueryBlock]) -> T + Sync) -> Vec<T> {
-        crate::threads::side_by_side(self.runs(), work)
+        Plan { layout, block, blocks }
     }
 
     pub fn layout(&self) -> &Layout {
@@ -352,7 +318,7 @@ pub fn forward(plan: &Plan, q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> (Tensor
             })
             .collect()
     };
-    let (outputs, lses): (Vec<Tensor<5>>, Vec<Tensor<5>>) = plan.on_runs(forward_run).into_iter().flatten().unzip();
+    let (outputs, lses): (Vec<Tensor<5>>, Vec<Tensor<5>>) = forward_run(&plan.blocks).into_iter().unzip();
     let output = Tensor::cat(outputs, 3)
         .reshape([batch, heads, seq, head_dim])
         .swap_dims(1, 2)
@@ -388,7 +354,6 @@ pub fn backward(
         let sum = total.clone().slice(range.clone()) + part;
         total.slice_assign(range, sum)
     };
-    // Each run of blocks sums dK and dV of its own; the runs' sums are added in block order.
     let backward_run = |blocks: &[QueryBlock]| -> (Vec<Tensor<5>>, Tensor<5>, Tensor<5>) {
         let mut key_grad = Tensor::<5>::zeros([batch, kv_heads, 1, seq, head_dim], (&device, DType::F32));
         let mut value_grad = Tensor::<5>::zeros([batch, kv_heads, 1, seq, head_dim], (&device, DType::F32));
@@ -420,14 +385,7 @@ pub fn backward(
         }
         (query_grads, key_grad, value_grad)
     };
-    let mut query_grads = Vec::with_capacity(plan.blocks.len());
-    let (mut key_grad, mut value_grad): (Option<Tensor<5>>, Option<Tensor<5>>) = (None, None);
-    for (queries, keys, values) in plan.on_runs(backward_run) {
-        query_grads.extend(queries);
-        key_grad = Some(key_grad.map_or(keys.clone(), |total| total + keys));
-        value_grad = Some(value_grad.map_or(values.clone(), |total| total + values));
-    }
-    let (key_grad, value_grad) = (key_grad.expect("one run at least"), value_grad.expect("one run at least"));
+    let (query_grads, key_grad, value_grad) = backward_run(&plan.blocks);
     let query_grad = Tensor::cat(query_grads, 3).reshape([batch, heads, seq, head_dim]);
     let key_grad = to_dtype(key_grad.reshape([batch, kv_heads, seq, head_dim]), dtype);
     let value_grad = to_dtype(value_grad.reshape([batch, kv_heads, seq, head_dim]), dtype);

@@ -420,7 +420,6 @@ impl Job {
             shard_optimizer: train_config.shard_optimizer,
             base: base.storage,
             flex: crate::device::is_flex(&spec.device),
-            attention_threads: crate::ops::attention::threads_on(&spec.device),
             average_share: false,
         };
         let plan = MemoryPlan::new(&config, &plan_options);

@@ -126,7 +126,6 @@ fn info(args: InfoArgs) -> Result<()> {
         base: distill::model::BaseStorage::choose(bits, compute_dtype != DType::F32),
         // Planned for a GPU, which multiplies in the compute dtype.
         flex: false,
-        attention_threads: 1,
         average_share: false,
     };
     let plan = MemoryPlan::new(&config, &plan_options);
