@@ -1,5 +1,5 @@
 //! Work spread over scoped threads: flex runs each element-wise operation on one thread, so
-//! independent pieces of work (attention blocks, chunks of tokens, data-parallel replicas on the
+//! independent pieces of work (SwiGLU's chunks of tokens, data-parallel replicas on the
 //! host) go side by side.
 
 /// `work` on every item, each on a thread of its own when there are several; the results in
