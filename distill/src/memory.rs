@@ -29,6 +29,27 @@ pub fn release_device_memory(device: &Device) {
     release_free_memory();
 }
 
+/// The memory the device has for the plan check: what was given, else on the CPU the memory
+/// the system has available plus what this process already holds.
+pub fn device_memory(spec_memory: Option<u64>, device_name: &str) -> Option<u64> {
+    if spec_memory.is_some() {
+        return spec_memory;
+    }
+    if device_name != "flex" {
+        return None;
+    }
+    host_memory()
+}
+
+/// The host memory this process may use: what the system has available plus what the process
+/// already holds (Linux `MemAvailable`).
+pub fn host_memory() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let available = meminfo.lines().find(|l| l.starts_with("MemAvailable:"))?.split_whitespace().nth(1)?.parse::<u64>().ok()? * 1024;
+    let resident = current_bytes().unwrap_or(0);
+    Some(available + resident)
+}
+
 /// The process's peak resident set size (`VmHWM` of `/proc/self/status`).
 pub fn host_peak_bytes() -> Option<u64> {
     status_bytes("VmHWM:")

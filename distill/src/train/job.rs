@@ -238,27 +238,6 @@ pub fn check_tensor_limit(config: &ModelConfig, device_name: &str, dtype: DType)
     )))
 }
 
-/// The memory the device has for the plan check: what was given, else on the CPU the memory
-/// the system has available plus what this process already holds.
-pub fn device_memory(spec_memory: Option<u64>, device_name: &str) -> Option<u64> {
-    if spec_memory.is_some() {
-        return spec_memory;
-    }
-    if device_name != "flex" {
-        return None;
-    }
-    host_memory()
-}
-
-/// The host memory this process may use: what the system has available plus what the process
-/// already holds (Linux `MemAvailable`).
-fn host_memory() -> Option<u64> {
-    let meminfo = fs::read_to_string("/proc/meminfo").ok()?;
-    let available = meminfo.lines().find(|l| l.starts_with("MemAvailable:"))?.split_whitespace().nth(1)?.parse::<u64>().ok()? * 1024;
-    let resident = crate::memory::current_bytes().unwrap_or(0);
-    Some(available + resident)
-}
-
 impl Job {
     /// Resolves and checks a run: options, context length, LoRA, tokenizer, data (tokenized or
     /// read from the cache), blocks, schedule and memory plan. Nothing under `out` is written.
@@ -436,7 +415,7 @@ impl Job {
         if needed != plan.total() {
             reporter.note(&format!("  {:<18} {:>9.2} GiB  {on_host} replicas on flex share the host's memory", "host total", crate::info::gib(needed)));
         }
-        match device_memory(spec.device_memory, &spec.device_name) {
+        match crate::memory::device_memory(spec.device_memory, &spec.device_name) {
             Some(memory) if needed > memory => {
                 return Err(JobError::Invalid(format!(
                     "the memory plan needs {:.2} GiB but {} has {:.2} GiB; lower --max-length or --per-device-train-batch-size, \
@@ -447,7 +426,7 @@ impl Job {
             Some(memory) => reporter.note(&format!("  fits the {:.2} GiB of {}", crate::info::gib(memory), spec.device_name)),
             None => reporter.note(&format!("  ({} does not report its memory to burn; give --gpu-memory to check the plan)", spec.device_name)),
         }
-        if let Some(host) = host_memory().filter(|&host| plan.host_bytes() > host) {
+        if let Some(host) = crate::memory::host_memory().filter(|&host| plan.host_bytes() > host) {
             return Err(JobError::Invalid(format!(
                 "the offloaded layer inputs need {:.2} GiB of host memory but {:.2} GiB is available; lower --max-length or \
                  --per-device-train-batch-size, or train without --activation-offloading",
@@ -521,7 +500,14 @@ impl Job {
     pub fn run(self, reporter: &dyn Reporter, interrupted: &AtomicBool) -> Result<PathBuf, JobError> {
         let out = self.spec.out.clone();
         fs::create_dir_all(&out).map_err(io(&out))?;
-        let _lock = RunLock::acquire(&out)?;
+        let lock_path = out.join(".lock");
+        let _lock = super::lock::RunLock::acquire(&lock_path).map_err(io(&lock_path))?.ok_or_else(|| {
+            JobError::Invalid(format!(
+                "{} is being trained by another process (it holds {}); wait for it, or choose another --out",
+                out.display(),
+                lock_path.display()
+            ))
+        })?;
         let device = self.spec.device.clone().autodiff();
         let seed = required(&self.options.seed, "seed");
         let lora = self.lora.as_ref().map(|lora| (lora, self.base));
@@ -777,37 +763,4 @@ pub fn checkpoint_model(dir: &Path, device: &Device) -> Result<(Model, PathBuf, 
     let adapted = checkpoint::read_adapters(dir, base)?;
     let (merged, _) = adapted.merge_lora().map_err(JobError::Invalid)?;
     Ok((merged, tokenizer_dir, eos))
-}
-
-/// An exclusive lock on a run folder while a process trains in it: a second `distill train`
-/// on the same `--out` is refused instead of interleaving checkpoints.
-struct RunLock {
-    _file: fs::File,
-}
-
-impl RunLock {
-    fn acquire(dir: &Path) -> Result<Self, JobError> {
-        let path = dir.join(".lock");
-        let file = fs::OpenOptions::new().create(true).truncate(false).write(true).open(&path).map_err(io(&path))?;
-        if !lock_exclusive(&file) {
-            return Err(JobError::Invalid(format!(
-                "{} is being trained by another process (it holds {}); wait for it, or choose another --out",
-                dir.display(),
-                path.display()
-            )));
-        }
-        Ok(RunLock { _file: file })
-    }
-}
-
-#[cfg(unix)]
-fn lock_exclusive(file: &fs::File) -> bool {
-    use std::os::fd::AsRawFd;
-    // SAFETY: flock on a descriptor this process owns; released when the file is closed.
-    unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) == 0 }
-}
-
-#[cfg(not(unix))]
-fn lock_exclusive(_file: &fs::File) -> bool {
-    true
 }

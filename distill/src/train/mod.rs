@@ -2,6 +2,7 @@
 
 pub mod checkpoint;
 pub mod job;
+mod lock;
 pub mod optim;
 pub mod options;
 pub mod parallel;

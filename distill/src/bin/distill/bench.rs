@@ -35,7 +35,7 @@ pub fn bench_train(args: BenchTrainArgs) -> Result<()> {
             args.lora_rank.map(|r| format!(", LoRA rank {r}")).unwrap_or_default(),
         );
     }
-    let available = distill::train::job::device_memory(None, &device_name);
+    let available = distill::memory::device_memory(None, &device_name);
     for &seq_len in &args.seq_len {
         let bench = train_bench(&args, seq_len, compute_dtype, Vec::new());
         let compared = compare_training(&config, &args.config, &bench, args.reference.as_deref(), &device, available);
