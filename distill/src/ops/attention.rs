@@ -89,7 +89,7 @@ impl Layout {
     }
 
     /// Where each token's segment starts, row after row (`rows × len`).
-    pub(crate) fn token_segment_starts(&self) -> Vec<usize> {
+    fn token_segment_starts(&self) -> Vec<usize> {
         let mut starts = Vec::with_capacity(self.rows() * self.len);
         for row in &self.starts {
             let mut segment = 0;
@@ -147,6 +147,9 @@ pub struct Plan {
     layout: Layout,
     block: usize,
     blocks: Vec<QueryBlock>,
+    /// Where each token's segment starts (`rows × len`), for the fused kernel on flex: made once
+    /// per batch, read by every layer's forward and backward pass.
+    segment_starts: Vec<usize>,
 }
 
 const HIDDEN: f32 = f32::NEG_INFINITY;
@@ -215,7 +218,8 @@ impl Plan {
             blocks.push(QueryBlock { start, end, key_start, past_rows, past_keys, diagonal });
             start = end;
         }
-        Plan { layout, block, blocks }
+        let segment_starts = layout.token_segment_starts();
+        Plan { layout, block, blocks, segment_starts }
     }
 
     pub fn layout(&self) -> &Layout {
@@ -409,7 +413,7 @@ fn host_forward(plan: &Plan, q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> (Tenso
     let shape = host_shape(&q, &k);
     let attention_host::Shape { batch, heads, kv_heads, seq, head_dim } = shape;
     let (dtype, device) = (q.dtype(), q.device());
-    let (output, lse) = attention_host::forward(shape, &plan.layout.token_segment_starts(), &host_values(q), &host_values(k), &host_values(v));
+    let (output, lse) = attention_host::forward(shape, &plan.segment_starts, &host_values(q), &host_values(k), &host_values(v));
     let output = Tensor::<4>::from_data(TensorData::new(output, [batch, heads, seq, head_dim]), (&device, dtype))
         .swap_dims(1, 2)
         .reshape([batch, seq, heads * head_dim]);
@@ -433,7 +437,7 @@ fn host_backward(
     let (output, output_grad) = (by_head(output), by_head(output_grad));
     let (q, k, v, lse) = (host_values(q), host_values(k), host_values(v), host_values(lse));
     let saved = attention_host::Saved { q: &q, k: &k, v: &v, output: &output, lse: &lse, output_grad: &output_grad };
-    let (query_grad, key_grad, value_grad) = attention_host::backward(shape, &plan.layout.token_segment_starts(), saved);
+    let (query_grad, key_grad, value_grad) = attention_host::backward(shape, &plan.segment_starts, saved);
     let tensor = |values: Vec<f32>, heads: usize| Tensor::<4>::from_data(TensorData::new(values, [batch, heads, seq, head_dim]), (&device, dtype));
     (tensor(query_grad, heads), tensor(key_grad, kv_heads), tensor(value_grad, kv_heads))
 }
