@@ -134,8 +134,22 @@ pub fn is_flex(device: &Device) -> bool {
 pub fn select(spec: Option<&str>) -> Result<(Device, String), DeviceError> {
     let name = spec.map(String::from).unwrap_or_else(default_name);
     let device = parse(&name)?;
-    eprintln!("device: {name}{}", if spec.is_none() { " (default; choose with --device)" } else { "" });
+    eprintln!("device: {name}{}{}", if spec.is_none() { " (default; choose with --device)" } else { "" }, products_on(&device));
     Ok((device, name))
+}
+
+/// How flex multiplies matrices, for the device line: through a CBLAS library, or its own.
+fn products_on(device: &Device) -> String {
+    #[cfg(feature = "flex")]
+    if is_flex(device) {
+        return match crate::ops::blas::blas() {
+            Some(blas) => format!(", f32 matrix products through {}", blas.library),
+            None if std::env::var("DISTILL_BLAS").is_ok_and(|v| !v.is_empty()) => ", matrix products by flex's gemm".to_string(),
+            None => ", matrix products by flex's gemm (install OpenBLAS, e.g. libopenblas0, for faster f32 training; see DISTILL_BLAS)".to_string(),
+        };
+    }
+    let _ = device;
+    String::new()
 }
 
 #[cfg(test)]

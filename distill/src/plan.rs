@@ -286,8 +286,11 @@ impl MemoryPlan {
         // with the layer's MLP gradients (backward pass), or one layer recomputed.
         let chunk = (chunk_rows(config.vocab_size) as u64).min(tokens.max(1));
         // Under mixed precision the chunk's logits and their gradient also pass through the
-        // compute dtype on their way to and from f32.
-        let loss_chunk = (8 + if mixed { e } else { 0 }) * chunk * vocab + if output_trained { 4 * vocab * hidden } else { 0 };
+        // compute dtype on their way to and from f32 (and flex's bf16 product makes an f32
+        // copy of its own). In f32 on flex the softmax gradient is written over the logits
+        // (ops/cross_entropy.rs, `rows_on_host`).
+        let logit_copies = if options.flex && !mixed { 4 } else { 8 };
+        let loss_chunk = (logit_copies + if mixed { e } else { 0 }) * chunk * vocab + if output_trained { 4 * vocab * hidden } else { 0 };
         let layer_gradients = tokens * (2 * intermediate + 2 * hidden) * e;
         let (attention_block, attention_what) = if options.flex {
             // The fused kernel (ops/attention_host.rs) works on f32 host copies: q, k, v, the
@@ -334,7 +337,10 @@ impl MemoryPlan {
             item("gradient reduction", Phase::Optimizer, 4 * owned, "the other devices' gradients of the parameters this device updates, as they arrive".into());
         }
         let largest = if lora.is_some() { 0 } else { largest_parameter(config) };
-        item("optimizer step", Phase::Optimizer, 2 * 4 * largest, "two temporaries of the largest parameter's size".into());
+        // On flex the step is one in-place pass (train/optim.rs, `step_on_host`).
+        if !options.flex {
+            item("optimizer step", Phase::Optimizer, 2 * 4 * largest, "two temporaries of the largest parameter's size".into());
+        }
         MemoryPlan { parameters, trainable_parameters: trainable, items }
     }
 

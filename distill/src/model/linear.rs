@@ -51,7 +51,7 @@ impl Linear {
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
         let bias = self.bias.as_ref().map(Param::val);
         match (&self.weight, &self.quantized) {
-            (Some(weight), _) => burn::tensor::module::linear(x, weight.val(), bias),
+            (Some(weight), _) => crate::ops::dense::linear(x, weight.val(), bias),
             (None, Some(quantized)) => crate::ops::quantized::linear(x, quantized, bias),
             (None, None) => unreachable!("a projection holds its weight dense or quantized"),
         }

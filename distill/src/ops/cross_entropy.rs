@@ -19,6 +19,7 @@ use burn::tensor::{DType, IndexingUpdateOp, Int, Tensor, TensorData};
 
 use super::attention::SCORE_BUDGET;
 use super::{Differentiable, apply, ranked};
+use super::matmul::product;
 
 /// Widest first level of the two-level sum in [`log_sum_exp`].
 const SUM_BLOCK: usize = 512;
@@ -64,6 +65,39 @@ fn to_f32<const D: usize>(t: Tensor<D>) -> Tensor<D> {
     if t.dtype() == DType::F32 { t } else { t.cast(DType::F32) }
 }
 
+/// One chunk's loss, and `softmax − onehot(target)` written over its logits when `gradient`,
+/// in one pass per row with the rows spread over every core; the same arithmetic as the tensor
+/// path below (`max`, one `exp` per logit, the two-level sum, the softmax as that exp over the
+/// sum). For f32 logits on flex, where each tensor operation of that path is a pass over the
+/// `rows × vocab` chunk on one thread; the logits back otherwise.
+#[cfg(feature = "flex")]
+fn rows_on_host(logits: Tensor<2>, targets: &[u32], gradient: bool) -> Result<(Tensor<1>, Option<Tensor<2>>), Tensor<2>> {
+    use rayon::prelude::*;
+    let [_, vocab] = logits.dims();
+    let device = logits.device();
+    let Some(mut host) = super::host::HostF32::of(logits.clone()) else { return Err(logits) };
+    drop(logits);
+    let block = sum_block(vocab).unwrap_or(SUM_BLOCK);
+    let losses: Vec<f32> = host
+        .values_mut()
+        .par_chunks_mut(vocab)
+        .zip(targets.par_iter())
+        .map(|(row, &target)| {
+            let picked = row[target as usize];
+            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            row.iter_mut().for_each(|x| *x = (*x - max).exp());
+            let sum: f32 = row.chunks(block).map(|b| b.iter().sum::<f32>()).sum();
+            if gradient {
+                row.iter_mut().for_each(|x| *x /= sum);
+                row[target as usize] -= 1.0;
+            }
+            sum.ln() + max - picked
+        })
+        .collect();
+    let loss = Tensor::<1>::from_data(TensorData::new(vec![losses.iter().sum::<f32>()], [1]), (&device, DType::F32));
+    Ok((loss, gradient.then(|| host.into_tensor())))
+}
+
 #[derive(Debug, Clone)]
 struct CrossEntropyOp {
     targets: Arc<Vec<u32>>,
@@ -83,14 +117,31 @@ impl CrossEntropyOp {
         let mut hidden_grads = Vec::new();
         // A frozen output layer (LoRA) gets no gradient: no `[vocab, width]` buffer, no matmul.
         let mut weight_grad = needed[1].then(|| Tensor::<2>::zeros([vocab, width], (&device, DType::F32)));
-        let head = weight.clone().transpose();
         let mut start = 0;
         while start < rows {
             let len = self.chunk.min(rows - start);
             let targets: Vec<i64> = self.targets[start..start + len].iter().map(|&t| t as i64).collect();
             let targets = Tensor::<2, Int>::from_data(TensorData::new(targets, [len, 1]), &device);
             let h = hidden.clone().narrow(0, start, len);
-            let logits = to_f32(h.clone().matmul(head.clone()));
+            let logits = to_f32(product(&h, false, &weight, true));
+            #[cfg(feature = "flex")]
+            let logits = match rows_on_host(logits, &self.targets[start..start + len], needed[0] || needed[1]) {
+                Ok((chunk_loss, logits_grad)) => {
+                    loss = loss + chunk_loss;
+                    if let Some(logits_grad) = logits_grad {
+                        let logits_grad = if dtype == DType::F32 { logits_grad } else { logits_grad.cast(dtype) };
+                        if needed[0] {
+                            hidden_grads.push(product(&logits_grad, false, &weight, false));
+                        }
+                        if let Some(total) = weight_grad.take() {
+                            weight_grad = Some(total + to_f32(product(&logits_grad, true, &h, false)));
+                        }
+                    }
+                    start += len;
+                    continue;
+                }
+                Err(logits) => logits,
+            };
             let picked = logits.clone().gather(1, targets.clone());
             // exp(logits − max) in place (nothing else holds the logits now), its two-level
             // sum, and the softmax as that exp over the sum: one exp per logit.
@@ -105,10 +156,10 @@ impl CrossEntropyOp {
                 let logits_grad = probabilities.scatter(1, targets, minus_one, IndexingUpdateOp::Add);
                 let logits_grad = if dtype == DType::F32 { logits_grad } else { logits_grad.cast(dtype) };
                 if needed[0] {
-                    hidden_grads.push(logits_grad.clone().matmul(weight.clone()));
+                    hidden_grads.push(product(&logits_grad, false, &weight, false));
                 }
                 if let Some(total) = weight_grad.take() {
-                    weight_grad = Some(total + to_f32(logits_grad.transpose().matmul(h)));
+                    weight_grad = Some(total + to_f32(product(&logits_grad, true, &h, false)));
                 }
             }
             start += len;

@@ -11,8 +11,14 @@
 pub mod attention;
 #[cfg(feature = "flex")]
 mod attention_host;
+#[cfg(feature = "flex")]
+pub mod blas;
 pub mod checkpoint;
 pub mod cross_entropy;
+pub mod dense;
+#[cfg(feature = "flex")]
+pub mod host;
+pub mod matmul;
 pub mod quantized;
 pub mod swiglu;
 

@@ -30,18 +30,65 @@ fn by_chunks(inputs: &[Tensor<3>], f: impl Fn(&[Tensor<3>]) -> Vec<Tensor<3>> + 
     (0..outputs).map(|i| Tensor::cat(parts.iter().map(|p| p[i].clone()).collect(), 1)).collect()
 }
 
+/// `f` on each position of same-shape f32 inputs on flex, writing `N` outputs of that shape,
+/// as one pass on every core; `None` (the tensor path) elsewhere.
+#[cfg(feature = "flex")]
+fn on_host<const I: usize, const N: usize>(inputs: &[&Tensor<3>; I], f: impl Fn([f32; I], [&mut f32; N]) + Sync) -> Option<Vec<Tensor<3>>> {
+    use burn::tensor::{DType, TensorData};
+    use rayon::prelude::*;
+    let hosts: Vec<super::host::HostF32> = inputs.iter().map(|t| super::host::HostF32::of((*t).clone())).collect::<Option<_>>()?;
+    let values: Vec<&[f32]> = hosts.iter().map(|h| h.values()).collect();
+    let len = values[0].len();
+    let mut results: Vec<Vec<f32>> = (0..N).map(|_| vec![0.0f32; len]).collect();
+    const CHUNK: usize = 1 << 14;
+    let mut chunks: Vec<Vec<&mut [f32]>> = Vec::new();
+    for result in results.iter_mut() {
+        for (i, chunk) in result.chunks_mut(CHUNK).enumerate() {
+            if chunks.len() <= i {
+                chunks.push(Vec::new());
+            }
+            chunks[i].push(chunk);
+        }
+    }
+    chunks.into_par_iter().enumerate().for_each(|(i, mut outs)| {
+        let start = i * CHUNK;
+        for j in 0..outs[0].len() {
+            let ins: [f32; I] = std::array::from_fn(|k| values[k][start + j]);
+            let mut outs_j = outs.iter_mut().map(|o| &mut o[j]);
+            let outs_j: [&mut f32; N] = std::array::from_fn(|_| outs_j.next().expect("N outputs"));
+            f(ins, outs_j);
+        }
+    });
+    let (device, dims) = (inputs[0].device(), inputs[0].dims());
+    Some(results.into_iter().map(|r| Tensor::from_data(TensorData::new(r, dims), (&device, DType::F32))).collect())
+}
+
 impl Differentiable for SwiGlu {
     /// The gate and the up projection.
     type Saved = [DispatchTensor; 2];
 
     fn forward(&self, inputs: &[DispatchTensor], needed: Option<&[bool]>) -> (DispatchTensor, Option<Self::Saved>) {
         let (gate, up): (Tensor<3>, Tensor<3>) = (ranked(inputs[0].clone()), ranked(inputs[1].clone()));
+        let saved = needed.map(|_| [inputs[0].clone(), inputs[1].clone()]);
+        #[cfg(feature = "flex")]
+        if let Some(mut output) = on_host(&[&gate, &up], |[gate, up], [out]| *out = gate / (1.0 + (-gate).exp()) * up) {
+            return (output.remove(0).into_dispatch(), saved);
+        }
         let output = by_chunks(&[gate, up], |t| vec![t[0].clone() * sigmoid(t[0].clone()) * t[1].clone()]).remove(0);
-        (output.into_dispatch(), needed.map(|_| [inputs[0].clone(), inputs[1].clone()]))
+        (output.into_dispatch(), saved)
     }
 
     fn backward(&self, [gate, up]: Self::Saved, output_grad: DispatchTensor, needed: &[bool]) -> Vec<Option<DispatchTensor>> {
         let (gate, up, grad): (Tensor<3>, Tensor<3>, Tensor<3>) = (ranked(gate), ranked(up), ranked(output_grad));
+        #[cfg(feature = "flex")]
+        if let Some(grads) = on_host(&[&gate, &up, &grad], |[gate, up, grad], [gate_grad, up_grad]| {
+            let s = 1.0 / (1.0 + (-gate).exp());
+            *gate_grad = grad * up * (s * ((gate * (1.0 - s)) + 1.0));
+            *up_grad = grad * (gate * s);
+        }) {
+            let [gate_grad, up_grad]: [Tensor<3>; 2] = grads.try_into().unwrap_or_else(|_| unreachable!("two gradients"));
+            return vec![needed[0].then(|| gate_grad.into_dispatch()), needed[1].then(|| up_grad.into_dispatch())];
+        }
         let grads = by_chunks(&[gate, up, grad], |t| {
             let (gate, up, grad) = (t[0].clone(), t[1].clone(), t[2].clone());
             let s = sigmoid(gate.clone());
