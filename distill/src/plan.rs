@@ -294,11 +294,12 @@ impl MemoryPlan {
         let layer_gradients = tokens * (2 * intermediate + 2 * hidden) * e;
         let (attention_block, attention_what) = if options.flex {
             // The fused kernel (ops/attention_host.rs) works on f32 host copies: q, k, v, the
-            // output and its gradient in, dQ, dK, dV out; its tiles are a few hundred KiB.
+            // output and its gradient in, dQ, dK, dV out, and dK, dV of every query head before
+            // their sums over the group; its tiles are a few hundred KiB.
             let q_values = tokens * (config.num_attention_heads * config.head_dim) as u64;
             let kv_values = tokens * (config.num_key_value_heads * config.head_dim) as u64;
             let what = "the fused attention's f32 copies of q, k, v, the output and their gradients, and a layer's gradients";
-            (4 * (4 * q_values + 4 * kv_values) + layer_gradients, what.to_string())
+            (4 * (6 * q_values + 4 * kv_values) + layer_gradients, what.to_string())
         } else {
             let block = block_size(options.batch_size.max(1), config.num_attention_heads, options.seq_len.max(1)) as u64;
             (3 * rows * heads * block * seq * 4 + layer_gradients, format!("an attention block of {block} queries × {seq} keys and a layer's gradients"))
