@@ -16,6 +16,8 @@
 
 use rayon::prelude::*;
 
+use super::host::exp_shifted;
+
 /// Queries per tile: a tile's scores against `KEY_TILE` keys are 64 KiB of f32.
 const QUERY_TILE: usize = 64;
 const KEY_TILE: usize = 256;
@@ -69,55 +71,6 @@ fn matmul(m: usize, n: usize, k: usize, c: &mut [f32], accumulate: bool, a: View
             false,
             gemm::Parallelism::None,
         );
-    }
-}
-
-/// `x ← exp(x − shift)` over a slice, vectorised: Cephes' `expf` (a degree-7 polynomial on
-/// `[−ln2/2, ln2/2]` and a power of two from the exponent bits), within 2 ulp of libm's, which
-/// the scores call a value at a time otherwise (`expf` was the kernel's largest cost after its
-/// products). Inputs below −87.3 give 0; the scores never exceed their maximum, so never
-/// overflow.
-fn exp_shifted(values: &mut [f32], shift: f32) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU has AVX-512F, checked above.
-            return unsafe { exp_shifted_avx512(values, shift) };
-        }
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-            // SAFETY: the CPU has AVX2 and FMA, checked above.
-            return unsafe { exp_shifted_avx2(values, shift) };
-        }
-    }
-    exp_shifted_portable(values, shift)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn exp_shifted_avx512(values: &mut [f32], shift: f32) {
-    exp_shifted_portable(values, shift)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn exp_shifted_avx2(values: &mut [f32], shift: f32) {
-    exp_shifted_portable(values, shift)
-}
-
-/// The loop the compiler vectorises for the features of its caller: no calls, no branches, and
-/// no float-to-integer cast (Rust's saturating `as` is scalar code): adding 1.5 · 2^23 rounds
-/// to an integer `n` kept in the low mantissa bits, which become the exponent of 2^n.
-#[inline(always)]
-fn exp_shifted_portable(values: &mut [f32], shift: f32) {
-    const ROUND: f32 = 12_582_912.0;
-    for x in values.iter_mut() {
-        let v = (*x - shift).max(-87.33654);
-        let t = v * std::f32::consts::LOG2_E + ROUND;
-        let n = t - ROUND;
-        let r = v - n * 0.693_359_4 + n * 2.121_944_4e-4;
-        let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r + 0.166_666_65) * r + 0.500_000_01;
-        let y = p * r * r + r + 1.0;
-        *x = y * f32::from_bits(t.to_bits().wrapping_sub(0x4B40_0000 - 127) << 23);
     }
 }
 
@@ -289,31 +242,3 @@ pub fn backward(shape: Shape, first: &[usize], saved: Saved) -> (Vec<f32>, Vec<f
     (query_grad, key_grad, value_grad)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// Over the arguments the kernel passes (a score minus its row's maximum or log-sum-exp:
-    /// at most a little above 0), through every code path this CPU takes and the portable one.
-    #[test]
-    fn the_vectorised_exp_is_within_two_ulp_of_libm() {
-        let arguments: Vec<f32> = (0..=400_000).map(|i| -87.0 + i as f32 * (97.0 / 400_000.0)).collect();
-        let mut fast = arguments.clone();
-        exp_shifted(&mut fast, 0.0);
-        let mut portable = arguments.clone();
-        exp_shifted_portable(&mut portable, 0.0);
-        for (results, path) in [(&fast, "dispatched"), (&portable, "portable")] {
-            let worst = arguments
-                .iter()
-                .zip(results.iter())
-                .map(|(x, y)| (x.exp().to_bits() as i64 - y.to_bits() as i64).unsigned_abs())
-                .max()
-                .expect("arguments");
-            eprintln!("{path}: at most {worst} ulp from libm's expf");
-            assert!(worst <= 2, "{path}: {worst} ulp from libm's expf");
-        }
-        let mut tiny = vec![-100.0f32, -1000.0, f32::NEG_INFINITY];
-        exp_shifted(&mut tiny, 0.0);
-        assert!(tiny.iter().all(|&y| (0.0..1.2e-38).contains(&y)), "{tiny:?}");
-    }
-}

@@ -85,7 +85,7 @@ fn rows_on_host(logits: Tensor<2>, targets: &[u32], gradient: bool) -> Result<(T
         .map(|(row, &target)| {
             let picked = row[target as usize];
             let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            row.iter_mut().for_each(|x| *x = (*x - max).exp());
+            super::host::exp_shifted(row, max);
             let sum: f32 = row.chunks(block).map(|b| b.iter().sum::<f32>()).sum();
             if gradient {
                 row.iter_mut().for_each(|x| *x /= sum);
