@@ -102,15 +102,17 @@ const RUNTIME_BYTES: u64 = 300 << 20;
 
 /// Elements kept per token of one decoder layer for its backward pass, in the compute dtype.
 /// `q`, `kv` and `intermediate` are the projection widths.
-fn kept_per_token(config: &ModelConfig) -> u64 {
+fn kept_per_token(config: &ModelConfig, fused_norm: bool) -> u64 {
     let hidden = config.hidden_size as u64;
     let q = (config.num_attention_heads * config.head_dim) as u64;
     let kv = (config.num_key_value_heads * config.head_dim) as u64;
     let intermediate = config.intermediate_size as u64;
-    // Two RMSNorms (input, x / rms, normed output) = 6 × hidden; attention: q and k after RoPE,
-    // v, the context (shared with o_proj's input) = 2q + 2kv; SwiGLU (one operation, see
+    // Two RMSNorms (input, x / rms, normed output) = 6 × hidden, or 4 × hidden as one operation
+    // (f32 on flex, `ops::rms_norm`: input and output); attention: q and k after RoPE, v, the
+    // context (shared with o_proj's input) = 2q + 2kv; SwiGLU (one operation, see
     // `ops::swiglu`): gate and up, and the product as down_proj's input = 3 × intermediate.
-    6 * hidden + 2 * q + 2 * kv + 3 * intermediate
+    let norms = if fused_norm { 4 } else { 6 };
+    norms * hidden + 2 * q + 2 * kv + 3 * intermediate
 }
 
 /// LoRA adapter parameters of one decoder layer.
@@ -256,7 +258,7 @@ impl MemoryPlan {
         // Kept for the backward pass: every layer's activations, or under checkpointing each
         // layer's input; and outside the layers the embeddings' output and the final norm's
         // input, x / rms and output.
-        let per_layer = tokens * (kept_per_token(config) * e + 4 * heads);
+        let per_layer = tokens * (kept_per_token(config, options.flex && !mixed) * e + 4 * heads);
         let outside = tokens * hidden * e * 4;
         let layer_input = tokens * hidden * e;
         // Offloading implies checkpointing, as `distill train` runs it.

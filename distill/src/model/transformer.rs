@@ -3,6 +3,7 @@
 //! says (biases, RoPE scaling, tied embeddings), so one module serves both, as in transformers.
 
 use burn::module::{Module, Param};
+use crate::ops::rms_norm::rms_norm;
 use burn::nn::{Embedding, EmbeddingConfig, Initializer, LinearConfig, RmsNorm, RmsNormConfig};
 use burn::tensor::{Device, Int, Tensor};
 
@@ -90,8 +91,8 @@ impl DecoderLayer {
         if let Some(seed) = pass.dropout {
             x.device().seed(Pass::layer_seed(seed, index));
         }
-        let x = x.clone() + self.self_attn.forward(self.input_layernorm.forward(x), pass, cache);
-        x.clone() + self.mlp.forward(self.post_attention_layernorm.forward(x), pass.dropout.is_some())
+        let x = x.clone() + self.self_attn.forward(rms_norm(&self.input_layernorm, x), pass, cache);
+        x.clone() + self.mlp.forward(rms_norm(&self.post_attention_layernorm, x), pass.dropout.is_some())
     }
 }
 
@@ -182,7 +183,7 @@ impl CausalLm {
             let layer_cache = cache.as_deref_mut().map(|cache| &mut cache.layers[index]);
             x = layer.forward(x, pass, index, layer_cache);
         }
-        self.norm.forward(x)
+        rms_norm(&self.norm, x)
     }
 
     /// The output layer's weight `[vocab, hidden]` (the embeddings when tied).

@@ -19,6 +19,7 @@ pub mod dense;
 #[cfg(feature = "flex")]
 pub mod host;
 pub mod matmul;
+pub mod rms_norm;
 pub mod quantized;
 pub mod swiglu;
 
