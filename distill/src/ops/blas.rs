@@ -34,7 +34,7 @@ type Sgemm = unsafe extern "C" fn(
     beta: f32,
     c: *mut f32,
     ldc: i32,
-) -> ();
+);
 
 const ROW_MAJOR: i32 = 101;
 const NO_TRANS: i32 = 111;
@@ -118,8 +118,8 @@ impl SendPtr {
     }
 }
 
-/// Products smaller than this many multiply-adds stay with flex: a library call's fixed cost
-/// (waking its threads) is not worth it there.
+/// Products smaller than this many multiply-adds stay with flex: a library call's fixed costs
+/// (packing the operands, splitting the rows over threads) are not worth it there.
 const MIN_WORK: usize = 1 << 20;
 
 /// `op(a) · op(b)` for f32 matrices on flex through the CBLAS library, where `op` transposes
@@ -175,7 +175,6 @@ pub fn matmul(a: &Tensor<2>, transpose_a: bool, b: &Tensor<2>, transpose_b: bool
     unsafe { c.set_len(m * n) };
     Some(Tensor::from_data(TensorData::new(c, [m, n]), (&device, DType::F32)))
 }
-
 
 #[cfg(test)]
 mod tests {

@@ -66,10 +66,10 @@ fn to_f32<const D: usize>(t: Tensor<D>) -> Tensor<D> {
 }
 
 /// One chunk's loss, and `softmax − onehot(target)` written over its logits when `gradient`,
-/// in one pass per row with the rows spread over every core; the same arithmetic as the tensor
-/// path below (`max`, one `exp` per logit, the two-level sum, the softmax as that exp over the
-/// sum). For f32 logits on flex, where each tensor operation of that path is a pass over the
-/// `rows × vocab` chunk on one thread; the logits back otherwise.
+/// in one pass per row with the rows spread over every core: the arithmetic of [`rows_loss`]'s
+/// tensor path (`max`, one `exp` per logit, the two-level sum, the softmax as that exp over the
+/// sum), whose tensor operations flex runs one pass over the chunk at a time on one thread. For
+/// f32 logits on flex; the logits back otherwise.
 #[cfg(feature = "flex")]
 fn rows_on_host(logits: Tensor<2>, targets: &[u32], gradient: bool) -> Result<(Tensor<1>, Option<Tensor<2>>), Tensor<2>> {
     use rayon::prelude::*;
@@ -98,6 +98,33 @@ fn rows_on_host(logits: Tensor<2>, targets: &[u32], gradient: bool) -> Result<(T
     Ok((loss, gradient.then(|| host.into_tensor())))
 }
 
+/// One chunk's summed loss `[1]` from its f32 logits `[rows, vocab]`, and when `gradient`
+/// the logits' gradient `softmax − onehot(target)`.
+fn rows_loss(logits: Tensor<2>, targets: &[u32], gradient: bool) -> (Tensor<1>, Option<Tensor<2>>) {
+    #[cfg(feature = "flex")]
+    let logits = match rows_on_host(logits, targets, gradient) {
+        Ok(done) => return done,
+        Err(logits) => logits,
+    };
+    let device = logits.device();
+    let len = targets.len();
+    let targets: Vec<i64> = targets.iter().map(|&t| t as i64).collect();
+    let targets = Tensor::<2, Int>::from_data(TensorData::new(targets, [len, 1]), &device);
+    let picked = logits.clone().gather(1, targets.clone());
+    // exp(logits − max) in place (nothing else holds the logits now), its two-level sum, and
+    // the softmax as that exp over the sum: one exp per logit.
+    let max = logits.clone().max_dim(1);
+    let exp = (logits - max.clone()).exp();
+    let sum = two_level_sum(exp.clone());
+    let loss = (sum.clone().log() + max - picked).sum();
+    // d loss / d logits = softmax − onehot(target).
+    let logits_grad = gradient.then(|| {
+        let minus_one = Tensor::<2>::full([len, 1], -1.0, (&device, DType::F32));
+        (exp / sum).scatter(1, targets, minus_one, IndexingUpdateOp::Add)
+    });
+    (loss, logits_grad)
+}
+
 #[derive(Debug, Clone)]
 struct CrossEntropyOp {
     targets: Arc<Vec<u32>>,
@@ -120,40 +147,11 @@ impl CrossEntropyOp {
         let mut start = 0;
         while start < rows {
             let len = self.chunk.min(rows - start);
-            let targets: Vec<i64> = self.targets[start..start + len].iter().map(|&t| t as i64).collect();
-            let targets = Tensor::<2, Int>::from_data(TensorData::new(targets, [len, 1]), &device);
             let h = hidden.clone().narrow(0, start, len);
             let logits = to_f32(product(&h, false, &weight, true));
-            #[cfg(feature = "flex")]
-            let logits = match rows_on_host(logits, &self.targets[start..start + len], needed[0] || needed[1]) {
-                Ok((chunk_loss, logits_grad)) => {
-                    loss = loss + chunk_loss;
-                    if let Some(logits_grad) = logits_grad {
-                        let logits_grad = if dtype == DType::F32 { logits_grad } else { logits_grad.cast(dtype) };
-                        if needed[0] {
-                            hidden_grads.push(product(&logits_grad, false, &weight, false));
-                        }
-                        if let Some(total) = weight_grad.take() {
-                            weight_grad = Some(total + to_f32(product(&logits_grad, true, &h, false)));
-                        }
-                    }
-                    start += len;
-                    continue;
-                }
-                Err(logits) => logits,
-            };
-            let picked = logits.clone().gather(1, targets.clone());
-            // exp(logits − max) in place (nothing else holds the logits now), its two-level
-            // sum, and the softmax as that exp over the sum: one exp per logit.
-            let max = logits.clone().max_dim(1);
-            let exp = (logits - max.clone()).exp();
-            let sum = two_level_sum(exp.clone());
-            loss = loss + (sum.clone().log() + max - picked).sum();
-            if needed[0] || needed[1] {
-                // d loss / d logits = softmax − onehot(target).
-                let probabilities = exp / sum;
-                let minus_one = Tensor::<2>::full([len, 1], -1.0, (&device, DType::F32));
-                let logits_grad = probabilities.scatter(1, targets, minus_one, IndexingUpdateOp::Add);
+            let (chunk_loss, logits_grad) = rows_loss(logits, &self.targets[start..start + len], needed[0] || needed[1]);
+            loss = loss + chunk_loss;
+            if let Some(logits_grad) = logits_grad {
                 let logits_grad = if dtype == DType::F32 { logits_grad } else { logits_grad.cast(dtype) };
                 if needed[0] {
                     hidden_grads.push(product(&logits_grad, false, &weight, false));

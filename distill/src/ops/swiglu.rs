@@ -1,9 +1,9 @@
 //! SwiGLU's gate, `silu(gate) · up`, as one operation that keeps only its two inputs for the
 //! backward pass. Written as separate tensor operations under burn's autodiff it keeps
 //! `sigmoid(gate)`, `silu(gate)` and the product as well: three more intermediate-sized
-//! activations per token and layer, the largest share of what a layer keeps. On flex, which
-//! runs element-wise work on one thread, the tokens are cut into one chunk per core, computed
-//! side by side.
+//! activations per token and layer, the largest share of what a layer keeps. flex runs
+//! element-wise work on one thread, so there f32 goes through one pass on every core, and other
+//! dtypes are cut into one chunk of tokens per core, computed side by side.
 
 use burn::backend::DispatchTensor;
 use burn::tensor::Tensor;
@@ -30,33 +30,27 @@ fn by_chunks(inputs: &[Tensor<3>], f: impl Fn(&[Tensor<3>]) -> Vec<Tensor<3>> + 
     (0..outputs).map(|i| Tensor::cat(parts.iter().map(|p| p[i].clone()).collect(), 1)).collect()
 }
 
-/// `f` on each position of same-shape f32 inputs on flex, writing `N` outputs of that shape,
-/// as one pass on every core; `None` (the tensor path) elsewhere.
+/// `f` on each position of same-shape f32 inputs on flex, giving `N` outputs of that shape, as
+/// one pass on every core; `None` (the tensor path) elsewhere.
 #[cfg(feature = "flex")]
-fn on_host<const I: usize, const N: usize>(inputs: &[&Tensor<3>; I], f: impl Fn([f32; I], [&mut f32; N]) + Sync) -> Option<Vec<Tensor<3>>> {
+fn on_host<const I: usize, const N: usize>(inputs: &[&Tensor<3>; I], f: impl Fn([f32; I]) -> [f32; N] + Sync) -> Option<Vec<Tensor<3>>> {
     use burn::tensor::{DType, TensorData};
     use rayon::prelude::*;
+    const CHUNK: usize = 1 << 14;
     let hosts: Vec<super::host::HostF32> = inputs.iter().map(|t| super::host::HostF32::of((*t).clone())).collect::<Option<_>>()?;
     let values: Vec<&[f32]> = hosts.iter().map(|h| h.values()).collect();
     let len = values[0].len();
     let mut results: Vec<Vec<f32>> = (0..N).map(|_| vec![0.0f32; len]).collect();
-    const CHUNK: usize = 1 << 14;
-    let mut chunks: Vec<Vec<&mut [f32]>> = Vec::new();
+    // Chunk `c` of every output, side by side.
+    let mut chunks: Vec<Vec<&mut [f32]>> = (0..len.div_ceil(CHUNK)).map(|_| Vec::with_capacity(N)).collect();
     for result in results.iter_mut() {
-        for (i, chunk) in result.chunks_mut(CHUNK).enumerate() {
-            if chunks.len() <= i {
-                chunks.push(Vec::new());
-            }
-            chunks[i].push(chunk);
-        }
+        chunks.iter_mut().zip(result.chunks_mut(CHUNK)).for_each(|(chunk, part)| chunk.push(part));
     }
-    chunks.into_par_iter().enumerate().for_each(|(i, mut outs)| {
-        let start = i * CHUNK;
-        for j in 0..outs[0].len() {
-            let ins: [f32; I] = std::array::from_fn(|k| values[k][start + j]);
-            let mut outs_j = outs.iter_mut().map(|o| &mut o[j]);
-            let outs_j: [&mut f32; N] = std::array::from_fn(|_| outs_j.next().expect("N outputs"));
-            f(ins, outs_j);
+    chunks.into_par_iter().enumerate().for_each(|(c, mut outputs)| {
+        for j in 0..outputs[0].len() {
+            let at = c * CHUNK + j;
+            let results = f(std::array::from_fn(|k| values[k][at]));
+            outputs.iter_mut().zip(results).for_each(|(output, value)| output[j] = value);
         }
     });
     let (device, dims) = (inputs[0].device(), inputs[0].dims());
@@ -71,7 +65,7 @@ impl Differentiable for SwiGlu {
         let (gate, up): (Tensor<3>, Tensor<3>) = (ranked(inputs[0].clone()), ranked(inputs[1].clone()));
         let saved = needed.map(|_| [inputs[0].clone(), inputs[1].clone()]);
         #[cfg(feature = "flex")]
-        if let Some(mut output) = on_host(&[&gate, &up], |[gate, up], [out]| *out = gate / (1.0 + (-gate).exp()) * up) {
+        if let Some(mut output) = on_host(&[&gate, &up], |[gate, up]| [gate / (1.0 + (-gate).exp()) * up]) {
             return (output.remove(0).into_dispatch(), saved);
         }
         let output = by_chunks(&[gate, up], |t| vec![t[0].clone() * sigmoid(t[0].clone()) * t[1].clone()]).remove(0);
@@ -81,10 +75,9 @@ impl Differentiable for SwiGlu {
     fn backward(&self, [gate, up]: Self::Saved, output_grad: DispatchTensor, needed: &[bool]) -> Vec<Option<DispatchTensor>> {
         let (gate, up, grad): (Tensor<3>, Tensor<3>, Tensor<3>) = (ranked(gate), ranked(up), ranked(output_grad));
         #[cfg(feature = "flex")]
-        if let Some(grads) = on_host(&[&gate, &up, &grad], |[gate, up, grad], [gate_grad, up_grad]| {
+        if let Some(grads) = on_host(&[&gate, &up, &grad], |[gate, up, grad]| {
             let s = 1.0 / (1.0 + (-gate).exp());
-            *gate_grad = grad * up * (s * ((gate * (1.0 - s)) + 1.0));
-            *up_grad = grad * (gate * s);
+            [grad * up * (s * ((gate * (1.0 - s)) + 1.0)), grad * (gate * s)]
         }) {
             let [gate_grad, up_grad]: [Tensor<3>; 2] = grads.try_into().unwrap_or_else(|_| unreachable!("two gradients"));
             return vec![needed[0].then(|| gate_grad.into_dispatch()), needed[1].then(|| up_grad.into_dispatch())];
