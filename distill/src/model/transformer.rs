@@ -3,9 +3,10 @@
 //! says (biases, RoPE scaling, tied embeddings), so one module serves both, as in transformers.
 
 use burn::module::{Module, Param};
-use crate::ops::rms_norm::rms_norm;
 use burn::nn::{Embedding, EmbeddingConfig, Initializer, LinearConfig, RmsNorm, RmsNormConfig};
 use burn::tensor::{Device, Int, Tensor};
+
+use crate::ops::rms_norm::rms_norm;
 
 use std::sync::Arc;
 
