@@ -195,6 +195,9 @@ impl MemoryPlan {
         let tokens = rows * seq;
         let e = dtype_bytes(options.compute_dtype);
         let mixed = options.compute_dtype != DType::F32;
+        // f32 compute on flex: the norms and the loss's rows run as host passes
+        // that keep and copy less (ops/host.rs and its callers).
+        let host_f32 = options.flex && !mixed;
         let all_targets: Vec<String> = TARGETS.iter().map(|t| t.to_string()).collect();
         let lora = options.lora_rank.map(|rank| layers * lora_per_layer(config, rank as u64, options.lora_targets.as_ref().unwrap_or(&all_targets)));
         let trainable = lora.unwrap_or(parameters);
@@ -258,7 +261,7 @@ impl MemoryPlan {
         // Kept for the backward pass: every layer's activations, or under checkpointing each
         // layer's input; and outside the layers the embeddings' output and the final norm's
         // input, x / rms and output.
-        let per_layer = tokens * (kept_per_token(config, options.flex && !mixed) * e + 4 * heads);
+        let per_layer = tokens * (kept_per_token(config, host_f32) * e + 4 * heads);
         let outside = tokens * hidden * e * 4;
         let layer_input = tokens * hidden * e;
         // Offloading implies checkpointing, as `distill train` runs it.
@@ -291,7 +294,7 @@ impl MemoryPlan {
         // compute dtype on their way to and from f32 (and flex's bf16 product makes an f32
         // copy of its own). In f32 on flex the softmax gradient is written over the logits
         // (ops/cross_entropy.rs, `rows_on_host`).
-        let logit_copies = if options.flex && !mixed { 4 } else { 8 };
+        let logit_copies = if host_f32 { 4 } else { 8 };
         let loss_chunk = (logit_copies + if mixed { e } else { 0 }) * chunk * vocab + if output_trained { 4 * vocab * hidden } else { 0 };
         let layer_gradients = tokens * (2 * intermediate + 2 * hidden) * e;
         let (attention_block, attention_what) = if options.flex {
