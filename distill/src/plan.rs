@@ -300,7 +300,7 @@ impl MemoryPlan {
         let (attention_block, attention_what) = if options.flex {
             // The fused kernel (ops/attention_host.rs) works on f32 host copies: q, k, v, the
             // output and its gradient in, dQ, dK, dV out, and dK, dV of every query head before
-            // their sums over the group; its tiles are a few hundred KiB.
+            // their sums over the group; its tiles are 256 KiB each, one to two per thread.
             let q_values = tokens * (config.num_attention_heads * config.head_dim) as u64;
             let kv_values = tokens * (config.num_key_value_heads * config.head_dim) as u64;
             let what = "the fused attention's f32 copies of q, k, v, the output and their gradients, and a layer's gradients";

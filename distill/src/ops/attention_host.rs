@@ -16,11 +16,13 @@
 
 use rayon::prelude::*;
 
-use super::host::exp_shifted;
+use super::host::{exp_shifted, max_of, zeros};
 
-/// Queries per tile: a tile's scores against `KEY_TILE` keys are 64 KiB of f32.
-const QUERY_TILE: usize = 64;
-const KEY_TILE: usize = 256;
+/// Queries per tile: a tile's scores against `KEY_TILE` keys are 256 KiB of f32, in a core's L2.
+/// At 8192 tokens, 128 × 512 ran the forward pass 25% faster than 64 × 256 (the statistics of
+/// each row are updated once per key tile) and the backward pass as fast.
+const QUERY_TILE: usize = 128;
+const KEY_TILE: usize = 512;
 
 /// Dimensions of q `[batch, heads, seq, head_dim]` and k, v `[batch, kv_heads, seq, head_dim]`.
 #[derive(Debug, Clone, Copy)]
@@ -93,17 +95,17 @@ pub fn forward(shape: Shape, first: &[usize], q: &[f32], k: &[f32], v: &[f32]) -
     let Shape { batch, heads, kv_heads, seq, head_dim: d } = shape;
     let group = heads / kv_heads;
     let scale = (d as f32).powf(-0.5);
-    let mut output = vec![0f32; batch * heads * seq * d];
-    let mut lse = vec![0f32; batch * heads * seq];
+    let mut output = zeros(batch * heads * seq * d);
+    let mut lse = zeros(batch * heads * seq);
     output.par_chunks_mut(seq * d).zip(lse.par_chunks_mut(seq)).enumerate().for_each(|(bh, (output, lse))| {
         let (b, h) = (bh / heads, bh % heads);
         let kv = (b * kv_heads + h / group) * seq * d;
         let (q, k, v) = (&q[bh * seq * d..(bh + 1) * seq * d], &k[kv..kv + seq * d], &v[kv..kv + seq * d]);
         let first = &first[b * seq..(b + 1) * seq];
-        output.par_chunks_mut(QUERY_TILE * d).zip(lse.par_chunks_mut(QUERY_TILE)).enumerate().for_each(|(tile, (output, lse))| {
+        output.par_chunks_mut(QUERY_TILE * d).zip(lse.par_chunks_mut(QUERY_TILE)).enumerate().for_each_init(|| zeros(QUERY_TILE * KEY_TILE), |scores, (tile, (output, lse))| {
             let i0 = tile * QUERY_TILE;
             let n = lse.len();
-            let mut scores = vec![0f32; n * KEY_TILE];
+            let scores = &mut scores[..n * KEY_TILE];
             let mut max = vec![f32::NEG_INFINITY; n];
             let mut sum = vec![0f32; n];
             let mut j0 = first[i0];
@@ -119,13 +121,12 @@ pub fn forward(shape: Shape, first: &[usize], q: &[f32], k: &[f32], v: &[f32]) -
                         row.fill(0.0);
                         continue;
                     }
-                    let tile_max = row[seen.clone()].iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
+                    let tile_max = max_of(&row[seen.clone()]);
                     let new_max = max[r].max(tile_max);
                     let rescale = (max[r] - new_max).exp();
                     row[..seen.start].fill(0.0);
                     row[seen.end..].fill(0.0);
-                    exp_shifted(&mut row[seen.clone()], new_max);
-                    let tile_sum: f32 = row[seen].iter().sum();
+                    let tile_sum = exp_shifted(&mut row[seen], new_max);
                     sum[r] = sum[r] * rescale + tile_sum;
                     max[r] = new_max;
                     if rescale != 1.0 {
@@ -199,9 +200,9 @@ pub fn backward(shape: Shape, first: &[usize], saved: Saved) -> (Vec<f32>, Vec<f
     // tile. Every gradient a head writes is its own (dK and dV per query head, summed over the
     // group after), so heads run side by side with nothing shared, and the scores are computed
     // once, not once for dK/dV and again for dQ.
-    let mut query_grad = vec![0f32; batch * heads * seq * d];
-    let mut head_key_grad = vec![0f32; batch * heads * seq * d];
-    let mut head_value_grad = vec![0f32; batch * heads * seq * d];
+    let mut query_grad = zeros(batch * heads * seq * d);
+    let mut head_key_grad = zeros(batch * heads * seq * d);
+    let mut head_value_grad = zeros(batch * heads * seq * d);
     let per_head = query_grad.par_chunks_mut(seq * d).zip(head_key_grad.par_chunks_mut(seq * d)).zip(head_value_grad.par_chunks_mut(seq * d));
     per_head.enumerate().for_each(|(bh, ((query_grad, key_grad), value_grad))| {
         let (b, h) = (bh / heads, bh % heads);
@@ -209,8 +210,8 @@ pub fn backward(shape: Shape, first: &[usize], saved: Saved) -> (Vec<f32>, Vec<f
         let (q, k, v, output_grad) = (&q[head(bh)], &k[head(kv)], &v[head(kv)], &output_grad[head(bh)]);
         let (lse, correction) = (&lse[bh * seq..(bh + 1) * seq], &correction[bh * seq..(bh + 1) * seq]);
         let first = &first[b * seq..(b + 1) * seq];
-        let mut probabilities = vec![0f32; QUERY_TILE * KEY_TILE];
-        let mut grad = vec![0f32; QUERY_TILE * KEY_TILE];
+        let mut probabilities = zeros(QUERY_TILE * KEY_TILE);
+        let mut grad = zeros(QUERY_TILE * KEY_TILE);
         for j0 in (0..seq).step_by(KEY_TILE) {
             let keys = KEY_TILE.min(seq - j0);
             let mut i0 = j0;
@@ -229,8 +230,8 @@ pub fn backward(shape: Shape, first: &[usize], saved: Saved) -> (Vec<f32>, Vec<f
     });
 
     // dK and dV of each KV head: the sums over its group of query heads.
-    let mut key_grad = vec![0f32; batch * kv_heads * seq * d];
-    let mut value_grad = vec![0f32; batch * kv_heads * seq * d];
+    let mut key_grad = zeros(batch * kv_heads * seq * d);
+    let mut value_grad = zeros(batch * kv_heads * seq * d);
     for (sums, per_head) in [(&mut key_grad, &head_key_grad), (&mut value_grad, &head_value_grad)] {
         sums.par_chunks_mut(seq * d).enumerate().for_each(|(bkv, sum)| {
             let (b, kv) = (bkv / kv_heads, bkv % kv_heads);
@@ -241,4 +242,3 @@ pub fn backward(shape: Shape, first: &[usize], saved: Saved) -> (Vec<f32>, Vec<f
     }
     (query_grad, key_grad, value_grad)
 }
-

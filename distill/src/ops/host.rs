@@ -48,13 +48,24 @@ impl HostF32 {
     }
 }
 
+/// `len` zeros, written. `vec![0.0; len]` takes fresh pages from the kernel that read as the
+/// shared zero page until written; a product that accumulates into them reads first, and each
+/// page's first write then costs a copy-on-write fault and a TLB shootdown on every core (14% of
+/// the fused attention's time before its buffers were made this way).
+pub fn zeros(len: usize) -> Vec<f32> {
+    let mut values = Vec::with_capacity(len);
+    values.resize(len, 0.0);
+    values
+}
+
 /// `x ← exp(x − shift)` over a slice, vectorised: Cephes' `expf` (a degree-7 polynomial on
 /// `[−ln2/2, ln2/2]` and a power of two from the exponent bits), within 1 ulp of libm's `expf`,
 /// which scalar code calls a value at a time (it was the fused attention's largest cost after
 /// its products). Arguments below −87.3 give the smallest normal float instead of less; the
 /// callers' arguments (a value minus its row's maximum or log-sum-exp) never overflow; NaN stays
-/// NaN.
-pub fn exp_shifted(values: &mut [f32], shift: f32) {
+/// NaN. Returns the sum of the results, added in 16 lanes (a single running sum is a chain of
+/// dependent adds that the compiler may not reorder, and cost as much as the exps).
+pub fn exp_shifted(values: &mut [f32], shift: f32) -> f32 {
     #[cfg(target_arch = "x86_64")]
     {
         if std::arch::is_x86_feature_detected!("avx512f") {
@@ -71,13 +82,13 @@ pub fn exp_shifted(values: &mut [f32], shift: f32) {
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn exp_shifted_avx512(values: &mut [f32], shift: f32) {
+unsafe fn exp_shifted_avx512(values: &mut [f32], shift: f32) -> f32 {
     exp_shifted_portable(values, shift)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn exp_shifted_avx2(values: &mut [f32], shift: f32) {
+unsafe fn exp_shifted_avx2(values: &mut [f32], shift: f32) -> f32 {
     exp_shifted_portable(values, shift)
 }
 
@@ -85,19 +96,49 @@ unsafe fn exp_shifted_avx2(values: &mut [f32], shift: f32) {
 /// no float-to-integer cast (Rust's saturating `as` is scalar code): adding 1.5 · 2^23 rounds
 /// to an integer `n` kept in the low mantissa bits, which become the exponent of 2^n.
 #[inline(always)]
-fn exp_shifted_portable(values: &mut [f32], shift: f32) {
-    const ROUND: f32 = 12_582_912.0;
-    for x in values.iter_mut() {
-        // A compare, not `f32::max`, so that a NaN stays NaN (and so does the loss).
-        let v = *x - shift;
-        let v = if v < -87.33654 { -87.33654 } else { v };
-        let t = v * std::f32::consts::LOG2_E + ROUND;
-        let n = t - ROUND;
-        let r = v - n * 0.693_359_4 + n * 2.121_944_4e-4;
-        let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r + 0.166_666_65) * r + 0.500_000_01;
-        let y = p * r * r + r + 1.0;
-        *x = y * f32::from_bits(t.to_bits().wrapping_sub(0x4B40_0000 - 127) << 23);
+fn exp_shifted_portable(values: &mut [f32], shift: f32) -> f32 {
+    let mut sums = [0f32; LANES];
+    let mut chunks = values.chunks_exact_mut(LANES);
+    for chunk in &mut chunks {
+        for (x, sum) in chunk.iter_mut().zip(&mut sums) {
+            *x = exp(*x - shift);
+            *sum += *x;
+        }
     }
+    for x in chunks.into_remainder() {
+        *x = exp(*x - shift);
+        sums[0] += *x;
+    }
+    sums.iter().sum()
+}
+
+/// Lanes of the vectorised loops: one AVX-512 register, two AVX2 ones.
+const LANES: usize = 16;
+
+#[inline(always)]
+fn exp(v: f32) -> f32 {
+    const ROUND: f32 = 12_582_912.0;
+    // A compare, not `f32::max`, so that a NaN stays NaN (and so does the loss).
+    let v = if v < -87.33654 { -87.33654 } else { v };
+    let t = v * std::f32::consts::LOG2_E + ROUND;
+    let n = t - ROUND;
+    let r = v - n * 0.693_359_4 + n * 2.121_944_4e-4;
+    let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r + 0.166_666_65) * r + 0.500_000_01;
+    let y = p * r * r + r + 1.0;
+    y * f32::from_bits(t.to_bits().wrapping_sub(0x4B40_0000 - 127) << 23)
+}
+
+/// The largest value (NaNs ignored, as `f32::max` does; −∞ for none), in 16 lanes: a running
+/// maximum is a chain of dependent compares.
+pub fn max_of(values: &[f32]) -> f32 {
+    let mut maxima = [f32::NEG_INFINITY; LANES];
+    let mut chunks = values.chunks_exact(LANES);
+    for chunk in &mut chunks {
+        for (&x, max) in chunk.iter().zip(&mut maxima) {
+            *max = if x > *max { x } else { *max };
+        }
+    }
+    chunks.remainder().iter().chain(&maxima).fold(f32::NEG_INFINITY, |m, &x| m.max(x))
 }
 
 #[cfg(test)]
@@ -112,7 +153,9 @@ mod tests {
         let mut fast = arguments.clone();
         exp_shifted(&mut fast, 0.0);
         let mut portable = arguments.clone();
-        exp_shifted_portable(&mut portable, 0.0);
+        let sum = exp_shifted_portable(&mut portable, 0.0);
+        let serial: f64 = portable.iter().map(|&y| y as f64).sum();
+        assert!((sum as f64 - serial).abs() <= 1e-6 * serial, "sum {sum} against {serial}");
         for (results, path) in [(&fast, "dispatched"), (&portable, "portable")] {
             let worst = arguments
                 .iter()
@@ -130,5 +173,19 @@ mod tests {
         nan[17] = f32::NAN;
         exp_shifted(&mut nan, 2.0);
         assert!(nan[17].is_nan() && nan.iter().filter(|y| y.is_nan()).count() == 1, "{nan:?}");
+    }
+
+    #[test]
+    fn max_of_is_the_fold_of_f32_max() {
+        for len in [0usize, 1, 15, 16, 17, 100] {
+            let mut values: Vec<f32> = (0..len).map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.25).collect();
+            let want = values.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            assert_eq!(max_of(&values), want, "{len} values");
+            if len > 3 {
+                values[3] = f32::NAN;
+                values[len - 1] = 1e9;
+                assert_eq!(max_of(&values), 1e9, "{len} values with a NaN");
+            }
+        }
     }
 }
