@@ -150,6 +150,9 @@ pub enum Phase {
     Optimizer,
     /// In host memory, not the device's (offloaded activations): outside the device's total.
     Host,
+    /// One of the backward pass's transients that take turns in the workspace: shown on its
+    /// own, counted only through the workspace (the largest of them).
+    Transient,
 }
 
 /// Parameters of one decoder layer's seven projections (what QLoRA quantizes).
@@ -321,14 +324,13 @@ impl MemoryPlan {
             }
             _ => 0,
         };
-        let (workspace, what) = [
-            (loss_chunk, format!("{chunk} × {vocab} f32 logits and their gradient")),
-            (attention_block, attention_what),
-            (recomputed, "one layer recomputed".to_string()),
-        ]
-        .into_iter()
-        .max_by_key(|(bytes, _)| *bytes)
-        .expect("three candidates");
+        let loss_what = format!("{chunk} × {vocab} f32 logits and their gradient");
+        item("attention", Phase::Transient, attention_block, attention_what.clone());
+        item("loss", Phase::Transient, loss_chunk, format!("one chunk of positions at a time: {loss_what}"));
+        let (workspace, what) = [(loss_chunk, loss_what), (attention_block, attention_what), (recomputed, "one layer recomputed".to_string())]
+            .into_iter()
+            .max_by_key(|(bytes, _)| *bytes)
+            .expect("three candidates");
         let what = if dequantized > 0 { format!("{what}, with a projection dequantized") } else { what };
         item("workspace", Phase::Backward, workspace + dequantized, format!("the largest transient: {what}"));
         if devices > 1 {
@@ -385,6 +387,7 @@ impl MemoryPlan {
                     Phase::Backward => " [backward]",
                     Phase::Optimizer => " [optimizer step]",
                     Phase::Host => " [host memory, not counted below]",
+                    Phase::Transient => " [backward; in the workspace when the largest]",
                 };
                 format!("{:<18} {:>9.2} GiB  {}{when}", i.name, crate::info::gib(i.bytes), i.detail)
             })

@@ -69,9 +69,14 @@ fn info_json_and_memory_grows_with_length() {
     let lora = run(&["--max-length", "4096", "--lora-rank", "16", "--gradient-checkpointing"]);
     assert!(bytes(&lora) < bytes(&short));
     let items: Vec<&str> = short["training"]["items"].as_array().unwrap().iter().map(|i| i["name"].as_str().unwrap()).collect();
-    for name in ["weights", "gradients", "optimizer moments", "activations", "loss gradients", "workspace", "optimizer step"] {
+    for name in ["weights", "gradients", "optimizer moments", "activations", "attention", "loss", "loss gradients", "workspace", "optimizer step"] {
         assert!(items.contains(&name), "{name} missing from {items:?}");
     }
+    // Attention's and the loss's transients take turns in the workspace: shown, counted once.
+    assert!(item(&long, "workspace") >= item(&long, "attention").max(item(&long, "loss")));
+    assert!(item(&long, "attention") > item(&short, "attention"));
+    let counted: u64 = long["training"]["items"].as_array().unwrap().iter().filter(|i| i["phase"] != "transient" && i["phase"] != "host").map(|i| i["bytes"].as_u64().unwrap()).sum();
+    assert!(bytes(&long) <= counted, "the transients are not added to the total");
 }
 
 /// Every student has a route at its own settings (32k tokens × 2 rows) on one 80 GB GPU; the
@@ -103,4 +108,30 @@ fn every_student_has_a_route_on_one_80gb_gpu() {
     // 80 layers' inputs: 65536 tokens × 8192 × 2 bytes each.
     assert_eq!(host["bytes"].as_u64().unwrap(), 80 * 65536 * 8192 * 2);
     assert_eq!(offloaded["fits"], true);
+}
+
+/// On 8 × 80 GB the 7B and 8B students fully fine-tune with the optimizer sharded (as open-r1
+/// trains its 7B with ZeRO), the 1.5B without sharding, and the 14B only with LoRA.
+#[test]
+fn routes_on_eight_80gb_gpus() {
+    for (student, first_fit) in [
+        ("qwen2.5-math-1.5b", "full"),
+        ("qwen2.5-math-7b", "full + sharded optimizer"),
+        ("llama-3.1-8b", "full + sharded optimizer"),
+        ("qwen2.5-14b", "LoRA rank 16"),
+    ] {
+        let output = common::distill(&["info", &format!("student_configs/{student}.toml"), "--json", "--gpu-memory", "80GB", "--devices", "8"]);
+        assert!(output.status.success(), "{}", common::stderr(&output));
+        let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+        let routes = report["routes"].as_array().unwrap();
+        let route = |name: &str| routes.iter().find(|r| r["name"] == name).unwrap_or_else(|| panic!("{student}: no {name} route in {routes:?}"));
+        let first = routes.iter().find(|r| r["fits"] == true).unwrap_or_else(|| panic!("{student}: no route fits: {routes:?}"));
+        assert_eq!(first["name"], first_fit, "{student}");
+        let (full, sharded) = (route("full"), route("full + sharded optimizer"));
+        assert!(sharded["flags"].as_str().unwrap().contains("--devices <8 devices> --shard-optimizer"), "{sharded}");
+        assert!(sharded["bytes_per_device"].as_u64() < full["bytes_per_device"].as_u64(), "{student}: sharding lowers the memory per device");
+        if first_fit == "LoRA rank 16" {
+            assert_eq!(sharded["fits"], false, "{student}");
+        }
+    }
 }
