@@ -180,7 +180,13 @@ fn a_quantized_base_lowers_peak_memory() {
     println!(
         "peak allocated over the baseline: bf16 base {bf16:.1} MiB, 4-bit base {four:.1} MiB (resident: {bf16_resident:.1} and {four_resident:.1} MiB); stored weights differ by {stored_difference:.1} MiB"
     );
-    assert!(bf16 - four >= 0.95 * stored_difference, "4-bit base {four:.1} MiB vs bf16 base {bf16:.1} MiB (weights differ by {stored_difference:.1} MiB)");
+    // The whole difference, less at most one projection's slice unpacked for its product (its
+    // f32 values and their integers, as the plan counts it: 8 MiB here).
+    let slice = 8.0 * 512.0 * 2048.0 / (1 << 20) as f64;
+    assert!(
+        bf16 - four >= stored_difference - slice,
+        "4-bit base {four:.1} MiB vs bf16 base {bf16:.1} MiB (weights differ by {stored_difference:.1} MiB, a slice is {slice:.1} MiB)"
+    );
 }
 
 /// `distill train --load-in-4bit` end to end, with layer checkpointing: the run trains, checks
@@ -204,14 +210,24 @@ fn qlora_train_command_exports_a_dense_model() {
     let err = common::stderr(&output);
     assert!(output.status.success(), "{err}");
     assert!(err.contains("base projections in 4 bits") && err.contains("merged the LoRA adapters"), "{err}");
-    let eval = common::distill(&["eval", "--model", run.join("final").to_str().unwrap(), "--data", "tests/fixtures/eval_rows.jsonl", "--device", "flex", "--json"]);
-    assert!(eval.status.success(), "{}", common::stderr(&eval));
-    let report: serde_json::Value = serde_json::from_slice(&eval.stdout).unwrap();
-    assert!(report["mean_nll"].as_f64().unwrap().is_finite());
+    // The merged model's logits were checked against the adapted model's before export.
+    let difference: f64 = err.split("max |Δ| ").nth(1).and_then(|rest| rest.split(')').next()).and_then(|d| d.parse().ok()).expect("the merge check's difference");
+    assert!(difference < 1e-3, "{err}");
+    // final/ holds the merged model in bf16, as QLoRA users save it.
+    let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(run.join("final/config.json")).unwrap()).unwrap();
+    assert_eq!(config["torch_dtype"], "bfloat16");
+    let eval = |model: &std::path::Path| {
+        let eval = common::distill(&["eval", "--model", model.to_str().unwrap(), "--data", "tests/fixtures/eval_rows.jsonl", "--device", "flex", "--json"]);
+        assert!(eval.status.success(), "{}", common::stderr(&eval));
+        serde_json::from_slice::<serde_json::Value>(&eval.stdout).unwrap()["mean_nll"].as_f64().unwrap()
+    };
+    // The same checkpoint exported in f32 is the merged model itself: the bf16 export, read
+    // back by `distill eval`, scores what it scores to within bf16's rounding.
     let exported = dir.path().join("exported");
-    let export = common::distill(&["export", "--run", run.to_str().unwrap(), "--step", "2", "--out", exported.to_str().unwrap()]);
+    let export = common::distill(&["export", "--run", run.to_str().unwrap(), "--step", "4", "--out", exported.to_str().unwrap(), "--dtype", "f32"]);
     assert!(export.status.success(), "{}", common::stderr(&export));
-    assert!(exported.join("model.safetensors").is_file());
+    let (bf16, f32) = (eval(&run.join("final")), eval(&exported));
+    assert!(f32.is_finite() && (bf16 - f32).abs() <= 0.01 * f32, "bf16 export {bf16} against f32 {f32}");
 
     let refused = train(&dir.path().join("refused"), &["--load-in-4bit"]);
     common::assert_clean_failure(&refused, &["--load-in-4bit quantizes the frozen base of a LoRA run", "--lora-rank"]);

@@ -596,7 +596,7 @@ impl Job {
         if final_dir.exists() {
             fs::remove_dir_all(&final_dir).map_err(io(&final_dir))?;
         }
-        let export_options = ExportOptions { dtype: ExportDtype::parse(&required(&self.options.export_dtype, "export_dtype"))?, ..Default::default() };
+        let export_options = ExportOptions { dtype: ExportDtype::parse(self.options.export_dtype_name().map_err(JobError::Invalid)?)?, ..Default::default() };
         let model = if model.has_lora() {
             let (merged, difference) = model.merge_lora().map_err(JobError::Invalid)?;
             reporter.note(&format!("merged the LoRA adapters into the weights (logits of merged vs adapted model: max |Δ| {difference:.1e})"));

@@ -114,8 +114,9 @@ pub struct TrainingOptions {
     /// Evaluate every N optimizer steps (and at the end); 0: five times over the run.
     #[arg(long)]
     pub eval_steps: Option<usize>,
-    /// dtype of the weights exported to final/.
-    #[arg(long, value_parser = ["f32", "bf16", "f16"])]
+    /// dtype of the weights exported to final/. auto: bf16 over a 4- or 8-bit base (the merged
+    /// QLoRA model, as bitsandbytes users save it), f32 otherwise (the weights as trained).
+    #[arg(long, value_parser = ["auto", "f32", "bf16", "f16"])]
     pub export_dtype: Option<String>,
 }
 
@@ -156,7 +157,7 @@ impl TrainingOptions {
             save_steps: Some(0),
             save_total_limit: Some(0),
             eval_steps: Some(0),
-            export_dtype: Some("f32".into()),
+            export_dtype: Some("auto".into()),
         }
     }
 
@@ -168,6 +169,15 @@ impl TrainingOptions {
             (false, true) => Ok(Some(8)),
             (false, false) => Ok(None),
         }
+    }
+
+    /// The dtype of final/'s weights: `export_dtype`, with `auto` resolved.
+    pub fn export_dtype_name(&self) -> Result<&str, String> {
+        Ok(match self.export_dtype.as_deref() {
+            None | Some("auto") if self.load_in_bits()?.is_some() => "bf16",
+            None | Some("auto") => "f32",
+            Some(name) => name,
+        })
     }
 
     /// Every option set here, else as in `fallback`.
