@@ -192,21 +192,27 @@ fn save_total_limit_and_lora_checkpoints() {
 }
 
 /// `--resume` with other settings is refused before any weights are read, naming what changed;
-/// the same settings written another way (`./` before a relative path) are the same run.
+/// the same settings written another way (`./` before a relative path) are the same run, and
+/// it reuses the token cache.
 #[test]
 fn resume_with_other_settings_names_them() {
     let runs = tempfile::tempdir().unwrap();
     let out = runs.path().join("run");
     let out = out.to_str().unwrap();
-    let first = distill(&args("student_configs/tiny-qwen2.toml", out, &["--init", "random", "--max-steps", "1"]));
+    let cache = runs.path().join("cache");
+    let cache = cache.to_str().unwrap();
+    let first = distill(&args("student_configs/tiny-qwen2.toml", out, &["--init", "random", "--max-steps", "1", "--dataset-cache", cache]));
     assert!(first.status.success(), "{}", stderr(&first));
     let metrics = std::fs::read_to_string(Path::new(out).join("metrics.jsonl")).unwrap();
-    let changed = distill(&args("student_configs/tiny-qwen2.toml", out, &["--init", "random", "--max-steps", "1", "--learning-rate", "3e-4", "--resume"]));
+    let changed = distill(&args("student_configs/tiny-qwen2.toml", out, &["--init", "random", "--max-steps", "1", "--learning-rate", "3e-4", "--resume", "--dataset-cache", cache]));
     assert_clean_failure(&changed, &["other settings", "learning_rate"]);
     assert_eq!(std::fs::read_to_string(Path::new(out).join("metrics.jsonl")).unwrap(), metrics, "a refused resume leaves the metrics alone");
-    let same = distill(&args("./student_configs/tiny-qwen2.toml", out, &["--init", "random", "--max-steps", "1", "--resume"]));
+    let same = distill(&args("./student_configs/tiny-qwen2.toml", out, &["--init", "random", "--max-steps", "1", "--resume", "--dataset-cache", cache]));
     assert!(same.status.success(), "{}", stderr(&same));
     assert!(stderr(&same).contains("resuming from"), "{}", stderr(&same));
+    // The resumed run reads the first run's tokens back instead of tokenising again.
+    assert!(stderr(&first).contains("data: tokenized") && stderr(&first).contains(" into "), "{}", stderr(&first));
+    assert!(stderr(&same).contains("data: tokenized rows of") && stderr(&same).contains("read from"), "{}", stderr(&same));
 }
 
 /// An --eval-split that holds out nothing, or is not a fraction, is refused.
