@@ -230,6 +230,10 @@ pub enum BenchCommand {
     /// sequence length, beside its memory plan: forward, backward and AdamW step on
     /// --per-device-train-batch-size rows.
     Train(BenchTrainArgs),
+    /// The attention operation alone, forward and backward, at a model's attention shape: seconds
+    /// and GFLOP/s per sequence length (causal, one row), beside PyTorch's SDPA given
+    /// --reference.
+    Attention(BenchAttentionArgs),
     /// Generation tokens/s of a batch of prompts of different lengths: continuous batching
     /// against the same sequences one at a time (and, given --reference, transformers'
     /// batched `generate`).
@@ -276,6 +280,27 @@ pub struct BenchForwardArgs {
     /// A command that runs the same measurement in PyTorch and prints one JSON line
     /// {"prefill_tokens_per_s": …, "decode_tokens_per_s": …}; e.g.
     /// `.venv/bin/python distill/benches/reference_forward.py --threads 2`.
+    #[arg(long)]
+    pub reference: Option<String>,
+    #[command(flatten)]
+    pub device: DeviceArgs,
+}
+
+#[derive(Args)]
+pub struct BenchAttentionArgs {
+    /// Model whose attention shape (heads, KV heads, head_dim) to time: a student config, HF
+    /// folder or config.json.
+    #[arg(long, default_value = "student_configs/bench-100m.toml")]
+    pub config: PathBuf,
+    /// Sequence lengths, comma-separated.
+    #[arg(long, default_value = "4096,16384", value_delimiter = ',')]
+    pub seq_len: Vec<usize>,
+    /// Timed repetitions per length (after one warm-up); the median is printed.
+    #[arg(long, default_value_t = 2)]
+    pub repeats: usize,
+    /// A command that times the same shapes with PyTorch's scaled_dot_product_attention and
+    /// prints one JSON line {"forward_s": […], "backward_s": […]} (one entry per length); e.g.
+    /// `.venv/bin/python distill/benches/reference_attention.py --threads 2`.
     #[arg(long)]
     pub reference: Option<String>,
     #[command(flatten)]

@@ -8,7 +8,7 @@ use distill::burn::tensor::DType;
 use distill::info::{gib, human_count};
 use distill::student::model_config_from_any;
 
-use crate::args::{BenchForwardArgs, BenchGenerateArgs, BenchTrainArgs};
+use crate::args::{BenchAttentionArgs, BenchForwardArgs, BenchGenerateArgs, BenchTrainArgs};
 
 pub fn bench_train(args: BenchTrainArgs) -> Result<()> {
     use distill::benchmark::{BurnSide, compare_training};
@@ -229,6 +229,86 @@ pub fn bench_forward(args: BenchForwardArgs) -> Result<()> {
         println!("pytorch  prefill {reference_prefill:>10.1} tokens/s   decode {reference_decode:>8.1} tokens/s");
         println!("ratio    prefill {:>10.2}×           decode {:>8.2}×   (burn / pytorch; > 1 is faster)",
             prefill_rate / reference_prefill, decode_rate / reference_decode);
+    }
+    Ok(())
+}
+
+/// Forward and backward seconds of the attention operation on random q, k, v: the median of
+/// `repeats` after a warm-up (the higher middle value of an even count, as the reference takes
+/// it). Each pass ends by reading a value back, so that asynchronous devices are timed to the
+/// end of their work.
+pub fn bench_attention(args: BenchAttentionArgs) -> Result<()> {
+    use std::sync::Arc;
+    use std::time::Instant;
+
+    use distill::burn::tensor::{Distribution, Tensor};
+    use distill::ops::attention::{Layout, Plan, attention};
+
+    let (device, options) = args.device.resolve()?;
+    let (config, _) = model_config_from_any(&args.config)?;
+    let (heads, kv_heads, d) = (config.num_attention_heads, config.num_key_value_heads, config.head_dim);
+    if args.seq_len.is_empty() || args.seq_len.contains(&0) || args.repeats == 0 {
+        bail!("--seq-len takes positive lengths and --repeats at least 1");
+    }
+    println!("attention: {heads} heads, {kv_heads} KV heads, head_dim {d}, causal, one row, {:?}; median of {} after one warm-up", options.dtype, args.repeats);
+    let autodiff = device.clone().autodiff();
+    // A causal pass multiplies q kᵀ and P v over the lower triangle: 2 products of 2·d FLOPs a
+    // pair; the backward pass makes 5 (FlashAttention-2's count).
+    let forward_flops = |seq: usize| 2.0 * 2.0 * (seq as f64 * (seq as f64 + 1.0) / 2.0) * d as f64 * heads as f64;
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let mut measured = Vec::new();
+    for &seq in &args.seq_len {
+        let plan = Arc::new(Plan::new(Layout::causal(1, seq), heads, &autodiff));
+        let (mut forward, mut backward) = (Vec::new(), Vec::new());
+        for repeat in 0..=args.repeats {
+            let random = |h: usize| Tensor::<4>::random([1, h, seq, d], Distribution::Normal(0.0, 1.0), &autodiff).cast(options.dtype).require_grad();
+            let (q, k, v) = (random(heads), random(kv_heads), random(kv_heads));
+            let upstream = Tensor::<3>::random([1, seq, heads * d], Distribution::Normal(0.0, 1.0), &autodiff).cast(options.dtype);
+            let _ = upstream.clone().sum().into_scalar::<f32>();
+            let started = Instant::now();
+            let output = attention(q.clone(), k.clone(), v.clone(), &plan);
+            let _ = output.clone().sum().into_scalar::<f32>();
+            let forward_s = started.elapsed().as_secs_f64();
+            let started = Instant::now();
+            let grads = (output * upstream).sum().backward();
+            for input in [&q, &k, &v] {
+                let _ = input.grad(&grads).context("a gradient of the attention's input")?.sum().into_scalar::<f32>();
+            }
+            if repeat > 0 {
+                forward.push(forward_s);
+                backward.push(started.elapsed().as_secs_f64());
+            }
+        }
+        let (forward, backward) = (median(forward), median(backward));
+        let flops = forward_flops(seq);
+        println!("burn     seq {seq:>6}   forward {forward:>8.3} s {:>6.0} GFLOP/s   backward {backward:>8.3} s {:>6.0} GFLOP/s",
+            flops / forward / 1e9, 2.5 * flops / backward / 1e9);
+        measured.push((seq, forward, backward));
+    }
+    if let Some(command) = &args.reference {
+        let lengths: Vec<String> = args.seq_len.iter().map(usize::to_string).collect();
+        let reference = run_reference(&format!(
+            "{command} --heads {heads} --kv-heads {kv_heads} --head-dim {d} --seq-len {} --repeats {} --dtype {}",
+            lengths.join(","), args.repeats, if options.dtype == DType::F32 { "f32" } else { "bf16" }
+        ))?;
+        let times = |key: &str| -> Result<Vec<f64>> {
+            let values = reference.get(key).and_then(|v| v.as_array()).with_context(|| format!("reference JSON lacks {key}"))?;
+            let values: Vec<f64> = values.iter().filter_map(|v| v.as_f64()).collect();
+            if values.len() != measured.len() {
+                bail!("reference JSON's {key} has {} entries for {} lengths", values.len(), measured.len());
+            }
+            Ok(values)
+        };
+        let (reference_forward, reference_backward) = (times("forward_s")?, times("backward_s")?);
+        for (i, &(seq, forward, backward)) in measured.iter().enumerate() {
+            let flops = forward_flops(seq);
+            let (f, b) = (reference_forward[i], reference_backward[i]);
+            println!("pytorch  seq {seq:>6}   forward {f:>8.3} s {:>6.0} GFLOP/s   backward {b:>8.3} s {:>6.0} GFLOP/s", flops / f / 1e9, 2.5 * flops / b / 1e9);
+            println!("ratio    seq {seq:>6}   forward {:>8.2}×                backward {:>8.2}×   (burn / pytorch speed; > 1 is faster)", f / forward, b / backward);
+        }
     }
     Ok(())
 }

@@ -61,7 +61,7 @@ mod args;
 mod bench;
 
 use args::*;
-use bench::{bench_forward, bench_generate, bench_train};
+use bench::{bench_attention, bench_forward, bench_generate, bench_train};
 
 /// Counts heap bytes, for the allocated peak that `distill bench train` reports.
 #[global_allocator]
@@ -78,6 +78,7 @@ fn main() -> Result<()> {
         Command::Export(args) => export_command(args),
         Command::Plot(args) => plot_command(args),
         Command::Bench(BenchCommand::Forward(args)) => bench_forward(args),
+        Command::Bench(BenchCommand::Attention(args)) => bench_attention(args),
         Command::Bench(BenchCommand::Train(args)) => bench_train(args),
         Command::Bench(BenchCommand::Generate(args)) => bench_generate(args),
     }
