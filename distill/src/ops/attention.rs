@@ -398,7 +398,11 @@ pub fn backward(
 
 #[cfg(feature = "flex")]
 fn host_values<const D: usize>(t: Tensor<D>) -> Vec<f32> {
-    t.into_data().convert::<f32>().try_into_vec::<f32>().expect("f32 values after convert")
+    let t = if t.dtype() == DType::F32 { t } else { t.cast(DType::F32) };
+    match super::host::values_in_order(t.clone()) {
+        Some(values) => values,
+        None => t.into_data().convert::<f32>().try_into_vec::<f32>().expect("f32 values after convert"),
+    }
 }
 
 #[cfg(feature = "flex")]
@@ -410,13 +414,22 @@ fn host_shape(q: &Tensor<4>, k: &Tensor<4>) -> attention_host::Shape {
 /// [`forward`] on flex: the fused host kernel, in f32 whatever the compute dtype.
 #[cfg(feature = "flex")]
 fn host_forward(plan: &Plan, q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> (Tensor<3>, Tensor<5>) {
+    use rayon::prelude::*;
     let shape = host_shape(&q, &k);
     let attention_host::Shape { batch, heads, kv_heads, seq, head_dim } = shape;
     let (dtype, device) = (q.dtype(), q.device());
-    let (output, lse) = attention_host::forward(shape, &plan.segment_starts, &host_values(q), &host_values(k), &host_values(v));
-    let output = Tensor::<4>::from_data(TensorData::new(output, [batch, heads, seq, head_dim]), (&device, dtype))
-        .swap_dims(1, 2)
-        .reshape([batch, seq, heads * head_dim]);
+    let (by_head, lse) = attention_host::forward(shape, &plan.segment_starts, &host_values(q), &host_values(k), &host_values(v));
+    // Back to the token-major `[batch, seq, heads · head_dim]` on every core (flex would copy
+    // the transposed view on one thread).
+    let mut output = super::host::zeros(by_head.len());
+    output.par_chunks_mut(heads * head_dim).enumerate().for_each(|(row, token)| {
+        let (b, t) = (row / seq, row % seq);
+        for (h, values) in token.chunks_mut(head_dim).enumerate() {
+            let at = ((b * heads + h) * seq + t) * head_dim;
+            values.copy_from_slice(&by_head[at..at + head_dim]);
+        }
+    });
+    let output = Tensor::<3>::from_data(TensorData::new(output, [batch, seq, heads * head_dim]), (&device, dtype));
     let lse = Tensor::<5>::from_data(TensorData::new(lse, [batch, kv_heads, heads / kv_heads, seq, 1]), (&device, DType::F32));
     (output, lse)
 }

@@ -400,7 +400,7 @@ mod tests {
     use burn::tensor::{Distribution, TensorData};
 
     fn values(t: Tensor<1>) -> Vec<f32> {
-        t.into_data().convert::<f32>().to_vec::<f32>().expect("f32 values")
+        t.into_data().convert::<f32>().try_to_vec::<f32>().expect("f32 values")
     }
 
     /// The one-pass host step gives exactly the tensor operations' results, on the first step
