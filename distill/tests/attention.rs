@@ -208,3 +208,27 @@ fn chunked_loss_case(device: &Device, vocab: usize) {
     let plain = cross_entropy_sum(hidden, weight, &targets).into_scalar::<f32>();
     assert!((plain - want).abs() / want.abs() < 1e-6);
 }
+
+/// `distill bench attention` times both passes per length and pairs them with the reference
+/// command's JSON (here a stand-in that prints fixed times), refusing a reply of another length.
+#[test]
+fn bench_attention_prints_both_passes_beside_the_reference() {
+    let bench = |reference: &str, lengths: &str| {
+        common::distill(&[
+            "bench", "attention", "--device", "flex", "--config", "student_configs/tiny-qwen2.toml", "--seq-len", lengths, "--repeats", "1",
+            "--reference", reference,
+        ])
+    };
+    let output = bench(r#"echo '{"forward_s": [0.5, 0.5], "backward_s": [1.0, 1.0]}'; true"#, "40,70");
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(output.status.success(), "{}", common::stderr(&output));
+    for seq in ["40", "70"] {
+        for side in ["burn", "pytorch", "ratio"] {
+            assert!(stdout.lines().any(|l| l.starts_with(side) && l.contains(&format!("seq {seq:>6}"))), "{side} at {seq} in {stdout}");
+        }
+    }
+    let short = bench(r#"echo '{"forward_s": [0.5], "backward_s": [1.0]}'; true"#, "40,70");
+    assert!(!short.status.success() && common::stderr(&short).contains("has 1 entries for 2 lengths"), "{}", common::stderr(&short));
+    let zero = bench("true", "0");
+    assert!(!zero.status.success() && common::stderr(&zero).contains("--seq-len takes positive lengths"), "{}", common::stderr(&zero));
+}

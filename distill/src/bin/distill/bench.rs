@@ -289,10 +289,15 @@ pub fn bench_attention(args: BenchAttentionArgs) -> Result<()> {
         measured.push((seq, forward, backward));
     }
     if let Some(command) = &args.reference {
+        let dtype = match options.dtype {
+            DType::F32 => "f32",
+            DType::BF16 => "bf16",
+            other => bail!("--reference compares f32 or bf16, not {other:?}"),
+        };
         let lengths: Vec<String> = args.seq_len.iter().map(usize::to_string).collect();
         let reference = run_reference(&format!(
-            "{command} --heads {heads} --kv-heads {kv_heads} --head-dim {d} --seq-len {} --repeats {} --dtype {}",
-            lengths.join(","), args.repeats, if options.dtype == DType::F32 { "f32" } else { "bf16" }
+            "{command} --heads {heads} --kv-heads {kv_heads} --head-dim {d} --seq-len {} --repeats {} --dtype {dtype}",
+            lengths.join(","), args.repeats
         ))?;
         let times = |key: &str| -> Result<Vec<f64>> {
             let values = reference.get(key).and_then(|v| v.as_array()).with_context(|| format!("reference JSON lacks {key}"))?;
