@@ -13,18 +13,23 @@ type FlexTensor = burn::backend::tensor::FloatTensor<Flex>;
 /// A contiguous f32 tensor on flex, held as flex's own tensor.
 pub struct HostF32(FlexTensor);
 
+/// flex's own tensor, for an f32 tensor on flex off the autodiff graph.
+fn flex_f32<const D: usize>(tensor: Tensor<D>) -> Option<FlexTensor> {
+    if tensor.dtype() != DType::F32 || !crate::device::is_flex(&tensor.device()) {
+        return None;
+    }
+    let dispatch = tensor.into_dispatch();
+    if dispatch.autodiff != DispatchAutodiffContext::Disabled {
+        return None;
+    }
+    Some(lower::<Flex>(dispatch))
+}
+
 impl HostF32 {
     /// `tensor`'s storage, when it is an f32 tensor on flex off the autodiff graph; `None`
     /// otherwise (the caller takes its tensor path).
     pub fn of<const D: usize>(tensor: Tensor<D>) -> Option<HostF32> {
-        if tensor.dtype() != DType::F32 || !crate::device::is_flex(&tensor.device()) {
-            return None;
-        }
-        let dispatch = tensor.into_dispatch();
-        if dispatch.autodiff != DispatchAutodiffContext::Disabled {
-            return None;
-        }
-        let flex = lower::<Flex>(dispatch);
+        let flex = flex_f32(tensor)?;
         Some(HostF32(if flex.layout().contiguous_offsets().is_some() { flex } else { flex.to_contiguous() }))
     }
 
@@ -53,14 +58,7 @@ impl HostF32 {
 /// attention's heads out of the projections' token-major layout) runs on one thread.
 pub fn values_in_order<const D: usize>(tensor: Tensor<D>) -> Option<Vec<f32>> {
     use rayon::prelude::*;
-    if tensor.dtype() != DType::F32 || !crate::device::is_flex(&tensor.device()) {
-        return None;
-    }
-    let dispatch = tensor.into_dispatch();
-    if dispatch.autodiff != DispatchAutodiffContext::Disabled {
-        return None;
-    }
-    let flex = lower::<Flex>(dispatch);
+    let flex = flex_f32(tensor)?;
     let layout = flex.layout();
     let storage = flex.storage::<f32>();
     if let Some((start, end)) = layout.contiguous_offsets() {
