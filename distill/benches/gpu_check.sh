@@ -13,8 +13,9 @@
 # The parts run in that order, each under its own time limit, and all of them within DEADLINE
 # seconds (default 570): a part that would start too late is skipped and says so, and a part
 # that fails does not stop the next. Everything goes to OUT_DIR/gpu.log. PARTS chooses some of
-# them (default "exact student qlora bench100m parity"); LENGTHS the lengths of the student
-# and bench-100m runs (default 4096,16384), STEPS their timed steps (default 2).
+# them (default "exact student qlora bench100m parity"; "attention" adds the attention
+# operation alone beside SDPA on CUDA); LENGTHS the lengths of the student and bench-100m runs
+# (default 4096,16384), STEPS their timed steps (default 2).
 #
 #   distill/benches/gpu_check.sh BIN_DIR OUT_DIR
 #
@@ -107,6 +108,9 @@ fi
 
 wanted bench100m && part "bench-100m, wgpu f32, checkpointing" 150 "${wgpu_f32[@]}" --config student_configs/bench-100m.toml \
     --seq-len "$lengths" --steps "$steps" --warmup-steps 1 --gradient-checkpointing --reference "$reference"
+
+wanted attention && part "attention alone, wgpu f32, beside SDPA on CUDA" 120 "$bin/distill" bench attention --device wgpu \
+    --seq-len "$lengths" --reference "python3 distill/benches/reference_attention.py"
 
 nvidia-smi --query-gpu=memory.used,memory.total --format=csv >>"$log" 2>&1
 say "== done at ${SECONDS}s"

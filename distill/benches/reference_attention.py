@@ -1,7 +1,8 @@
 """PyTorch reference for `distill bench attention`.
 
 Times torch.nn.functional.scaled_dot_product_attention (causal, one row) forward and backward
-at the given shape on the CPU with `--threads` threads, per sequence length: the median of
+at the given shape, on CUDA when PyTorch has it (as reference_train.py does) and otherwise on the
+CPU with `--threads` threads, per sequence length: the median of
 `--repeats` after one warm-up (the higher middle value of an even count, as distill takes it). K and V are repeated over the query groups first, as
 transformers' SDPA attention does for GQA (outside the timed forward). Prints one JSON line:
 {"forward_s": [...], "backward_s": [...]}, one entry per length.
@@ -30,22 +31,29 @@ def main():
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     dtype = torch.float32 if args.dtype == "f32" else torch.bfloat16
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+
+    def now():
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
     group = args.heads // args.kv_heads
     forward_s, backward_s = [], []
     for seq in (int(s) for s in args.seq_len.split(",")):
         forward, backward = [], []
         for repeat in range(args.repeats + 1):
             shape = lambda heads: (1, heads, seq, args.head_dim)
-            q = torch.randn(shape(args.heads), dtype=dtype, requires_grad=True)
-            k = torch.randn(shape(args.kv_heads), dtype=dtype, requires_grad=True)
-            v = torch.randn(shape(args.kv_heads), dtype=dtype, requires_grad=True)
-            upstream = torch.randn(shape(args.heads), dtype=dtype)
+            q = torch.randn(shape(args.heads), dtype=dtype, device=device, requires_grad=True)
+            k = torch.randn(shape(args.kv_heads), dtype=dtype, device=device, requires_grad=True)
+            v = torch.randn(shape(args.kv_heads), dtype=dtype, device=device, requires_grad=True)
+            upstream = torch.randn(shape(args.heads), dtype=dtype, device=device)
             keys, values = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
-            started = time.perf_counter()
+            started = now()
             output = torch.nn.functional.scaled_dot_product_attention(q, keys, values, is_causal=True)
-            middle = time.perf_counter()
+            middle = now()
             output.backward(upstream)
-            ended = time.perf_counter()
+            ended = now()
             if repeat > 0:
                 forward.append(middle - started)
                 backward.append(ended - middle)
