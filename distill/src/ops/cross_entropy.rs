@@ -84,7 +84,8 @@ fn rows_on_host(logits: Tensor<2>, targets: &[u32], gradient: bool) -> Result<(T
         .zip(targets.par_iter())
         .map(|(row, &target)| {
             let picked = row[target as usize];
-            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let max = super::host::max_of(row);
+            // The exps' own sum is not this one: the two-level sum keeps PyTorch's order.
             super::host::exp_shifted(row, max);
             let sum: f32 = row.chunks(block).map(|b| b.iter().sum::<f32>()).sum();
             if gradient {

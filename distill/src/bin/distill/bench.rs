@@ -212,10 +212,6 @@ pub fn bench_forward(args: BenchForwardArgs) -> Result<()> {
             decode_times.push(decode);
         }
     }
-    let median = |mut v: Vec<f64>| {
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
     let prefill_rate = args.prompt_len as f64 / median(prefill_times);
     let decode_rate = args.decode_tokens as f64 / median(decode_times);
     println!("burn     prefill {prefill_rate:>10.1} tokens/s   decode {decode_rate:>8.1} tokens/s");
@@ -255,10 +251,6 @@ pub fn bench_attention(args: BenchAttentionArgs) -> Result<()> {
     // A causal pass multiplies q kᵀ and P v over the lower triangle: 2 products of 2·d FLOPs a
     // pair; the backward pass makes 5 (FlashAttention-2's count).
     let forward_flops = |seq: usize| 2.0 * 2.0 * (seq as f64 * (seq as f64 + 1.0) / 2.0) * d as f64 * heads as f64;
-    let median = |mut v: Vec<f64>| {
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
     let mut measured = Vec::new();
     for &seq in &args.seq_len {
         let plan = Arc::new(Plan::new(Layout::causal(1, seq), heads, &autodiff));
@@ -317,3 +309,10 @@ pub fn bench_attention(args: BenchAttentionArgs) -> Result<()> {
     }
     Ok(())
 }
+
+/// The middle value of timings (the higher of the two middle ones for an even count).
+fn median(mut times: Vec<f64>) -> f64 {
+    times.sort_by(f64::total_cmp);
+    times[times.len() / 2]
+}
+
