@@ -1,15 +1,16 @@
 //! Matrix products on flex through a CBLAS library found at run time.
 //!
 //! flex multiplies with the `gemm` crate, which reaches about 190 GFLOP/s in f32 on two
-//! AVX-512 cores where OpenBLAS's kernels (what PyTorch's CPU build and NumPy use, or MKL) reach
-//! 280–330. The training step is mostly matrix products, so when a CBLAS library can be loaded
-//! the large f32 products of training on flex go through it: the projections of every layer
+//! AVX-512 cores where OpenBLAS's kernels (NumPy's) reach 300–340 and MKL's (PyTorch's) 340–375.
+//! The training step is mostly matrix products, so when a CBLAS library can be loaded the large
+//! f32 products of training on flex go through it: the projections of every layer
 //! ([`super::dense`]) and the output layer of the loss. Nothing is linked at build time: the
 //! library is opened with `dlopen` on first use, and without one everything runs as before.
 //!
-//! `DISTILL_BLAS` chooses: unset, the system's OpenBLAS (`libopenblas.so.0`, as Debian's and
-//! Ubuntu's `libopenblas0` install it; `libopenblas.dylib` on macOS); a path, that CBLAS library
-//! (for example MKL's `libmkl_rt.so`); `off`, none.
+//! `DISTILL_BLAS` chooses: unset, MKL (`libmkl_rt`) where the loader finds it, else the system's
+//! OpenBLAS (`libopenblas.so.0`, as Debian's and Ubuntu's `libopenblas0` install it;
+//! `libopenblas.dylib` on macOS); a path or name, that CBLAS library (for example pip's MKL,
+//! `$VIRTUAL_ENV/lib/libmkl_rt.so.3`, which is not on the loader's path); `off`, none.
 
 use std::ffi::{CString, c_void};
 use std::sync::OnceLock;
@@ -41,7 +42,8 @@ const NO_TRANS: i32 = 111;
 const TRANS: i32 = 112;
 
 /// Where an unset `DISTILL_BLAS` looks, in order.
-const DEFAULT_LIBRARIES: &[&str] = &["libopenblas.so.0", "libopenblas.so", "libopenblas.dylib"];
+const DEFAULT_LIBRARIES: &[&str] =
+    &["libmkl_rt.so.3", "libmkl_rt.so.2", "libmkl_rt.so", "libopenblas.so.0", "libopenblas.so", "libopenblas.dylib"];
 
 /// A loaded CBLAS library.
 pub struct Blas {
@@ -84,17 +86,24 @@ fn open(library: &str) -> Option<Blas> {
         if handle.is_null() {
             return None;
         }
+        // One thread per call: the products are split over rayon's threads here. A library's
+        // own threads wait for work by spinning (OpenBLAS on `sched_yield`, MKL's OpenMP for
+        // 200 ms), which took the cores from the element-wise work that runs between products
+        // (measured with OpenBLAS: no faster step at all); MKL threaded inside each of rayon's
+        // threads ran slower than OpenBLAS. MKL's layer must be chosen before its first call.
+        // (MKL's returns the layer it had; a C caller may drop a return value.)
+        let call_with = |symbol: &std::ffi::CStr, value: i32| {
+            let function = libc::dlsym(handle, symbol.as_ptr());
+            if !function.is_null() {
+                std::mem::transmute::<*mut c_void, unsafe extern "C" fn(i32)>(function)(value);
+            }
+        };
+        const MKL_THREADING_SEQUENTIAL: i32 = 1;
+        call_with(c"MKL_Set_Threading_Layer", MKL_THREADING_SEQUENTIAL);
+        call_with(c"openblas_set_num_threads", 1);
         let sgemm = libc::dlsym(handle, c"cblas_sgemm".as_ptr());
         if sgemm.is_null() {
             return None;
-        }
-        // One thread per call: the products are split over rayon's threads here. OpenBLAS's
-        // own threads wait for work by spinning on `sched_yield`, which took the cores from
-        // the element-wise work that runs between products (measured: no faster step at all).
-        let set_threads = libc::dlsym(handle, c"openblas_set_num_threads".as_ptr());
-        if !set_threads.is_null() {
-            let set_threads = std::mem::transmute::<*mut c_void, unsafe extern "C" fn(i32)>(set_threads);
-            set_threads(1);
         }
         Some(Blas { library: library.to_string(), sgemm: std::mem::transmute::<*mut c_void, Sgemm>(sgemm) })
     }
@@ -139,7 +148,8 @@ pub fn matmul(a: &Tensor<2>, transpose_a: bool, b: &Tensor<2>, transpose_b: bool
     // Not zeroed first: with beta = 0 the library writes every element without reading any.
     let mut c: Vec<f32> = Vec::with_capacity(m * n);
     // Row blocks of the output, one per thread: each call packs all of op(b), which costs
-    // little beside the product (250–290 GFLOP/s on two cores, against 140 on one).
+    // little beside the product (at 1024 rows on two cores: OpenBLAS 300–340 GFLOP/s and MKL
+    // 340–375, against ~170 on one).
     let block = m.div_ceil(rayon::current_num_threads()).max(64);
     let device = a.device();
     let (a, b) = (host_a.values(), host_b.values());
