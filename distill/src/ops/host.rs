@@ -99,9 +99,9 @@ pub fn zeros(len: usize) -> Vec<f32> {
 /// `x ← exp(x − shift)` over a slice, vectorised: Cephes' `expf` (a degree-7 polynomial on
 /// `[−ln2/2, ln2/2]` and a power of two from the exponent bits), within 1 ulp of libm's `expf`,
 /// which scalar code calls a value at a time (it was the fused attention's largest cost after
-/// its products). Arguments below −87.3 give the smallest normal float instead of less; the
-/// callers' arguments (a value minus its row's maximum or log-sum-exp) never overflow; NaN stays
-/// NaN. Returns the sum of the results, added in 16 lanes (a single running sum is a chain of
+/// its products). Arguments below −87.3 give the smallest normal float instead of less, and
+/// above 88.3 the largest finite one instead of ∞ (SwiGLU's `exp(−gate)`, where either is the
+/// same zero to within 1e-36 in `gate / (1 + exp(−gate))`); NaN stays NaN. Returns the sum of the results, added in 16 lanes (a single running sum is a chain of
 /// dependent adds that the compiler may not reorder, and cost as much as the exps).
 pub fn exp_shifted(values: &mut [f32], shift: f32) -> f32 {
     #[cfg(target_arch = "x86_64")]
@@ -156,8 +156,9 @@ const LANES: usize = 16;
 #[inline(always)]
 fn exp(v: f32) -> f32 {
     const ROUND: f32 = 12_582_912.0;
-    // A compare, not `f32::max`, so that a NaN stays NaN (and so does the loss).
+    // Compares, not `f32::max`, so that a NaN stays NaN (and so does the loss).
     let v = if v < -87.33654 { -87.33654 } else { v };
+    let v = if v > 88.37626 { 88.37626 } else { v };
     let t = v * std::f32::consts::LOG2_E + ROUND;
     let n = t - ROUND;
     let r = v - n * 0.693_359_4 + n * 2.121_944_4e-4;
