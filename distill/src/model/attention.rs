@@ -104,8 +104,8 @@ impl Attention {
         let q = project(&self.q_proj, lora.and_then(|l| l.q_proj.as_ref()), x.clone(), dropout);
         let k = project(&self.k_proj, lora.and_then(|l| l.k_proj.as_ref()), x.clone(), dropout);
         let v = project(&self.v_proj, lora.and_then(|l| l.v_proj.as_ref()), x, dropout);
-        let q = pass.rope.apply(heads(q, self.num_heads));
-        let k = pass.rope.apply(heads(k, self.num_kv_heads));
+        let q = crate::ops::rope::rope_heads(&pass.rope, q, self.num_heads);
+        let k = crate::ops::rope::rope_heads(&pass.rope, k, self.num_kv_heads);
         let v = heads(v, self.num_kv_heads);
         let (k, v) = match cache {
             Some(cache) => cache.append(k, v),

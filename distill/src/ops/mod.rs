@@ -20,6 +20,7 @@ pub mod dense;
 pub mod host;
 pub mod matmul;
 pub mod rms_norm;
+pub mod rope;
 pub mod quantized;
 pub mod swiglu;
 
