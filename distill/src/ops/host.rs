@@ -100,8 +100,9 @@ pub fn zeros(len: usize) -> Vec<f32> {
 /// `[−ln2/2, ln2/2]` and a power of two from the exponent bits), within 1 ulp of libm's `expf`,
 /// which scalar code calls a value at a time (it was the fused attention's largest cost after
 /// its products). Arguments below −87.3 give the smallest normal float instead of less, and
-/// above 88.3 the largest finite one instead of ∞ (SwiGLU's `exp(−gate)`, where either is the
-/// same zero to within 1e-36 in `gate / (1 + exp(−gate))`); NaN stays NaN. Returns the sum of the results, added in 16 lanes (a single running sum is a chain of
+/// above 88.38 (where 2^n would leave the exponent's range) exp(88.38) ≈ 2.4e38 instead of ∞
+/// (SwiGLU's `exp(−gate)`, where either gives the same zero to within 1e-36 in
+/// `gate / (1 + exp(−gate))`); NaN stays NaN. Returns the sum of the results, added in 16 lanes (a single running sum is a chain of
 /// dependent adds that the compiler may not reorder, and cost as much as the exps).
 pub fn exp_shifted(values: &mut [f32], shift: f32) -> f32 {
     #[cfg(target_arch = "x86_64")]
@@ -208,6 +209,10 @@ mod tests {
         let mut tiny = vec![-100.0f32, -1000.0, f32::NEG_INFINITY];
         exp_shifted(&mut tiny, 0.0);
         assert!(tiny.iter().all(|&y| (0.0..1.2e-38).contains(&y)), "{tiny:?}");
+        // SwiGLU passes −gate, which can be large: a large finite float, not a wrapped exponent.
+        let mut huge = vec![88.0f32, 89.0, 100.0, 1e30, f32::INFINITY];
+        exp_shifted(&mut huge, 0.0);
+        assert!(huge[0] > 1.6e38 && huge[1..].iter().all(|&y| y >= 1.6e38 && y.is_finite()), "{huge:?}");
         let mut nan = vec![1.0f32; 33];
         nan[17] = f32::NAN;
         exp_shifted(&mut nan, 2.0);
