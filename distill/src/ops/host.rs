@@ -102,8 +102,9 @@ pub fn zeros(len: usize) -> Vec<f32> {
 /// its products). Arguments below −87.3 give the smallest normal float instead of less, and
 /// above 88.38 (where 2^n would leave the exponent's range) exp(88.38) ≈ 2.4e38 instead of ∞
 /// (SwiGLU's `exp(−gate)`, where either gives the same zero to within 1e-36 in
-/// `gate / (1 + exp(−gate))`); NaN stays NaN. Returns the sum of the results, added in 16 lanes (a single running sum is a chain of
-/// dependent adds that the compiler may not reorder, and cost as much as the exps).
+/// `gate / (1 + exp(−gate))`); NaN stays NaN. Returns the sum of the results, added in 16 lanes
+/// (a single running sum is a chain of dependent adds that the compiler may not reorder, and
+/// cost as much as the exps).
 pub fn exp_shifted(values: &mut [f32], shift: f32) -> f32 {
     #[cfg(target_arch = "x86_64")]
     {
