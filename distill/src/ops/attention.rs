@@ -396,13 +396,11 @@ pub fn backward(
     (query_grad, key_grad, value_grad)
 }
 
+/// `t`'s values in f32, in the row-major order of its shape (borrowed when it is laid out so).
 #[cfg(feature = "flex")]
-fn host_values<const D: usize>(t: Tensor<D>) -> Vec<f32> {
+fn host_values<const D: usize>(t: Tensor<D>) -> super::host::HostF32 {
     let t = if t.dtype() == DType::F32 { t } else { t.cast(DType::F32) };
-    match super::host::values_in_order(t.clone()) {
-        Some(values) => values,
-        None => t.into_data().convert::<f32>().try_into_vec::<f32>().expect("f32 values after convert"),
-    }
+    super::host::HostF32::of(t).expect("the host kernel runs on flex, off the autodiff graph")
 }
 
 #[cfg(feature = "flex")]
@@ -418,7 +416,8 @@ fn host_forward(plan: &Plan, q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> (Tenso
     let shape = host_shape(&q, &k);
     let attention_host::Shape { batch, heads, kv_heads, seq, head_dim } = shape;
     let (dtype, device) = (q.dtype(), q.device());
-    let (by_head, lse) = attention_host::forward(shape, &plan.segment_starts, &host_values(q), &host_values(k), &host_values(v));
+    let (q, k, v) = (host_values(q), host_values(k), host_values(v));
+    let (by_head, lse) = attention_host::forward(shape, &plan.segment_starts, q.values(), k.values(), v.values());
     // Back to the token-major `[batch, seq, heads · head_dim]` on every core (flex would copy
     // the transposed view on one thread).
     let mut output = super::host::zeros(by_head.len());
@@ -449,7 +448,14 @@ fn host_backward(
     let by_head = |t: Tensor<3>| host_values(t.reshape([batch, seq, heads, head_dim]).swap_dims(1, 2));
     let (output, output_grad) = (by_head(output), by_head(output_grad));
     let (q, k, v, lse) = (host_values(q), host_values(k), host_values(v), host_values(lse));
-    let saved = attention_host::Saved { q: &q, k: &k, v: &v, output: &output, lse: &lse, output_grad: &output_grad };
+    let saved = attention_host::Saved {
+        q: q.values(),
+        k: k.values(),
+        v: v.values(),
+        output: output.values(),
+        lse: lse.values(),
+        output_grad: output_grad.values(),
+    };
     let (query_grad, key_grad, value_grad) = attention_host::backward(shape, &plan.segment_starts, saved);
     let tensor = |values: Vec<f32>, heads: usize| Tensor::<4>::from_data(TensorData::new(values, [batch, heads, seq, head_dim]), (&device, dtype));
     (tensor(query_grad, heads), tensor(key_grad, kv_heads), tensor(value_grad, kv_heads))

@@ -4,7 +4,7 @@
 //! faster as one pass on every core.
 
 use burn::backend::{DispatchAutodiffContext, Flex};
-use burn::tensor::{DType, Tensor};
+use burn::tensor::{DType, Tensor, TensorData};
 
 use super::{lift, lower};
 
@@ -13,24 +13,19 @@ type FlexTensor = burn::backend::tensor::FloatTensor<Flex>;
 /// A contiguous f32 tensor on flex, held as flex's own tensor.
 pub struct HostF32(FlexTensor);
 
-/// flex's own tensor, for an f32 tensor on flex off the autodiff graph.
-fn flex_f32<const D: usize>(tensor: Tensor<D>) -> Option<FlexTensor> {
-    if tensor.dtype() != DType::F32 || !crate::device::is_flex(&tensor.device()) {
-        return None;
-    }
-    let dispatch = tensor.into_dispatch();
-    if dispatch.autodiff != DispatchAutodiffContext::Disabled {
-        return None;
-    }
-    Some(lower::<Flex>(dispatch))
-}
-
 impl HostF32 {
     /// `tensor`'s storage, when it is an f32 tensor on flex off the autodiff graph; `None`
     /// otherwise (the caller takes its tensor path).
     pub fn of<const D: usize>(tensor: Tensor<D>) -> Option<HostF32> {
-        let flex = flex_f32(tensor)?;
-        Some(HostF32(if flex.layout().contiguous_offsets().is_some() { flex } else { flex.to_contiguous() }))
+        if tensor.dtype() != DType::F32 || !crate::device::is_flex(&tensor.device()) {
+            return None;
+        }
+        let dispatch = tensor.into_dispatch();
+        if dispatch.autodiff != DispatchAutodiffContext::Disabled {
+            return None;
+        }
+        let flex = lower::<Flex>(dispatch);
+        Some(HostF32(if flex.layout().contiguous_offsets().is_some() { flex } else { in_order(&flex) }))
     }
 
     pub fn values(&self) -> &[f32] {
@@ -53,27 +48,22 @@ impl HostF32 {
     }
 }
 
-/// The values of an f32 tensor on flex off the autodiff graph, in the row-major order of its
-/// shape, copied on every core; `None` otherwise. flex's own copy of a transposed view (the
-/// attention's heads out of the projections' token-major layout) runs on one thread.
-pub fn values_in_order<const D: usize>(tensor: Tensor<D>) -> Option<Vec<f32>> {
+/// A view's values in the row-major order of its shape, copied on every core: flex's own copy
+/// of a transposed view (the attention's heads out of the projections' token-major layout) runs
+/// on one thread.
+fn in_order(flex: &FlexTensor) -> FlexTensor {
     use rayon::prelude::*;
-    let flex = flex_f32(tensor)?;
     let layout = flex.layout();
     let storage = flex.storage::<f32>();
-    if let Some((start, end)) = layout.contiguous_offsets() {
-        let mut values = zeros(end - start);
-        values.par_chunks_mut(1 << 16).zip(storage[start..end].par_chunks(1 << 16)).for_each(|(to, from)| to.copy_from_slice(from));
-        return Some(values);
-    }
     let dims: Vec<usize> = layout.shape().iter().copied().collect();
     let strides = layout.strides().to_vec();
-    let (width, inner) = (dims[D - 1].max(1), strides[D - 1]);
+    let rank = dims.len();
+    let (width, inner) = (dims[rank - 1].max(1), strides[rank - 1]);
     let mut values = zeros(dims.iter().product());
     values.par_chunks_mut(width).enumerate().for_each(|(row, to)| {
         // The row's first element: its index in every dimension but the last, through the strides.
         let (mut rest, mut at) = (row, layout.start_offset() as isize);
-        for axis in (0..D - 1).rev() {
+        for axis in (0..rank - 1).rev() {
             at += (rest % dims[axis]) as isize * strides[axis];
             rest /= dims[axis];
         }
@@ -83,7 +73,7 @@ pub fn values_in_order<const D: usize>(tensor: Tensor<D>) -> Option<Vec<f32>> {
             to.iter_mut().enumerate().for_each(|(j, v)| *v = storage[(at + j as isize * inner) as usize]);
         }
     });
-    Some(values)
+    FlexTensor::from_data(TensorData::new(values, dims))
 }
 
 /// `len` zeros, written. `vec![0.0; len]` takes fresh pages from the kernel that read as the
@@ -237,14 +227,14 @@ mod tests {
     /// A transposed view and a narrowed one read back in their shapes' order, as flex's own copy
     /// reads them.
     #[test]
-    fn values_in_order_follow_the_shape() {
+    fn host_values_of_views_follow_the_shape() {
         let device = crate::device::parse("flex").expect("flex");
         let values: Vec<f32> = (0..2 * 3 * 5 * 4).map(|i| i as f32).collect();
         let t = Tensor::<4>::from_data(burn::tensor::TensorData::new(values, [2, 3, 5, 4]), &device);
         let views = [t.clone(), t.clone().swap_dims(1, 2), t.clone().permute([3, 0, 2, 1]), t.narrow(2, 1, 3).swap_dims(0, 3)];
         for view in views {
             let want = view.clone().into_data().try_to_vec::<f32>().expect("f32");
-            assert_eq!(values_in_order(view).expect("f32 on flex"), want);
+            assert_eq!(HostF32::of(view).expect("f32 on flex").values(), want);
         }
     }
 }

@@ -13,7 +13,7 @@ use crate::model::rope::RopeTables;
 
 #[cfg(feature = "flex")]
 use {
-    super::host::{HostF32, values_in_order, zeros},
+    super::host::{HostF32, zeros},
     super::{Differentiable, apply, ranked},
     burn::backend::DispatchTensor,
     burn::tensor::{DType, TensorData},
@@ -77,9 +77,8 @@ impl Differentiable for RopeOp {
         let ([batch, n, seq, d], device) = (grad.dims(), grad.device());
         let half = d / 2;
         let x_grad = needed[0].then(|| {
-            let grad = values_in_order(grad).expect("an f32 gradient on flex");
-            let (cos, sin) = (host(cos), host(sin));
-            let (cos, sin) = (cos.values(), sin.values());
+            let (grad, cos, sin) = (host(grad), host(cos), host(sin));
+            let (grad, cos, sin) = (grad.values(), cos.values(), sin.values());
             let mut x_grad = zeros(batch * seq * n * d);
             // dx_i = g_i · cos_i + g_j · sin_j, j the other half's index: the tensor path's
             // g · cos plus the half swap of g · sin.
